@@ -31,7 +31,43 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-_COMMANDS: list = []
+def _merge(args: argparse.Namespace) -> int:
+    from dam.io import parse_size
+    from dam.merge.engine import run_merge
+
+    summary = run_merge(
+        args.config,
+        args.out,
+        force=args.force,
+        shard_size=parse_size(args.shard_size),
+        device=args.device,
+        seed=args.seed,
+        dry_run=args.dry_run,
+        progress=not args.quiet,
+    )
+    print(summary.describe())
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="classic merge (linear, slerp, ties, dare_ties, ...) from a mergekit YAML config",
+        description="Merge models with a mergekit 0.1.5-compatible YAML config, streaming tensor by tensor. "
+        "Nothing is left at OUT unless the merge completes.",
+    )
+    p.add_argument("config", help="mergekit-style YAML config (merge_method, models or slices, parameters, ...)")
+    p.add_argument("out", help="output folder for the merged Hugging Face checkpoint")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard, e.g. 2GB, 500MB (default 5GB)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the math runs (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random methods, dare_* and della* (default 0)")
+    p.add_argument("--dry-run", action="store_true", help="check the config and the checkpoints' headers only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_merge)
+
+
+_COMMANDS: list = [_add_merge]
 
 
 if __name__ == "__main__":
