@@ -67,7 +67,31 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge)
 
 
-_COMMANDS: list = [_add_merge]
+def _export(args: argparse.Namespace) -> int:
+    from dam.export import export_merged
+
+    out = export_merged(args.run_or_coeffs, args.out, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
+    print(f"exported the DAM merge to {out}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="fold trained DAM coefficients into an ordinary checkpoint",
+        description="Fold DAM coefficients into plain weights of the base architecture and write a Hugging Face "
+        "checkpoint (sharded safetensors, config, tokenizer, model card, raw coefficients). The coefficients file "
+        "names the base and source models it was trained with. Nothing is left at OUT unless the export completes.",
+    )
+    p.add_argument("run_or_coeffs", metavar="RUN_OR_COEFFS", help="run folder or coefficients file")
+    p.add_argument("out", metavar="OUT", help="output folder for the merged checkpoint")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard, e.g. 2GB, 500MB (default 5GB)")
+    p.add_argument("--dtype", default=None, help="output dtype, e.g. bfloat16 (default: the training dtype)")
+    p.set_defaults(func=_export)
+
+
+_COMMANDS: list = [_add_merge, _add_export]
 
 
 if __name__ == "__main__":

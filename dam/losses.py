@@ -1,0 +1,150 @@
+"""DAM training losses: pure functions of tensors (torch only).
+
+- :func:`kl_divergence`: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` per token, averaged over non-padding tokens.
+- :func:`topk_kl_divergence`: the same from cached top-K teacher logits and their vocabulary indices.
+- :func:`coefficient_similarity`: mean pairwise cosine of the per-source coefficient vectors, summed over modules.
+- :func:`l1_penalty`, :func:`l2_penalty`: on coefficients, toward zero or toward given targets (the init).
+- :func:`coefficient_losses`: the weighted regularisers as a dict; a term whose weight is 0 is absent (and not
+  computed).
+
+The training loop combines them as ``loss = kl_weight * kl + sum(coefficient_losses(...).values())``. All
+arithmetic is in float32 whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``values`` (...) over positions where ``mask`` (...) is non-zero; 0 when there are none."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def kl_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """``T^2 * mean_tokens KL(p_t || p_s)`` with ``p = softmax(logits / T)``.
+
+    student_logits, teacher_logits: (..., V), e.g. (B, L, V); mask: (...) with 1 for tokens that count and 0 for
+    padding, or None for all. Returns a scalar. The ``T^2`` factor keeps gradient magnitudes comparable across
+    temperatures (Hinton et al. 2015).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (...)
+    return temperature**2 * _masked_mean(kl, mask)
+
+
+def topk_kl_divergence(
+    student_logits: Tensor,
+    teacher_topk_logits: Tensor,
+    teacher_topk_indices: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """KL from cached top-K teacher logits: ``T^2 * mean_tokens KL(p~_t || p_s)``.
+
+    student_logits: (..., V); teacher_topk_logits: (..., K) (any float dtype; top-K log-probabilities work as
+    well, since a per-token shift cancels in the softmax over K); teacher_topk_indices: (..., K) vocabulary ids;
+    mask as in :func:`kl_divergence`.
+
+    Approximation: the teacher distribution is replaced by ``p~_t``, its softmax over the K cached logits
+    (renormalised top-K, zero elsewhere). The student keeps its full softmax over V, so this is an exact KL
+    between ``p~_t`` and ``p_s``: ``sum_k p~_k (log p~_k - log p_s[idx_k])``. It is >= 0, equals the full KL
+    when K = V, and still penalises student mass outside the teacher's top K (it lowers ``log p_s[idx_k]``).
+    The error against the full KL shrinks with the teacher's tail mass ``1 - sum_k p_t[idx_k]``. No full-vocab
+    teacher logits are ever needed.
+    """
+    if teacher_topk_logits.shape != teacher_topk_indices.shape:
+        raise ValueError(
+            f"top-k logits {tuple(teacher_topk_logits.shape)} vs indices {tuple(teacher_topk_indices.shape)}"
+        )
+    if student_logits.shape[:-1] != teacher_topk_logits.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} vs top-k {tuple(teacher_topk_logits.shape)}")
+    s = student_logits.float() / temperature  # (..., V)
+    log_q = s.gather(-1, teacher_topk_indices.long()) - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., K)
+    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1)  # (..., K)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...)
+    return temperature**2 * _masked_mean(kl, mask)
+
+
+def coefficient_similarity(coefficients: Iterable[Tensor]) -> Tensor:
+    """Sum over modules of the mean over source pairs i < j of ``cos(c_i, c_j)``.
+
+    Each tensor is (N, ...) with one coefficient vector per source (flattened). Minimising it pushes the sources'
+    coefficients apart. Its gradient is exactly zero while all ``c_i`` are equal (e.g. at the uniform init):
+    ``d cos(a, b)/da = b/(|a||b|) - cos(a, b) a/|a|^2`` vanishes at ``a = b``.
+    """
+    total: Tensor | None = None
+    for c in coefficients:
+        n = c.shape[0]
+        if n < 2:
+            raise ValueError("coefficient similarity needs at least two sources")
+        unit = F.normalize(c.reshape(n, -1).float(), dim=1)  # (N, D)
+        cos = unit @ unit.t()  # (N, N)
+        i, j = torch.triu_indices(n, n, offset=1, device=c.device)
+        term = cos[i, j].mean()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no coefficients given")
+    return total
+
+
+def _penalty(coefficients: Iterable[Tensor], targets: Iterable[Tensor] | None, power: int) -> Tensor:
+    targets_iter = iter(targets) if targets is not None else None
+    total: Tensor | None = None
+    for c in coefficients:
+        d = c.float() if targets_iter is None else c.float() - next(targets_iter).to(c.device).float()
+        term = d.abs().sum() if power == 1 else d.square().sum()
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no coefficients given")
+    return total
+
+
+def l1_penalty(coefficients: Iterable[Tensor], targets: Iterable[Tensor] | None = None) -> Tensor:
+    """``sum_modules sum |c - target|`` (target 0 when ``targets`` is None; else one tensor per coefficient)."""
+    return _penalty(coefficients, targets, 1)
+
+
+def l2_penalty(coefficients: Iterable[Tensor], targets: Iterable[Tensor] | None = None) -> Tensor:
+    """``sum_modules sum (c - target)^2`` (target 0 when ``targets`` is None; else one tensor per coefficient)."""
+    return _penalty(coefficients, targets, 2)
+
+
+def coefficient_losses(
+    coefficients: Mapping[str, Tensor],
+    *,
+    similarity: float = 0.0,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    init: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Weighted coefficient regularisers: ``{"similarity": ..., "l1": ..., "l2": ...}``, only terms with weight > 0.
+
+    ``coefficients``: module name -> merge coefficients (N, ...) (after the transform, as they enter the merge).
+    ``init``: same keys -> the starting coefficients, to regularise toward them instead of toward zero.
+    """
+    if init is not None and set(init) != set(coefficients):
+        raise ValueError("init must have exactly the coefficient names as keys")
+    names = list(coefficients)
+    values = [coefficients[k] for k in names]
+    targets = None if init is None else [init[k] for k in names]
+    out: dict[str, Tensor] = {}
+    if similarity:
+        out["similarity"] = similarity * coefficient_similarity(values)
+    if l1:
+        out["l1"] = l1 * l1_penalty(values, targets)
+    if l2:
+        out["l2"] = l2 * l2_penalty(values, targets)
+    return out
