@@ -241,5 +241,5 @@ def describe_methods() -> str:
 def get_method(name: str) -> MergeMethod:
     """The registered method ``name``; a :class:`DamError` listing the valid methods otherwise."""
     if name not in METHODS:
-        raise DamError(f"unknown merge_method {name!r}; valid methods:\n{describe_methods()}")
+        raise DamError(f"unknown merge_method {name!r}; valid: {', '.join(METHODS)} (see `dam merge --help`)")
     return METHODS[name]

@@ -4,8 +4,10 @@ Every ``*_mask`` function takes a delta ``x`` (any shape) and returns a bool ten
 True where the entry is kept. :func:`apply_mask` zeroes the rest and can rescale the survivors so that the
 delta keeps its L1 norm. :func:`sparsify` dispatches by method name, as the task-arithmetic family uses it.
 
-All of them reproduce mergekit 0.1.5 (``mergekit/sparsify.py``) entry for entry; ties between equal magnitudes
-are broken by flat index (a stable sort), which is also what mergekit's CPU sort does.
+All of them reproduce mergekit 0.1.5 (``mergekit/sparsify.py``) entry for entry, including which of several
+equal magnitudes survives: ties are broken by torch's default (unstable) sort, as in mergekit. That order is
+deterministic for a given device and torch build, and it matters in practice: deltas of bf16 checkpoints take few
+distinct values, so equal magnitudes are common.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def magnitude_mask(x: Tensor, density: float) -> Tensor:
     if density >= 1:
         return _keep_all(x)
     k = max(1, int(density * x.numel()))
-    order = torch.sort(x.abs().flatten(), descending=True, stable=True).indices
+    order = torch.sort(x.abs().flatten(), descending=True).indices
     mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
     mask[order[:k]] = True
     return mask.view(x.shape)
@@ -70,7 +72,7 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
     n = x.numel()
     keep = int(density * n)
     start = max(0, n - keep - int(gamma * n))
-    order = torch.sort(x.abs().flatten(), stable=True).indices
+    order = torch.sort(x.abs().flatten()).indices
     mask = torch.zeros(n, dtype=torch.bool, device=x.device)
     mask[order[start : start + keep]] = True
     return mask.view(x.shape)
@@ -101,7 +103,7 @@ def della_mask(x: Tensor, density: float, epsilon: float, generator: torch.Gener
     if m == 1:
         probs = torch.full_like(rows, density)
     else:
-        order = torch.sort(rows.abs(), dim=1, stable=True).indices
+        order = torch.sort(rows.abs(), dim=1).indices
         positions = torch.arange(m, dtype=rows.dtype, device=rows.device).view(1, m, *[1] * (rows.dim() - 2))
         rank = torch.empty_like(rows).scatter_(1, order, positions.expand_as(rows))
         probs = (density - epsilon) + rank / (m - 1) * 2 * epsilon
