@@ -1,0 +1,194 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dam.teacher_cache as tc
+from dam.config import DataConfig
+from dam.data import ALL_SOURCES, DataCollator, build_train_dataset
+from dam.errors import DamError
+from dam.losses import topk_kl_divergence
+from dam.model import DAMModel
+from dam.testing import SIMPLE_CHAT_TEMPLATE, make_family, perturbed_copy
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
+NAMES = ["math", "reverse", "count"]
+SPECS = {
+    n: str(EXAMPLES / f) for n, f in zip(NAMES, ["arithmetic.jsonl", "reverse.jsonl", "counting.jsonl"], strict=True)
+}
+K = 8
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    base, sources = make_family(tmp_path_factory.mktemp("teachers"), 3, chat_template=SIMPLE_CHAT_TEMPLATE)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return base, sources, tokenizer, DAMModel.from_pretrained(str(base), [str(s) for s in sources])
+
+
+@pytest.fixture(scope="module")
+def hf_sources(family):
+    return [AutoModelForCausalLM.from_pretrained(s).eval() for s in family[1]]
+
+
+def _build(family, **data):
+    base, sources, tokenizer, _ = family
+    config = DataConfig(**{"num_examples": 3, "max_length": 40, **data})
+    dataset = build_train_dataset(SPECS, NAMES, tokenizer, config)
+    key = tc.teacher_cache_key(base, list(zip(NAMES, sources, strict=True)), tokenizer, dataset, config, K)
+    return dataset, key
+
+
+def _true_logprobs(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)  # [T, V]
+
+
+def _check_topk(values, indices, true):
+    """values/indices [T, K] from the cache against the full log-probabilities [T, V] of the real model."""
+    ref = true.topk(K, dim=-1)
+    torch.testing.assert_close(values, ref.values, atol=2e-3, rtol=2e-3)  # float16 storage
+    # indices agree except where two of the true values are too close to order (never here, but tolerated)
+    same = indices == ref.indices
+    assert torch.allclose(true.gather(-1, indices)[~same], ref.values[~same], atol=1e-4)
+
+
+@pytest.mark.parametrize("pairing", ["own", "all"])
+def test_cached_topk_equals_the_source_models(tmp_path, family, hf_sources, pairing):
+    dataset, key = _build(family, pairing=pairing)
+    cached = tc.cache_teacher_logits(family[3], dataset, key, tmp_path / "cache", batch_size=2)
+    assert cached["input_ids"] == dataset["input_ids"] and cached["source"] == dataset["source"]  # order kept
+    assert cached.features["teacher_logprobs"].dtype == "float16"
+    assert cached.features["teacher_indices"].dtype == "int32"
+    rows = cached.with_format("torch")
+    for i in range(len(cached)):
+        row = rows[i]
+        teachers = range(3) if pairing == "all" else [int(row["source"])]
+        assert row["teacher_logprobs"].shape == (len(row["input_ids"]), len(teachers), K)  # [T, S, K]
+        for slot, k in enumerate(teachers):
+            true = _true_logprobs(hf_sources[k], row["input_ids"].tolist())
+            _check_topk(row["teacher_logprobs"][:, slot], row["teacher_indices"][:, slot], true)
+
+
+def test_on_the_fly_full_and_topk(family, hf_sources):
+    dataset, _ = _build(family)
+    batch = DataCollator(pad_token_id=0)([dataset[i] for i in range(4)])
+    args = (family[3], batch["input_ids"], batch["attention_mask"], batch["source"], 3)
+    full, none = tc.teacher_logprobs(*args)
+    values, indices = tc.teacher_logprobs(*args, top_k=K)
+    assert none is None and full.shape == (4, 1, batch["input_ids"].shape[1], 128)
+    for i in range(4):
+        n = int(batch["attention_mask"][i].sum())
+        true = _true_logprobs(hf_sources[int(batch["source"][i])], batch["input_ids"][i, :n].tolist())
+        torch.testing.assert_close(full[i, 0, :n], true, atol=1e-4, rtol=1e-4)
+        _check_topk(values[i, 0, :n], indices[i, 0, :n], true)
+    with pytest.raises(DamError, match="mixes"):
+        tc.teacher_logprobs(*args[:3], torch.tensor([0, ALL_SOURCES, 1, 1]), 3)
+    with pytest.raises(DamError, match="source index 3 is out of range"):
+        tc.teacher_logprobs(*args[:3], torch.tensor([0, 3, 1, 1]), 3)
+    with pytest.raises(DamError, match="top_k=500 is larger than the vocabulary"):
+        tc.teacher_logprobs(*args, top_k=500)
+
+
+def test_cached_targets_feed_the_topk_kl(tmp_path, family, hf_sources):
+    """With K = V the top-K KL is the full KL: ~0 for the row's own teacher, clearly not for another source."""
+    base, sources, tokenizer, model = family
+    config = DataConfig(num_examples=2, max_length=40)
+    dataset = build_train_dataset(SPECS, NAMES, tokenizer, config)
+    key = tc.teacher_cache_key(base, list(zip(NAMES, sources, strict=True)), tokenizer, dataset, config, 128)
+    cached = tc.cache_teacher_logits(model, dataset, key, tmp_path / "cache")
+    batch = DataCollator(pad_token_id=0)([cached.with_format("numpy")[i] for i in range(4)])
+    mask = batch["labels"] != -100  # [B, T]
+    with torch.no_grad():
+        own = torch.cat(
+            [hf_sources[k](input_ids=batch["input_ids"][i : i + 1]).logits for i, k in enumerate(batch["source"])]
+        )
+        other = torch.cat(
+            [
+                hf_sources[(k + 1) % 3](input_ids=batch["input_ids"][i : i + 1]).logits
+                for i, k in enumerate(batch["source"])
+            ]
+        )
+    args = (batch["teacher_logprobs"][:, 0], batch["teacher_indices"][:, 0], mask)
+    assert topk_kl_divergence(own, *args, temperature=2.0) < 1e-5
+    assert topk_kl_divergence(other, *args, temperature=2.0) > 1e-3
+
+
+def test_cache_is_reused_without_recomputing(tmp_path, family, monkeypatch):
+    dataset, key = _build(family)
+    first = tc.cache_teacher_logits(family[3], dataset, key, tmp_path / "cache")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(tc, "compute_teacher_cache", fail)
+    again_dataset, again_key = _build(family)  # a new run rebuilding everything from the same inputs
+    assert again_key == key
+    second = tc.cache_teacher_logits(family[3], again_dataset, again_key, tmp_path / "cache")
+    loaded = tc.load_teacher_cache(tmp_path / "cache", again_key)
+    for other in (second, loaded):
+        assert other["teacher_indices"] == first["teacher_indices"]
+        assert other["input_ids"] == first["input_ids"]
+    with pytest.raises(AssertionError, match="recomputed"):  # --force recomputes even a matching cache
+        tc.cache_teacher_logits(family[3], again_dataset, again_key, tmp_path / "cache", force=True)
+    assert tc.load_teacher_cache(tmp_path / "cache", key)["input_ids"] == first["input_ids"]  # left intact
+
+
+def test_missing_cache_is_an_error(tmp_path, family):
+    _, key = _build(family)
+    with pytest.raises(DamError, match="no teacher-logit cache at .*run `dam cache-logits CONFIG`"):
+        tc.load_teacher_cache(tmp_path / "nothing", key)
+
+
+def test_stale_cache_is_refused_saying_what_changed(tmp_path, family):
+    dataset, key = _build(family)
+    cache = tmp_path / "cache"
+    tc.cache_teacher_logits(family[3], dataset, key, cache)
+
+    def refused(new_key, pattern):
+        with pytest.raises(DamError, match=f"is stale: {pattern}"):
+            tc.load_teacher_cache(cache, new_key)
+
+    refused(_build(family, max_length=30)[1], r"data.max_length: 40 -> 30; the tokenized training data changed")
+    refused(_build(family, num_examples=2)[1], r"the tokenized training data changed \(9 -> 6 sequences\)")
+    refused(_build(family, seed=1)[1], r"the tokenized training data changed\. Recompute")  # only the data
+    refused(_build(family, response_only_loss=True)[1], "data.response_only_loss: False -> True")
+    refused(_build(family, pairing="all")[1], "data.pairing: own -> all")
+    base, sources, tokenizer, _ = family
+    refused(
+        tc.teacher_cache_key(
+            base,
+            list(zip(NAMES, sources, strict=True)),
+            tokenizer,
+            dataset,
+            DataConfig(num_examples=3, max_length=40),
+            4,
+        ),
+        "top_k: 8 -> 4",
+    )
+    swapped = list(zip(["reverse", "math", "count"], [sources[1], sources[0], sources[2]], strict=True))
+    refused(
+        tc.teacher_cache_key(base, swapped, tokenizer, dataset, DataConfig(num_examples=3, max_length=40), K),
+        "models \\(in order\\)",
+    )
+    with pytest.raises(DamError, match="holds a teacher-logit cache for other inputs.*--force"):
+        tc.cache_teacher_logits(family[3], dataset, _build(family, max_length=30)[1], cache)
+
+
+def test_changed_source_weights_make_the_cache_stale(tmp_path):
+    base, sources = make_family(tmp_path / "fam", 2, chat_template=SIMPLE_CHAT_TEMPLATE)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    config = DataConfig(num_examples=2, max_length=32)
+    specs = {"math": SPECS["math"], "count": SPECS["count"]}
+    dataset = build_train_dataset(specs, ["math", "count"], tokenizer, config)
+    pairs = list(zip(["math", "count"], sources, strict=True))
+    key = tc.teacher_cache_key(base, pairs, tokenizer, dataset, config, K)
+    model = DAMModel.from_pretrained(str(base), [str(s) for s in sources])
+    tc.cache_teacher_logits(model, dataset, key, tmp_path / "cache")
+    assert tc.teacher_cache_key(base, pairs, tokenizer, dataset, config, K) == key  # nothing changed: same key
+    retrained = perturbed_copy(AutoModelForCausalLM.from_pretrained(sources[1]), seed=99)
+    retrained.save_pretrained(sources[1])
+    new_key = tc.teacher_cache_key(base, pairs, tokenizer, dataset, config, K)
+    with pytest.raises(DamError, match=r"stale: model 'count': weight files changed \(model.safetensors\)"):
+        tc.load_teacher_cache(tmp_path / "cache", new_key)
