@@ -80,7 +80,7 @@ def load_raw_dataset(spec: str | Path, *, split: str = "train", owner: str = "")
                     loaded = loaded[split]
                 return loaded
             return datasets.load_dataset(str(path), split=split)
-        if path.exists() or str(spec).startswith((".", "/", "~")):
+        if path.exists() or str(spec).startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS:
             raise DamError(f"{what}: not found")
         return datasets.load_dataset(str(spec), split=split)
     except DamError:
