@@ -150,7 +150,8 @@ class _DAMLinearFunction(torch.autograd.Function):
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, in): the weight-gradient GEMM
             grad_c = _column_dots(grad_w, weight_sources, coefficients.dtype)  # (N, in)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-            grad_b = g.reshape(-1, g.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)  # (out,)
+            acc = torch.promote_types(g.dtype, torch.float32)
+            grad_b = g.reshape(-1, g.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)  # (out,)
         return grad_x, None, grad_c, grad_b
 
 

@@ -1,0 +1,122 @@
+"""DAM losses: distillation KL (full and top-K), coefficient similarity, L1/L2, weights of 0."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dam.losses import (
+    coefficient_losses,
+    coefficient_similarity,
+    kl_divergence,
+    l1_penalty,
+    l2_penalty,
+    topk_kl_divergence,
+)
+
+
+def _logits(seed: int, shape=(2, 5, 11)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_kl_of_identical_logits_is_zero():
+    x = _logits(0)
+    assert kl_divergence(x, x.clone(), temperature=2.0).abs() < 1e-6
+
+
+def test_kl_matches_a_hand_computation_with_t_squared_scaling():
+    s, t = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.2, 1.5, 1.0]])
+    temperature = 2.0
+    p = [math.exp(v / temperature) for v in t[0].tolist()]
+    q = [math.exp(v / temperature) for v in s[0].tolist()]
+    p = [v / sum(p) for v in p]
+    q = [v / sum(q) for v in q]
+    expected = temperature**2 * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    assert kl_divergence(s, t, temperature=temperature).item() == pytest.approx(expected, rel=1e-5)
+    # the T^2 factor: KL at T on logits x equals T^2 times the KL at T=1 on logits x/T
+    assert kl_divergence(s, t, temperature=temperature).item() == pytest.approx(
+        temperature**2 * kl_divergence(s / temperature, t / temperature, temperature=1.0).item(), rel=1e-6
+    )
+
+
+def test_kl_ignores_padding_tokens():
+    s, t = _logits(1), _logits(2)
+    mask = torch.ones(2, 5)
+    mask[0, 3:] = 0
+    mask[1, 4] = 0
+    t_garbage = t.clone()
+    t_garbage[mask == 0] = 1e3 * torch.randn_like(t_garbage[mask == 0])  # padding positions hold anything
+    masked = kl_divergence(s, t_garbage, mask, temperature=2.0)
+    per_token = torch.stack([kl_divergence(s[b, i], t[b, i], temperature=2.0) for b, i in mask.nonzero().tolist()])
+    torch.testing.assert_close(masked, per_token.mean())
+
+
+def test_topk_equals_full_kl_when_k_is_the_vocab():
+    s, t = _logits(3), _logits(4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    values, indices = t.sort(dim=-1, descending=True)
+    full = kl_divergence(s, t, mask, temperature=2.0)
+    torch.testing.assert_close(topk_kl_divergence(s, values, indices, mask, temperature=2.0), full)
+    # log-probabilities instead of logits give the same value (a per-token shift cancels)
+    logp = torch.log_softmax(values, dim=-1)
+    torch.testing.assert_close(topk_kl_divergence(s, logp, indices, mask, temperature=2.0), full)
+
+
+def test_topk_is_the_kl_from_the_renormalised_teacher():
+    s, t = _logits(5, (1, 1, 8)), _logits(6, (1, 1, 8))
+    values, indices = t.topk(3, dim=-1)
+    truncated = torch.full_like(t, -1e9).scatter(-1, indices, values)  # teacher with zero mass outside the top 3
+    got = topk_kl_divergence(s, values, indices, temperature=1.5)
+    torch.testing.assert_close(got, kl_divergence(s, truncated, temperature=1.5))
+    assert got >= 0
+
+
+def test_kl_gradient_flows_to_the_student_only():
+    s = _logits(7).requires_grad_()
+    t = _logits(8).requires_grad_()
+    kl_divergence(s, t.detach(), temperature=2.0).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_similarity_is_the_mean_pairwise_cosine_summed_over_modules():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    expected = (0.0 + 1 / math.sqrt(2) + 1 / math.sqrt(2)) / 3
+    b = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    assert coefficient_similarity([a]).item() == pytest.approx(expected, rel=1e-6)
+    assert coefficient_similarity([a, b]).item() == pytest.approx(expected + 1.0, rel=1e-6)
+
+
+def test_similarity_gradient_is_zero_at_equal_coefficients():
+    c = torch.full((3, 16), 1 / 3, requires_grad=True)
+    coefficient_similarity([c]).backward()
+    assert c.grad.abs().max() < 1e-6
+    d = (torch.full((3, 16), 1 / 3) + 0.01 * torch.randn(3, 16)).requires_grad_()
+    coefficient_similarity([d]).backward()
+    assert d.grad.abs().max() > 1e-4  # once the symmetry is broken it pushes
+
+
+def test_l1_l2_toward_zero_and_toward_init():
+    c = [torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0]])]
+    init = [torch.tensor([[0.5, -1.0]]), torch.tensor([[3.0]])]
+    assert l1_penalty(c).item() == pytest.approx(6.0)
+    assert l2_penalty(c).item() == pytest.approx(14.0)
+    assert l1_penalty(c, init).item() == pytest.approx(1.5)
+    assert l2_penalty(c, init).item() == pytest.approx(1.25)
+
+
+def test_coefficient_losses_weights_and_zero_disables():
+    c = {"a": torch.tensor([[1.0, 2.0], [2.0, 1.0]], requires_grad=True)}
+    init = {"a": torch.full((2, 2), 0.5)}
+    assert coefficient_losses(c) == {}
+    terms = coefficient_losses(c, similarity=0.1, l1=0.01, l2=0.001, init=init)
+    assert set(terms) == {"similarity", "l1", "l2"}
+    assert terms["similarity"].item() == pytest.approx(0.1 * 0.8, rel=1e-5)
+    assert terms["l1"].item() == pytest.approx(0.01 * 4.0)
+    assert terms["l2"].item() == pytest.approx(0.001 * 5.0)
+    assert set(coefficient_losses(c, l2=1.0)) == {"l2"}
+    sum(terms.values()).backward()
+    assert c["a"].grad is not None
+    with pytest.raises(ValueError, match="keys"):
+        coefficient_losses(c, l1=1.0, init={"b": torch.zeros(2, 2)})
