@@ -183,6 +183,12 @@ def read_cache_key(cache_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def _open_cache(cache_dir: Path) -> datasets.Dataset:
+    """The cached dataset, memory-mapped, in numpy format: rows come back as arrays, not nested Python lists
+    (decoding a [T, S, K] target as lists would cost more than the training step that uses it)."""
+    return datasets.load_from_disk(str(cache_dir / DATASET_DIR)).with_format("numpy")
+
+
 def load_teacher_cache(cache_dir: str | Path, key: dict[str, Any]) -> datasets.Dataset:
     """The cached training set (training columns + teacher targets) if its key equals ``key``; else a DamError
     saying what changed since the cache was written."""
@@ -196,7 +202,7 @@ def load_teacher_cache(cache_dir: str | Path, key: dict[str, Any]) -> datasets.D
             f"data.cache_dir: the teacher-logit cache at {cache_dir} is stale: {'; '.join(changes)}. "
             "Recompute it with `dam cache-logits CONFIG --force` (or point data.cache_dir elsewhere)"
         )
-    dataset = datasets.load_from_disk(str(cache_dir / DATASET_DIR))
+    dataset = _open_cache(cache_dir)
     if len(dataset) != key["num_sequences"]:
         raise DamError(f"data.cache_dir: {cache_dir} holds {len(dataset)} rows, its key says {key['num_sequences']}")
     logger.info("using the teacher-logit cache at %s (%d sequences)", cache_dir, len(dataset))
@@ -351,7 +357,7 @@ def cache_teacher_logits(
         changes = describe_key_changes(stored, key)
         if not changes:
             logger.info("teacher-logit cache at %s is up to date; reusing it", cache_dir)
-            return datasets.load_from_disk(str(cache_dir / DATASET_DIR))
+            return _open_cache(cache_dir)
         raise DamError(
             f"data.cache_dir: {cache_dir} holds a teacher-logit cache for other inputs ({'; '.join(changes)}); "
             "pass --force to overwrite it"
@@ -367,4 +373,4 @@ def cache_teacher_logits(
         raw.unlink()
         (tmp / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
     logger.info("wrote the teacher-logit cache to %s", cache_dir)
-    return datasets.load_from_disk(str(cache_dir / DATASET_DIR))
+    return _open_cache(cache_dir)
