@@ -91,7 +91,34 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export)
 
 
-_COMMANDS: list = [_add_merge, _add_export]
+def _cache_logits(args: argparse.Namespace) -> int:
+    from dam.config import load_config
+    from dam.teacher_cache import cache_logits_for_config
+
+    config = load_config(args.config, args.overrides)
+    folder = cache_logits_for_config(config, force=args.force, batch_size=args.batch_size, device=args.device)
+    print(f"teacher-logit cache ready at {folder}")
+    return 0
+
+
+def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache-logits",
+        help="precompute the top-K teacher logits of a DAM run config",
+        description="Run every source teacher over the config's training data once and store the top-K "
+        "log-probabilities and token ids per token in data.cache_dir, keyed to the models, data and settings they "
+        "came from. Training with data.teacher_logits=cached reuses the cache (across runs and sweeps) and refuses "
+        "it once any of those change. An up-to-date cache is left as is.",
+    )
+    p.add_argument("config", help="DAM run config YAML (see configs/dam/)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.max_length=1024")
+    p.add_argument("--force", action="store_true", help="recompute, replacing a cache made for other inputs")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default 8)")
+    p.add_argument("--device", default=None, help="device of the teachers (default: cuda if available, else cpu)")
+    p.set_defaults(func=_cache_logits)
+
+
+_COMMANDS: list = [_add_merge, _add_export, _add_cache_logits]
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import pyarrow as pa
 import torch
 
 from dam.errors import DamError
+from dam.io import resolve_model_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -87,6 +88,17 @@ def load_raw_dataset(spec: str | Path, *, split: str = "train", owner: str = "")
         raise
     except Exception as e:  # any datasets/Hub failure becomes one line naming the dataset
         raise DamError(f"{what}: cannot load it: {e}") from e
+
+
+def load_tokenizer(base_model: str | Path) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer (its chat template, if any, renders the prompt/response data)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(base_model)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a missing or broken tokenizer becomes one line naming the model
+        raise DamError(f"base model {str(base_model)!r}: cannot load its tokenizer from {path}: {e}") from e
 
 
 def _render(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, chat: bool, template: str) -> str:

@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from datasets.arrow_writer import ArrowWriter
 
-from dam.data import ALL_SOURCES, DataCollator
+from dam.data import ALL_SOURCES, DataCollator, build_train_dataset, load_tokenizer
 from dam.errors import DamError
 from dam.io import atomic_output_dir, resolve_model_path
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from dam.config import DataConfig
+    from dam.config import DAMConfig, DataConfig
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,21 @@ def compute_teacher_cache(
     return datasets.Dataset.from_file(str(path))
 
 
+def _cache_is_current(cache_dir: Path, key: dict[str, Any]) -> bool:
+    """True when ``cache_dir`` holds a cache for ``key``; False when it holds none; DamError when it holds a cache
+    for other inputs (overwriting it takes ``force``)."""
+    stored = read_cache_key(cache_dir)
+    if stored is None:
+        return False
+    changes = describe_key_changes(stored, key)
+    if changes:
+        raise DamError(
+            f"data.cache_dir: {cache_dir} holds a teacher-logit cache for other inputs ({'; '.join(changes)}); "
+            "pass --force to overwrite it"
+        )
+    return True
+
+
 def cache_teacher_logits(
     model: TeacherModel,
     dataset: datasets.Dataset,
@@ -352,16 +367,9 @@ def cache_teacher_logits(
     folder is replaced atomically: an interrupted run leaves the previous cache (or nothing) in place.
     """
     cache_dir = Path(cache_dir)
-    stored = read_cache_key(cache_dir)
-    if stored is not None and not force:
-        changes = describe_key_changes(stored, key)
-        if not changes:
-            logger.info("teacher-logit cache at %s is up to date; reusing it", cache_dir)
-            return _open_cache(cache_dir)
-        raise DamError(
-            f"data.cache_dir: {cache_dir} holds a teacher-logit cache for other inputs ({'; '.join(changes)}); "
-            "pass --force to overwrite it"
-        )
+    if not force and _cache_is_current(cache_dir, key):
+        logger.info("teacher-logit cache at %s is up to date; reusing it", cache_dir)
+        return _open_cache(cache_dir)
     num_sources = len(key["sources"])
     with atomic_output_dir(cache_dir, force=True) as tmp:
         raw = tmp / "teacher_logits.arrow"
@@ -374,3 +382,61 @@ def cache_teacher_logits(
         (tmp / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
     logger.info("wrote the teacher-logit cache to %s", cache_dir)
     return _open_cache(cache_dir)
+
+
+# ------------------------------------------------------------------------------------------- whole-run helpers
+
+
+def _run_data(config: DAMConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The run's tokenized training set and the cache key it would have (``loss.top_k`` must be set)."""
+    dataset = build_train_dataset(
+        {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
+    )
+    sources = [(m.name, m.model) for m in config.models]
+    key = teacher_cache_key(config.base_model, sources, tokenizer, dataset, config.data, config.loss.top_k)
+    return dataset, key
+
+
+def load_training_dataset(config: DAMConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """The training rows of a run, for the training loop.
+
+    ``teacher_logits: on_the_fly``: :func:`dam.data.build_train_dataset` of the config's models and datasets.
+    ``teacher_logits: cached``: the same rows read from ``data.cache_dir`` with their ``teacher_logprobs`` and
+    ``teacher_indices``, after checking that the cache was made from exactly these models, data and settings
+    (DamError naming what changed otherwise). Either way :class:`dam.data.DataCollator` batches the rows.
+    """
+    if config.data.teacher_logits == "on_the_fly":
+        return build_train_dataset(
+            {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
+        )
+    _, key = _run_data(config, tokenizer)
+    return load_teacher_cache(config.data.cache_dir, key)
+
+
+def cache_logits_for_config(
+    config: DAMConfig, *, force: bool = False, batch_size: int = 8, device: str | None = None
+) -> Path:
+    """``dam cache-logits``: compute (or find up to date) the teacher-logit cache of a run config; returns its folder.
+
+    The data are built and an existing cache is checked before any model weight is read. The teachers are the DAM
+    wrapper's sources (built with the config's ``dtype`` and ``dam`` options) on ``device`` (CUDA when available,
+    else CPU), one process.
+    """
+    if config.loss.top_k is None:
+        raise DamError("loss.top_k: set how many teacher logits per token to cache (typically 50 to 128)")
+    if not config.data.cache_dir:
+        raise DamError("data.cache_dir: set the folder to write the teacher-logit cache to")
+    cache_dir = Path(config.data.cache_dir)
+    tokenizer = load_tokenizer(config.base_model)
+    dataset, key = _run_data(config, tokenizer)
+    if not force and _cache_is_current(cache_dir, key):
+        logger.info("teacher-logit cache at %s is up to date (%d sequences); nothing to do", cache_dir, len(dataset))
+        return cache_dir
+    from dam.model import DAMModel
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = DAMModel.from_pretrained(
+        config.base_model, [m.model for m in config.models], config.dam, dtype=config.dtype, device=device
+    )
+    cache_teacher_logits(model, dataset, key, cache_dir, batch_size=batch_size, force=True)
+    return cache_dir

@@ -2,10 +2,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dam.teacher_cache as tc
-from dam.config import DataConfig
+from dam.cli import main
+from dam.config import DataConfig, load_config
 from dam.data import ALL_SOURCES, DataCollator, build_train_dataset
 from dam.errors import DamError
 from dam.losses import topk_kl_divergence
@@ -196,3 +198,64 @@ def test_changed_source_weights_make_the_cache_stale(tmp_path):
     new_key = tc.teacher_cache_key(base, pairs, tokenizer, dataset, config, K)
     with pytest.raises(DamError, match=r"stale: model 'count': weight files changed \(model.safetensors\)"):
         tc.load_teacher_cache(tmp_path / "cache", new_key)
+
+
+# ------------------------------------------------------------------------------------------------ run config + CLI
+
+
+def _write_config(tmp_path: Path, family, **data) -> Path:
+    base, sources, _, _ = family
+    config = {
+        "base_model": str(base),
+        "models": [{"name": n, "model": str(s), "dataset": SPECS[n]} for n, s in zip(NAMES, sources, strict=True)],
+        "output_dir": str(tmp_path / "run"),
+        "dtype": "float32",
+        "loss": {"top_k": K},
+        "data": {
+            "num_examples": 3,
+            "max_length": 40,
+            "teacher_logits": "cached",
+            "cache_dir": str(tmp_path / "c"),
+            **data,
+        },
+    }
+    path = tmp_path / "dam.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cache_logits_command(tmp_path, family, monkeypatch, capsys):
+    path = _write_config(tmp_path, family)
+    assert main(["cache-logits", str(path), "--batch-size", "4"]) == 0
+    assert "teacher-logit cache ready" in capsys.readouterr().out
+    config = load_config(path)
+    rows = tc.load_training_dataset(config, family[2])
+    assert len(rows) == 9 and rows[0]["teacher_logprobs"].shape[1:] == (1, K)
+    plain = tc.load_training_dataset(
+        config.model_copy(update={"data": DataConfig(num_examples=3, max_length=40)}), family[2]
+    )
+    assert plain["input_ids"] == rows.with_format(None)["input_ids"]  # on the fly: the same rows, no targets
+    assert "teacher_logprobs" not in plain.column_names
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("built the teachers")
+
+    monkeypatch.setattr(DAMModel, "from_pretrained", no_model)
+    assert main(["cache-logits", str(path)]) == 0  # up to date: no model is even built
+    assert main(["cache-logits", str(path), "data.max_length=30"]) == 1  # stale: refused before building the model
+    err = capsys.readouterr().err
+    assert "error: data.cache_dir:" in err and "data.max_length: 40 -> 30" in err and "--force" in err
+    with pytest.raises(DamError, match="is stale: data.max_length: 40 -> 30"):
+        tc.load_training_dataset(load_config(path, ["data.max_length=30"]), family[2])
+    monkeypatch.undo()
+    assert main(["cache-logits", str(path), "data.max_length=30", "--force"]) == 0
+    assert len(tc.load_training_dataset(load_config(path, ["data.max_length=30"]), family[2])) == 9
+
+
+def test_cache_logits_needs_top_k_and_cache_dir(tmp_path, family):
+    config = load_config(_write_config(tmp_path, family, teacher_logits="on_the_fly"), ["loss.top_k=null"])
+    with pytest.raises(DamError, match="loss.top_k"):
+        tc.cache_logits_for_config(config)
+    config = load_config(_write_config(tmp_path, family, teacher_logits="on_the_fly", cache_dir=None))
+    with pytest.raises(DamError, match="data.cache_dir"):
+        tc.cache_logits_for_config(config)
