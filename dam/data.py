@@ -104,7 +104,13 @@ def load_tokenizer(base_model: str | Path) -> PreTrainedTokenizerBase:
 def _render(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, chat: bool, template: str) -> str:
     if chat:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as e:  # e.g. a template that insists on a system turn
+            raise DamError(
+                f"the base tokenizer's chat template fails on a user/assistant pair ({e}); "
+                "set data.use_chat_template=false to use data.template"
+            ) from e
     return template.format(prompt=prompt, response=response)
 
 

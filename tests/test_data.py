@@ -306,3 +306,10 @@ def test_packing_in_build(chat_tok):
         assert not packed - expected, name
         missing = expected - packed
         assert missing in (Counter(), Counter({eos: 1})), name  # a 1-token tail block (a lone EOS) is dropped
+
+
+def test_failing_chat_template_is_a_clear_error():
+    tok = build_char_tokenizer("{{ raise_exception('a system message is required') }}")
+    with pytest.raises(DamError, match="chat template fails.*system message is required.*use_chat_template=false"):
+        tokenize_dataset(_pairs(1), tok, DataConfig(), "math")
+    assert len(tokenize_dataset(_pairs(1), tok, DataConfig(use_chat_template=False), "math")) == 1
