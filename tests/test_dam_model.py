@@ -276,7 +276,7 @@ def test_mismatched_shape_in_headers_fails_before_weights_load(families, tmp_pat
         DAMModel.from_pretrained(str(base), [str(sources[0]), str(other[0])])
 
 
-def test_missing_tensor_fails_before_weights_load(families, tmp_path):
+def test_missing_tensor_fails_before_weights_load(families, tmp_path, no_weight_reads):
     base, sources = families["llama"]
     broken = tmp_path / "broken"
     broken.mkdir()
