@@ -310,9 +310,14 @@ class DAMEmbedding(DAMModule):
 
     weight_sources (N, vocab, hidden), weight_coefficients (N, hidden). ``padding_idx`` is kept for reference
     (it only affects the gradient of the frozen table).
+
+    ``embedding``: for an ``nn.Embedding`` subclass with its own forward (Gemma's scaled embedding), the original
+    module with its weight removed; its forward then runs with the merged table substituted. That path
+    materialises the merged (vocab, hidden) table and its dense gradient (plain autograd), so it costs about two
+    tables of transient memory where the gather path of a plain embedding costs only the looked-up rows.
     """
 
-    def __init__(self, *args: Any, padding_idx: int | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, padding_idx: int | None = None, embedding: nn.Module | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.weight_sources.dim() != 3 or self.weight_coefficients.shape[1:] != self.weight_sources.shape[2:]:
             raise ValueError(
@@ -321,10 +326,19 @@ class DAMEmbedding(DAMModule):
             )
         if self.bias_sources is not None:
             raise ValueError("embedding: no bias expected")
+        if embedding is not None and any(True for _ in embedding.parameters()):
+            raise ValueError(f"embedding: remove the parameters of {type(embedding).__name__} before wrapping it")
         self.num_embeddings, self.embedding_dim = self.weight_sources.shape[1:]
         self.padding_idx = padding_idx
+        self.embedding = embedding
 
     def forward(self, ids: Tensor) -> Tensor:
+        if self.embedding is not None:
+            if self.selected is not None:
+                weight = self.weight_sources[self.selected]
+            else:
+                weight = fold(self.weight_sources, self.coefficients("weight")).to(self.weight_sources.dtype)
+            return torch.func.functional_call(self.embedding, {"weight": weight}, (ids,), strict=False)
         if self.selected is not None:
             return F.embedding(ids, self.weight_sources[self.selected], self.padding_idx)
         return _DAMEmbeddingFunction.apply(ids, self.weight_sources, self.coefficients("weight"))
@@ -344,7 +358,7 @@ class DAMNorm(DAMModule):
             raise ValueError(f"norm: remove the parameters of {type(norm).__name__} before wrapping it")
         self.norm = norm
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.selected is not None:
             weight = self.weight_sources[self.selected]
         else:
@@ -352,4 +366,4 @@ class DAMNorm(DAMModule):
         tensors = {"weight": weight}
         if self.bias_sources is not None:
             tensors["bias"] = self._merged_bias()
-        return torch.func.functional_call(self.norm, tensors, (x,), strict=False)
+        return torch.func.functional_call(self.norm, tensors, args, kwargs, strict=False)

@@ -6,8 +6,10 @@ model is instantiated with its parameters on the meta device (no memory, no rand
 :class:`~dam.layers.DAMEmbedding` or :class:`~dam.layers.DAMNorm` whose frozen stacked sources are filled
 tensor by tensor from the source checkpoints (:class:`dam.io.CheckpointReader`). Weights tied in the stock model
 (``lm_head`` and the embedding when the config ties them) share one DAM tensor, so they stay tied. Any other
-parameter is an error: DAM would not know how to merge it. Configs, tensor names and shapes are all checked
-from ``config.json`` and checkpoint headers before any weight is read.
+parameter is an error: DAM would not know how to merge it (GPT-2's ``Conv1D``, for one). Configs, tensor names
+and shapes are all checked from ``config.json`` and checkpoint headers before any weight is read. Tested on
+Llama, Mistral, Qwen2 (biases), tied embeddings, Gemma (a scaled-embedding subclass) and StableLM (LayerNorm
+with bias).
 
 API for the training loop::
 
@@ -242,7 +244,7 @@ def _plan(model: nn.Module, base_model: str) -> list[_Slot]:
             continue
         if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
             kind = "linear"
-        elif isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+        elif isinstance(module, nn.Embedding):
             if module.max_norm is not None:
                 raise DamError(f"base {base_model!r}: embedding {name!r} uses max_norm, which DAM does not support")
             kind = "embedding"
@@ -252,7 +254,7 @@ def _plan(model: nn.Module, base_model: str) -> list[_Slot]:
             pnames = ", ".join(f"{name}.{n}" for n, _ in own)
             raise DamError(
                 f"base {base_model!r}: parameter(s) {pnames} belong to {type(module).__name__}, which DAM cannot "
-                "merge (it merges linear, plain embedding and norm layers)"
+                "merge (it merges linear, embedding and norm layers)"
             )
         tied = owner.get(id(module.weight))
         if tied is None:
@@ -455,7 +457,7 @@ class DAMModel(nn.Module):
             sum(1 for m, a, _ in merged.values() if getattr(m, f"{a}_coefficients").requires_grad),
             tied or "none",
         )
-        wrapper = cls(
+        return cls(
             model.eval(),
             base_model=base_model,
             sources=sources,
@@ -465,12 +467,16 @@ class DAMModel(nn.Module):
             tied=tied,
             dtype=dtype,
         )
-        return wrapper
 
     # -- forward and teachers --------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        """The inner Hugging Face model's config (the base's)."""
+        return self.model.config
 
     @property
     def num_sources(self) -> int:
@@ -657,8 +663,10 @@ def _build_module(
     args = (weight_sources, weight_coefficients, bias_sources, bias_coefficients, options.transform)
     if slot.kind == "linear":
         return DAMLinear(*args)
+    own_forward = slot.kind == "norm" or type(module).forward is not nn.Embedding.forward
+    if own_forward:  # the module's own forward runs with merged tensors substituted for its parameters
+        for pname in [n for n, _ in module.named_parameters(recurse=False)]:
+            delattr(module, pname)
     if slot.kind == "embedding":
-        return DAMEmbedding(*args, padding_idx=module.padding_idx)
-    for pname in [n for n, _ in module.named_parameters(recurse=False)]:
-        delattr(module, pname)
+        return DAMEmbedding(*args, padding_idx=module.padding_idx, embedding=module if own_forward else None)
     return DAMNorm(module, *args)

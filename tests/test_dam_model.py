@@ -374,3 +374,45 @@ def test_coefficients_that_do_not_fit_are_a_clear_error(families, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(DamError, match="no DAM metadata"):
         model.load_coefficients(tmp_path / "plain.safetensors")
+
+
+def _other_family(root: Path, model_type: str, **config) -> tuple[Path, list[Path]]:
+    """A base and two perturbed copies of a tiny ``model_type`` model (architectures dam.testing does not make)."""
+    from transformers import AutoConfig
+
+    from dam.testing import perturbed_copy, random_model
+
+    base = random_model(AutoConfig.for_model(model_type, vocab_size=128, pad_token_id=0, eos_token_id=2, **config))
+    paths = []
+    for i, model in enumerate([base, perturbed_copy(base, 1), perturbed_copy(base, 2)]):
+        model.save_pretrained(root / str(i))
+        paths.append(root / str(i))
+    return paths[0], paths[1:]
+
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "config"),
+    [("mistral", SMALL), ("gemma", {**SMALL, "head_dim": 8}), ("stablelm", SMALL)],
+    ids=["mistral", "gemma-scaled-embedding", "stablelm-layernorm-bias"],
+)
+def test_other_architectures_by_module_swapping(tmp_path, model_type, config):
+    family = _other_family(tmp_path, model_type, **config)
+    model = _build(family)
+    _close(_logits(model), _logits(_weighted_model(family, [0.5, 0.5])))
+    original = AutoModelForCausalLM.from_pretrained(family[1][1], dtype=torch.float32).eval()
+    with model.select_source(1):
+        assert torch.equal(model(input_ids=IDS, attention_mask=MASK).logits, _logits(original))
+    model(input_ids=IDS).logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_coefficients())
+    _perturb(model)
+    exported = AutoModelForCausalLM.from_pretrained(model.export(tmp_path / "out"), dtype=torch.float32).eval()
+    _close(_logits(exported), _logits(model))
+
+
+def test_unsupported_layers_are_named(tmp_path):
+    family = _other_family(tmp_path, "gpt2", n_embd=32, n_layer=1, n_head=4, bos_token_id=1)
+    with pytest.raises(DamError, match=r"transformer.h.0.attn.c_attn.weight.* belong to Conv1D"):
+        _build(family)
