@@ -287,12 +287,13 @@ def _coefficient_parameter(
 def save_coefficients(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any]) -> Path:
     """Write ``tensors`` (raw coefficients by checkpoint tensor name) with ``metadata`` embedded in the header.
 
-    A file path, or a folder (then ``dam_coefficients.safetensors`` in it). A readable copy of the metadata goes
+    A ``*.safetensors`` file path, or else a folder (created if needed; the file is
+    ``dam_coefficients.safetensors`` in it). A readable copy of the metadata goes
     beside it as ``dam_coefficients.json``. Both are written to temporary names and renamed, so a crash never
     leaves a half-written file.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.suffix != ".safetensors":
         path = path / COEFFICIENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

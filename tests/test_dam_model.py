@@ -331,9 +331,9 @@ def _perturb(model: DAMModel, seed: int = 0, scale: float = 0.3) -> None:
 def test_save_and_load_coefficients(families, tmp_path):
     model = _build(families["qwen2"], DAMOptions(transform="tanh"))
     _perturb(model)
-    path = model.save_coefficients(tmp_path, training_config={"lr": 1e-3})
-    assert path == tmp_path / COEFFICIENTS_FILE and (tmp_path / "dam_coefficients.json").is_file()
-    meta = json.loads((tmp_path / "dam_coefficients.json").read_text())
+    path = model.save_coefficients(tmp_path / "run", training_config={"lr": 1e-3})  # a folder, created
+    assert path == tmp_path / "run" / COEFFICIENTS_FILE and (tmp_path / "run" / "dam_coefficients.json").is_file()
+    meta = json.loads((tmp_path / "run" / "dam_coefficients.json").read_text())
     assert meta["training"] == {"lr": 1e-3} and len(meta["sources"]) == 3 and meta["options"]["transform"] == "tanh"
     fresh = _build(families["qwen2"], DAMOptions(transform="tanh"))
     assert not torch.equal(_logits(fresh), _logits(model))
