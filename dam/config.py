@@ -7,6 +7,7 @@ under each field is its description (``use_attribute_docstrings``) and shows up 
 
 from __future__ import annotations
 
+import os
 import re
 import typing
 from collections.abc import Sequence
@@ -302,7 +303,8 @@ class DAMConfig(BaseModel):
     """The N >= 2 sources, each with its dataset. Their order is the order of the coefficients' source axis."""
 
     output_dir: str = Field(min_length=1)
-    """Run folder: ``config.yaml``, ``checkpoints/``, ``dam_coefficients.safetensors`` and the export ``merged/``."""
+    """Run folder: ``config.yaml``, ``checkpoints/``, ``dam_coefficients.safetensors`` and the export ``merged/``.
+    Environment variables are expanded, so ``out/sweep/${WANDB_RUN_ID}`` gives each sweep run its own folder."""
 
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype of the frozen source weights in the wrapper, and of the exported checkpoint."""
@@ -321,6 +323,15 @@ class DAMConfig(BaseModel):
 
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     """Tracking."""
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_environment(cls, v: str) -> str:
+        expanded = os.path.expandvars(v)
+        unset = re.findall(r"\$\{?(\w+)", expanded)
+        if unset:
+            raise ValueError(f"environment variable {unset[0]} in {v!r} is not set")
+        return expanded
 
     @field_validator("models")
     @classmethod
