@@ -1,0 +1,196 @@
+"""The DAM training loop on tiny CPU models: run folder, logs, export, a lower loss, gradient accumulation,
+NaN handling, cached teacher logits, and `accelerate launch train_dam.py configs/dam/tiny.yaml` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dam.config import DAMConfig, TrainConfig, load_config
+from dam.data import DataCollator, build_train_dataset
+from dam.errors import DamError
+from dam.model import DAMModel
+from dam.testing import make_family
+from dam.train import LATEST_FILE, distillation_sum, latest_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "dam" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    return make_family(tmp_path_factory.mktemp("family"), 3)
+
+
+def overrides(family: tuple[Path, list[Path]], out: Path, *extra: str) -> list[str]:
+    """The tiny config pointed at this family and run folder (datasets stay the repository's examples)."""
+    base, sources = family
+    models = [f"models.{i}.model={s}" for i, s in enumerate(sources)]
+    datasets = [f"models.{i}.dataset={ROOT / m.dataset}" for i, m in enumerate(load_config(TINY).models)]
+    return [f"base_model={base}", *models, *datasets, f"output_dir={out}", "wandb.mode=disabled", *extra]
+
+
+def tiny(family: tuple[Path, list[Path]], out: Path, *extra: str) -> DAMConfig:
+    return load_config(TINY, overrides(family, out, *extra))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def coefficients(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "dam_coefficients.safetensors")
+
+
+@torch.no_grad()
+def mean_distillation_loss(config: DAMConfig, coefficients_file: Path | None) -> float:
+    """KL over the whole training set (own teacher per example), for the init or for trained coefficients."""
+    from transformers import AutoTokenizer
+
+    from dam.train import _Teachers
+
+    model = DAMModel.from_pretrained(config.base_model, [m.model for m in config.models], config.dam)
+    if coefficients_file is not None:
+        model.load_coefficients(coefficients_file)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    data = build_train_dataset(
+        {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
+    )
+    batch = DataCollator(pad_token_id=tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    teachers = _Teachers(model, model)
+    total = distillation_sum(logits, batch, teachers, model.num_sources, config.loss.temperature, None)
+    return float(total) / float((batch["labels"][:, 1:] != -100).sum())
+
+
+@pytest.fixture(scope="module")
+def trained(family: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> tuple[DAMConfig, Path]:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    config = tiny(family, out, "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=2")
+    return config, train(config)
+
+
+def test_run_folder_holds_config_checkpoints_coefficients_and_export(trained: tuple[DAMConfig, Path]) -> None:
+    config, run = trained
+    assert run == Path(config.output_dir)
+    assert load_config(run / "config.yaml") == config
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [LATEST_FILE, "step_4", "step_6"]  # keep_checkpoints=2
+    assert (root / LATEST_FILE).read_text().strip() == "step_6" and latest_checkpoint(run) == root / "step_6"
+    state = json.loads((root / "step_6" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["config"] == load_config(run / "config.yaml").model_dump(mode="json")
+    checkpoint = load_file(root / "step_6" / "model.safetensors")
+    assert checkpoint and all("coefficients" in k for k in checkpoint), "checkpoints hold coefficients, not sources"
+    merged = run / "merged"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "dam_coefficients.safetensors", "README.md"):
+        assert (merged / name).is_file(), name
+
+
+def test_logs_every_loss_term_lr_throughput_and_coefficient_statistics(trained: tuple[DAMConfig, Path]) -> None:
+    config, run = trained
+    records = metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for record in records:
+        for key in ("loss", "loss/kl", "loss/similarity", "lr", "tokens_per_second", "grad_norm"):
+            assert key in record, key
+        for kind in ("linear", "embedding", "norm"):
+            for source in ("arithmetic", "reverse", "counting"):
+                for stat in ("mean", "std", "min", "max"):
+                    assert f"coefficients/{kind}/{source}/{stat}" in record
+        assert record["loss"] == pytest.approx(record["loss/kl"] + record["loss/similarity"])
+        assert record["lr"] == pytest.approx(config.train.lr) and record["tokens_per_second"] > 0
+    assert records[0]["coefficients/linear/reverse/mean"] != pytest.approx(1 / 3, abs=1e-6)
+
+
+def test_export_is_the_trained_wrapper(trained: tuple[DAMConfig, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config, run = trained
+    wrapper = DAMModel.from_pretrained(config.base_model, [m.model for m in config.models], config.dam)
+    wrapper.load_coefficients(run / "dam_coefficients.safetensors")
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = wrapper(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    trained_coefficients = coefficients(run)
+    assert max(float((c - 1 / 3).abs().max()) for c in trained_coefficients.values()) > 1e-3
+
+
+def test_training_lowers_the_distillation_loss(trained: tuple[DAMConfig, Path]) -> None:
+    config, run = trained
+    before = mean_distillation_loss(config, None)
+    after = mean_distillation_loss(config, run / "dam_coefficients.safetensors")
+    assert after < 0.97 * before, (before, after)
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    common = ("train.max_steps=2", "train.lr=1e-3", "train.save_every=0")
+    big = train(tiny(family, tmp_path / "big", *common, "train.batch_size=2", "train.grad_accum=1"))
+    split = train(tiny(family, tmp_path / "split", *common, "train.batch_size=1", "train.grad_accum=2"))
+    a, b = coefficients(big), coefficients(split)
+    assert max(float((a[k] - 1 / 3).abs().max()) for k in a) > 1e-4  # it trained
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    assert metrics(big)[-1]["loss/kl"] == pytest.approx(metrics(split)[-1]["loss/kl"], rel=1e-5)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    config = tiny(family, out, "train.lr=1e30", "train.save_every=1", "train.max_steps=5")
+    with pytest.raises(DamError, match=r"non-finite loss or gradient at step 2 .*checkpoints/step_1, is kept"):
+        train(config)
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_1"
+    assert not (out / "merged").exists() and not (out / "dam_coefficients.safetensors").exists()
+    saved = load_file(out / "checkpoints" / "step_1" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_cached_teacher_logits_give_the_on_the_fly_loss(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from dam.teacher_cache import cache_teacher_logits, teacher_cache_key
+
+    common = ("train.max_steps=1", "loss.top_k=16", "train.save_every=0")
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    config = tiny(family, tmp_path / "cached", *common, "data.teacher_logits=cached", cache)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    names = [m.name for m in config.models]
+    data = build_train_dataset({m.name: m.dataset for m in config.models}, names, tokenizer, config.data)
+    key = teacher_cache_key(
+        config.base_model, [(m.name, m.model) for m in config.models], tokenizer, data, config.data, 16
+    )
+    model = DAMModel.from_pretrained(config.base_model, [m.model for m in config.models], config.dam)
+    cache_teacher_logits(model, data, key, config.data.cache_dir)
+    cached = metrics(train(config))[0]
+    fly = metrics(train(tiny(family, tmp_path / "fly", *common)))[0]
+    assert cached["loss/kl"] == pytest.approx(fly["loss/kl"], rel=2e-3)  # float16 cache vs float32 teachers
+
+
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_tiny_config(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    out = tmp_path / "launched"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    command += ["train_dam.py", str(TINY), *overrides(family, out, "train.max_steps=2")]
+    env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "merged" / "model.safetensors").is_file()
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_2"
+
+
+def test_train_dam_script_reports_config_errors_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "train_dam.py", str(TINY), "train.lrr=1"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.lrr'; valid keys under train: " + ", ".join(TrainConfig.model_fields)
+    ]
