@@ -1,0 +1,62 @@
+"""DDP with two CPU processes (torchrun, gloo) gives the coefficients of one process on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dam.config import load_config
+from dam.testing import make_family
+from dam.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "dam" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
+    base, sources = make_family(tmp_path / "family", 3)
+    datasets = [f"models.{i}.dataset={ROOT / m.dataset}" for i, m in enumerate(load_config(TINY).models)]
+    common = [
+        f"base_model={base}",
+        *[f"models.{i}.model={s}" for i, s in enumerate(sources)],
+        *datasets,
+        "wandb.mode=disabled",
+        "train.max_steps=3",
+        "train.lr=1e-3",
+        "train.save_every=2",
+        "data.pairing=all",  # every teacher on every row: exercises the S = N teacher axis too
+    ]
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    command += ["train_dam.py", str(TINY), *common, f"output_dir={out}", "train.batch_size=1", "train.grad_accum=2"]
+    env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 4" in done.stdout, done.stdout[-2000:]
+    # every process saved its RNG state; only the main process wrote the run folder
+    assert sorted(p.name for p in (out / "checkpoints" / "step_2").glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+
+    single = train(load_config(TINY, [*common, f"output_dir={tmp_path / 'single'}", "train.batch_size=4"]))
+    a = load_file(out / "dam_coefficients.safetensors")
+    b = load_file(single / "dam_coefficients.safetensors")
+    assert max(float((t - 1 / 3).abs().max()) for t in b.values()) > 1e-3, "the run did not train"
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
