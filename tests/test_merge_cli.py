@@ -157,7 +157,7 @@ def test_ctrl_c_mid_merge_exits_130_and_leaves_nothing(models, tmp_path, capsys,
     monkeypatch.setattr(engine, "_merge_task", interrupt_after_five)
     config = _write(tmp_path, TIES.replace("OTHER", "s1"), models)
     code, _, err = _run(capsys, config, tmp_path / "out")
-    assert code == 130 and len(calls) == 6 and "interrupted" in err
+    assert code == 130 and 6 <= len(calls) <= 7 and "interrupted" in err  # the other worker may have begun one more
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
 
 

@@ -7,10 +7,10 @@
    layers and renumber them) and resolve every tensor's parameters. Each distinct parameter set is tried once on
    a 2x2 dummy tensor, so a bad value (a density outside (0, 1], slerp with three models...) fails here, before
    any tensor data is read.
-2. **Stream**: for one output tensor at a time, read the inputs, check them for NaN/Inf, call the method on
-   float32 copies on the compute device and write the result in the output dtype. Memory holds one tensor per
-   input model (plus the method's scratch), never a whole model. Reading the next tensor overlaps with the math
-   and the write of the current one.
+2. **Stream**: for each output tensor, read the inputs, check them for NaN/Inf, call the method on float32
+   copies on the compute device and write the result, in plan order, in the output dtype. Two tensors are read
+   and merged at a time in worker threads, so I/O and single-threaded kernels overlap; memory holds the inputs
+   of those tensors (one per model, plus the method's scratch), never a whole model.
 3. **Finish**: ``config.json`` (dtype and layer count updated), tokenizer and ``generation_config.json`` copied,
    the config saved as ``mergekit_config.yml`` and a short model card; all of it inside
    :func:`dam.io.atomic_output_dir`, so a failure or Ctrl-C leaves nothing at the output path.
@@ -29,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import itertools
 import logging
 import math
 import re
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -479,24 +481,34 @@ def _merge_task(plan: MergePlan, task: TensorTask, tensors: list[Tensor], seed: 
     return out.to(task.out_dtype)
 
 
-def _stream(plan: MergePlan, device: torch.device) -> Iterator[tuple[TensorTask, list[Tensor]]]:
-    """Yield each task with its loaded inputs, reading the next task's inputs in a background thread.
+def _load_and_merge(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> Tensor:
+    return _merge_task(plan, task, _load_inputs(plan, task, device), seed)
 
-    File reads and torch kernels release the GIL, so reading overlaps with the math and the write of the
-    current tensor; memory holds at most two tasks' inputs.
+
+def _merged(plan: MergePlan, device: torch.device, seed: int, workers: int) -> Iterator[tuple[TensorTask, Tensor]]:
+    """Yield every task with its merged tensor, in plan order, with up to ``workers`` tasks in flight.
+
+    Each task is read and merged in a worker thread. File reads and torch kernels release the GIL, so reading,
+    the math of another tensor (some kernels, such as sorts, use one core) and writing overlap; memory holds at
+    most ``workers`` tasks' inputs and results.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dam-read") as pool:
-        pending: Future[list[Tensor]] | None = None
+    tasks = iter(plan.tasks)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dam-merge") as pool:
+        window: deque[tuple[TensorTask, Future[Tensor]]] = deque()
         try:
-            for i, task in enumerate(plan.tasks):
-                current = pending.result() if pending is not None else _load_inputs(plan, task, device)
-                pending = (
-                    pool.submit(_load_inputs, plan, plan.tasks[i + 1], device) if i + 1 < len(plan.tasks) else None
-                )
-                yield task, current
+            for task in itertools.islice(tasks, workers):
+                window.append((task, pool.submit(_load_and_merge, plan, task, device, seed)))
+            while window:
+                task, future = window.popleft()
+                result = future.result()
+                following = next(tasks, None)
+                if following is not None:
+                    window.append((following, pool.submit(_load_and_merge, plan, following, device, seed)))
+                yield task, result
+                del result
         finally:
-            if pending is not None:
-                pending.cancel()
+            for _, future in window:
+                future.cancel()
 
 
 def _estimate_shards(sizes: list[int], max_shard_size: int) -> int:
@@ -550,12 +562,14 @@ def run_merge(
     seed: int = 0,
     dry_run: bool = False,
     progress: bool = True,
+    workers: int = 2,
 ) -> MergeSummary:
     """Merge the models of ``config`` (a :class:`MergeConfig` or a YAML path) into the folder ``out``.
 
     ``shard_size``: bytes per output shard. ``device``: where the math runs (``cpu``, ``cuda``, ``cuda:1``).
     ``seed``: seeds the random methods (per tensor, see :func:`tensor_seed`). ``dry_run``: plan and check from
-    headers, write nothing. ``progress``: a tqdm bar over tensors (shown on a terminal only).
+    headers, write nothing. ``progress``: a tqdm bar over tensors (shown on a terminal only). ``workers``: how many
+    tensors are read and merged at once (memory grows with it; 2 overlaps I/O and single-threaded kernels).
     Raises :class:`DamError` on bad input; nothing is left at ``out`` unless the merge completes.
     """
     if not isinstance(config, MergeConfig):
@@ -567,6 +581,8 @@ def run_merge(
         raise DamError(f"--device {device!r}: {e}") from None
     if compute.type == "cuda" and not torch.cuda.is_available():
         raise DamError(f"--device {device}: CUDA is not available on this machine")
+    if workers < 1:
+        raise DamError(f"workers must be at least 1, got {workers}")
     plan = plan_merge(config)
     try:
         sizes = [t.nbytes for t in plan.tasks]
@@ -599,10 +615,10 @@ def run_merge(
                 from tqdm import tqdm
 
                 bar = tqdm(total=len(plan.tasks), unit="tensor", desc="dam merge", disable=None if progress else True)
-                with bar, contextlib.closing(_stream(plan, compute)) as stream:
-                    for task, tensors in stream:
-                        writer.add(task.name, _merge_task(plan, task, tensors, seed))
-                        del tensors
+                with bar, contextlib.closing(_merged(plan, compute, seed, workers)) as merged:
+                    for task, tensor in merged:
+                        writer.add(task.name, tensor)
+                        del tensor
                         bar.update()
                 files = writer.finalize()
             except BaseException:
