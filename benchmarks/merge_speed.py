@@ -1,0 +1,134 @@
+"""Speed and memory of `dam merge` against `mergekit-yaml` on the same configs, measured in one run.
+
+Builds a base and three fine-tunes of a ~110M-parameter Llama (hidden 768, 12 layers, vocab 16000, bfloat16) in
+a work folder, then merges them with both tools (linear, ties, dare_ties), each merge a fresh subprocess timed
+end to end (imports included, as a user sees it). Peak RSS comes from ``os.wait4`` on that child. Every merge
+runs ``--repeats`` times; the fastest run is reported. A second table merges 1, 2 and 3 models with dam to show
+that its peak memory follows the largest tensor, not the number of models times their size.
+
+    python benchmarks/merge_speed.py [--workdir DIR] [--repeats 2]
+
+Not part of the test suite. Needs mergekit (``pip install mergekit==0.1.5``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+MODEL = dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4, vocab_size=16000)
+# Built in a child process: a child's peak RSS starts at its parent's RSS at fork time, so this process stays small
+# (it imports neither torch nor transformers) to keep every measured child's figure its own.
+BUILD = """
+import sys, torch
+from dam.testing import make_family
+make_family(sys.argv[1], 3, dtype=torch.bfloat16, scale=0.01, **{model})
+"""
+CONFIGS = {
+    "linear": {"merge_method": "linear", "parameters": {"weight": 1.0}},
+    "ties": {"merge_method": "ties", "base_model": "BASE", "parameters": {"weight": 0.4, "density": 0.5}},
+    "dare_ties": {"merge_method": "dare_ties", "base_model": "BASE", "parameters": {"weight": 0.4, "density": 0.5}},
+}
+
+
+def build_models(workdir: Path) -> tuple[Path, list[Path]]:
+    root = workdir / "models"
+    base, sources = root / "base", [root / f"source{i}" for i in range(3)]
+    if not all((p / "model.safetensors").exists() for p in [base, *sources]):
+        shutil.rmtree(root, ignore_errors=True)
+        print("building 4 models of ~110M parameters ...", flush=True)
+        subprocess.run([sys.executable, "-c", BUILD.format(model=MODEL), str(root)], check=True, capture_output=True)
+    return base, sources
+
+
+def write_config(workdir: Path, name: str, base: Path, sources: list[Path]) -> Path:
+    spec = dict(CONFIGS[name.split("@")[0]])
+    if spec.get("base_model"):
+        spec["base_model"] = str(base)
+    spec["models"] = [{"model": str(s)} for s in sources]
+    spec["dtype"] = "bfloat16"
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_child(argv: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one child process, from its own rusage."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{err[-2000:]}")
+    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def best_of(argv: list[str], repeats: int) -> tuple[float, float]:
+    runs = [run_child(argv) for _ in range(repeats)]
+    return min(runs)
+
+
+def commands(tool: str, config: Path, out: Path) -> list[str]:
+    if tool == "dam":
+        return [sys.executable, "-m", "dam.cli", "merge", str(config), str(out), "--force", "--quiet"]
+    mergekit = shutil.which("mergekit-yaml")
+    if mergekit is None:
+        raise SystemExit("mergekit-yaml not found: pip install mergekit==0.1.5")
+    return [mergekit, str(config), str(out), "--no-write-model-card"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, help="keep models here between runs (default: a temporary folder)")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dam-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        base, sources = build_models(workdir)
+        model_mb = (sources[0] / "model.safetensors").stat().st_size / 1e6
+        baseline = best_of([sys.executable, "-c", "import torch, safetensors, yaml, pydantic"], args.repeats)
+        largest_mb = MODEL["vocab_size"] * MODEL["hidden_size"] * 2 / 1e6
+        print(f"models: 1 base + 3 sources, {model_mb:.0f} MB each (bfloat16), largest tensor {largest_mb:.0f} MB")
+        print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; best of {args.repeats} runs")
+        print(f"python + torch import alone: {baseline[0]:.1f} s, {baseline[1]:.0f} MB peak RSS\n")
+        rows = []
+        for name in CONFIGS:
+            config = write_config(workdir, name, base, sources)
+            results = {}
+            for tool in ("mergekit", "dam"):
+                results[tool] = best_of(commands(tool, config, workdir / f"out-{tool}-{name}"), args.repeats)
+                shutil.rmtree(workdir / f"out-{tool}-{name}")
+            (mk_s, mk_mb), (dam_s, dam_mb) = results["mergekit"], results["dam"]
+            rows.append(
+                f"| {name} | {mk_s:.1f} | {dam_s:.1f} | {mk_s / dam_s:.2f}x | {mk_mb:.0f} | {dam_mb:.0f} | "
+                f"{dam_mb / mk_mb:.2f} |"
+            )
+        print("| config (3 models) | mergekit s | dam s | speed-up | mergekit peak MB | dam peak MB | RSS ratio |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+
+        print("\n| dam linear over | input size MB | dam peak MB | peak above import MB |")
+        print("|---|---|---|---|")
+        for n in (1, 2, 3):
+            config = write_config(workdir, f"linear@{n}", base, sources[:n])
+            wall, peak = best_of(commands("dam", config, workdir / "out-scaling"), args.repeats)
+            shutil.rmtree(workdir / "out-scaling")
+            print(f"| {n} model(s) | {n * model_mb:.0f} | {peak:.0f} | {peak - baseline[1]:.0f} |")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
