@@ -49,12 +49,12 @@ from typing import Any
 import torch
 
 from dam.config import DAMConfig, config_to_dict, save_config
-from dam.data import IGNORE_INDEX, DataCollator, build_train_dataset
+from dam.data import IGNORE_INDEX, DataCollator, load_tokenizer
 from dam.errors import DamError
-from dam.io import parse_dtype, resolve_model_path
+from dam.io import parse_dtype
 from dam.losses import coefficient_losses, kl_divergence, topk_kl_divergence
 from dam.model import DAMModel, save_coefficients
-from dam.teacher_cache import load_teacher_cache, teacher_cache_key, teacher_logprobs
+from dam.teacher_cache import load_training_dataset, teacher_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def train(config: DAMConfig) -> Path:
     set_seed(config.train.seed)
 
     model = _setup_model(config, accelerator)
-    tokenizer = _setup_tokenizer(config)
-    dataset = _setup_dataset(config, tokenizer)
+    tokenizer = load_tokenizer(config.base_model)
+    dataset = load_training_dataset(config, tokenizer)  # with teacher_logits: cached, the checked cache
     dataloader = _setup_dataloader(config, dataset, tokenizer)
     optimizer = torch.optim.AdamW(
         model.trainable_coefficients(),
@@ -177,34 +177,6 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
     # eval mode (no dropout: teachers must be the sources exactly) unless checkpointing needs train mode
     model.train(config.train.gradient_checkpointing)
     return model
-
-
-def _setup_tokenizer(config: DAMConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path(config.base_model)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise DamError(f"base {config.base_model!r}: cannot load its tokenizer: {e}") from e
-
-
-def _setup_dataset(config: DAMConfig, tokenizer: Any) -> Any:
-    """The tokenized training set (``dam.data``); with ``teacher_logits: cached``, the cache of exactly that set."""
-    specs = {m.name: m.dataset for m in config.models}
-    names = [m.name for m in config.models]
-    dataset = build_train_dataset(specs, names, tokenizer, config.data)
-    if config.data.teacher_logits == "cached":
-        key = teacher_cache_key(
-            config.base_model,
-            [(m.name, m.model) for m in config.models],
-            tokenizer,
-            dataset,
-            config.data,
-            config.loss.top_k,
-        )
-        dataset = load_teacher_cache(config.data.cache_dir, key)
-    return dataset
 
 
 def _setup_dataloader(config: DAMConfig, dataset: Any, tokenizer: Any) -> torch.utils.data.DataLoader:

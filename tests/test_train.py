@@ -154,21 +154,12 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(family: tuple[Path
 
 
 def test_cached_teacher_logits_give_the_on_the_fly_loss(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
-    from dam.teacher_cache import cache_teacher_logits, teacher_cache_key
+    from dam.teacher_cache import cache_logits_for_config
 
     common = ("train.max_steps=1", "loss.top_k=16", "train.save_every=0")
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     config = tiny(family, tmp_path / "cached", *common, "data.teacher_logits=cached", cache)
-    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-    names = [m.name for m in config.models]
-    data = build_train_dataset({m.name: m.dataset for m in config.models}, names, tokenizer, config.data)
-    key = teacher_cache_key(
-        config.base_model, [(m.name, m.model) for m in config.models], tokenizer, data, config.data, 16
-    )
-    model = DAMModel.from_pretrained(config.base_model, [m.model for m in config.models], config.dam)
-    cache_teacher_logits(model, data, key, config.data.cache_dir)
+    cache_logits_for_config(config, device="cpu")  # what `dam cache-logits` runs
     cached = metrics(train(config))[0]
     fly = metrics(train(tiny(family, tmp_path / "fly", *common)))[0]
     assert cached["loss/kl"] == pytest.approx(fly["loss/kl"], rel=2e-3)  # float16 cache vs float32 teachers

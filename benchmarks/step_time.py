@@ -1,0 +1,227 @@
+"""Time and peak memory of one DAM training step (cached teacher logits) for N = 2, 3, 4 sources against one plain
+full-parameter fine-tuning step of one model of the same architecture, same batch and sequence length.
+
+Builds a base and four perturbed fine-tunes of a ~27M-parameter Llama (hidden 512, 6 layers, vocab 8192) in a
+work folder (kept for reruns), then runs each configuration in a fresh subprocess:
+
+- DAM step (as ``dam.train`` runs it): student forward through the wrapper, top-K KL against random cached
+  teacher log-probabilities (K = 64), coefficient similarity, backward, clip, AdamW on the coefficients;
+- plain step: the same architecture as an ordinary ``LlamaForCausalLM``, cross-entropy on the batch, backward,
+  clip, AdamW on every parameter.
+
+Each configuration runs ``--warmup`` steps, then ``--steps`` timed steps, and the configurations are run in
+``--rounds`` interleaved rounds; the fastest round's median is reported (other tenants of a shared machine only
+ever slow a round down). Time is wall time on GPU (synchronised) and this process's CPU time on CPU, which a
+busy machine disturbs far less than wall time. Memory: the peak (``torch.cuda.max_memory_allocated`` on GPU; on
+CPU the subprocess's peak RSS minus its RSS after imports and inputs, a cruder figure that includes allocator
+slack) and the activations that autograd saves for backward in one forward (saved-tensor hooks, parameters
+excluded), which is what "one model's activations" means.
+
+    python benchmarks/step_time.py [--device cpu|cuda] [--workdir DIR] [--batch 1 --seq 256] [--threads N]
+
+Not part of the test suite. Goals (issue 4): DAM at N = 3 at most 1.3x the plain step; each added source at most
+10% of a plain step; DAM peak memory about the sources plus one model's activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MODEL = dict(hidden_size=512, intermediate_size=1376, num_layers=6, num_heads=8, num_kv_heads=8, vocab_size=8192)
+TOP_K = 64
+SOURCES = (2, 3, 4)
+
+
+def build_models(workdir: Path) -> tuple[Path, list[Path]]:
+    from dam.testing import make_family
+
+    root = workdir / "models"
+    base, sources = root / "base", [root / f"source{i}" for i in range(max(SOURCES))]
+    if not all((p / "model.safetensors").exists() for p in [base, *sources]):
+        print(f"building a base and {max(SOURCES)} fine-tunes of a ~27M-parameter Llama ...", flush=True)
+        base, sources = make_family(root, max(SOURCES), scale=0.01, **MODEL)
+    return base, sources
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_batch(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random tokens and random cached top-K teacher log-probabilities, shaped as ``dam.data.DataCollator`` makes
+    them: teacher tensors [B, S=1, T, K]."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
+    logits = torch.randn(args.batch, 1, args.seq, TOP_K, generator=gen).sort(dim=-1, descending=True).values
+    indices = torch.stack([torch.randperm(MODEL["vocab_size"], generator=gen)[:TOP_K] for _ in range(args.seq)])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.clone(),
+        "source": torch.zeros(args.batch, dtype=torch.long),
+        "teacher_logprobs": torch.log_softmax(logits, dim=-1),
+        "teacher_indices": indices.expand(args.batch, 1, -1, -1).contiguous(),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One configuration in this process; prints a JSON line with the median step time and the peak memory."""
+    from transformers import AutoModelForCausalLM
+
+    from dam.config import DAMOptions
+    from dam.losses import coefficient_losses
+    from dam.model import DAMModel
+    from dam.train import distillation_sum
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    batch = make_batch(args, device)
+    tokens = float((batch["labels"][:, 1:] != -100).sum())
+    baseline = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    base = Path(args.base)
+    if args.worker == "plain":
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(device)
+        model.config.use_cache = False
+        params = list(model.parameters())
+
+        def loss_fn() -> torch.Tensor:
+            return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+
+    else:
+        n = int(args.worker.removeprefix("dam"))
+        model = DAMModel.from_pretrained(str(base), args.sources[:n], DAMOptions(), dtype=dtype, device=device)
+        model.model.config.use_cache = False
+        params = model.trainable_coefficients()
+
+        def loss_fn() -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kl = distillation_sum(logits, batch, None, n, 2.0, TOP_K) / tokens
+            return kl + sum(coefficient_losses(model.coefficients(), similarity=0.01).values())
+
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def step() -> None:
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(clock() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - baseline
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    record = {"step_s": statistics.median(times), "peak_bytes": peak, "weights_bytes": weights}
+    print(json.dumps(record | {"activation_bytes": saved_activation_bytes(model, loss_fn, autocast)}))
+
+
+def saved_activation_bytes(model: torch.nn.Module, loss_fn, autocast) -> int:
+    """Bytes autograd saves for backward in one forward and loss, parameters (saved by reference) excluded."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in parameters:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        loss_fn()
+    return sum(saved.values())
+
+
+def run(kind: str, args: argparse.Namespace, base: Path, sources: list[Path]) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--base", str(base), "--sources", *map(str, sources)]
+    command += ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq)]
+    command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dam_step_time")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--sources", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.worker:
+        worker(args)
+        return
+    base, sources = build_models(args.workdir)
+    print(
+        f"device {args.device}, {args.dtype}, batch {args.batch} x {args.seq} tokens, K={TOP_K}, threads "
+        f"{args.threads or torch.get_num_threads()}: best of {args.rounds} rounds of a median of {args.steps} steps "
+        f"after {args.warmup} warm-up ({'wall' if args.device == 'cuda' else 'CPU'} time)",
+        flush=True,
+    )
+    kinds = ["plain", *(f"dam{n}" for n in SOURCES)]
+    rounds = [{kind: run(kind, args, base, sources) for kind in kinds} for _ in range(args.rounds)]
+    best = {kind: min((r[kind] for r in rounds), key=lambda m: m["step_s"]) for kind in kinds}
+    plain = best["plain"]
+    mb = 2**20
+    print("\n| step | time (s) | x plain | peak memory (MiB) | weights (MiB) | saved activations (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for kind in kinds:
+        r = best[kind]
+        label = "plain fine-tune" if kind == "plain" else f"DAM, N={kind.removeprefix('dam')}"
+        print(
+            f"| {label} | {r['step_s']:.3f} | {r['step_s'] / plain['step_s']:.2f} | {r['peak_bytes'] / mb:.0f} | "
+            f"{r['weights_bytes'] / mb:.0f} | {r['activation_bytes'] / mb:.0f} |"
+        )
+    ratio3 = best["dam3"]["step_s"] / plain["step_s"]
+    added = [(best[f"dam{n + 1}"]["step_s"] - best[f"dam{n}"]["step_s"]) / plain["step_s"] for n in SOURCES[:-1]]
+    print(f"\nDAM N=3 / plain: {ratio3:.2f} (goal <= 1.30): {'met' if ratio3 <= 1.3 else 'MISSED'}")
+    print(
+        f"each added source, in plain steps: {', '.join(f'{a:+.3f}' for a in added)} (goal <= 0.10): "
+        f"{'met' if max(added) <= 0.10 else 'MISSED'}"
+    )
+    spread = {k: max(r[k]["step_s"] for r in rounds) / best[k]["step_s"] for k in kinds}
+    print("slowest/fastest round: " + ", ".join(f"{k} {v:.2f}" for k, v in spread.items()))
+
+
+if __name__ == "__main__":
+    main()
