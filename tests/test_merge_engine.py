@@ -267,3 +267,19 @@ def test_cuda_device_unavailable_is_a_clear_error(family, tmp_path):
     config = _config("merge_method: linear\nmodels: [{{model: {s0}, parameters: {{weight: 1}}}}]", **_paths(family))
     with pytest.raises(DamError, match="--device cuda: CUDA is not available"):
         run_merge(config, tmp_path / "out", device="cuda")
+
+
+def test_checkpoint_without_numbered_layers_merges_every_tensor(tmp_path):
+    for i in range(2):
+        (tmp_path / f"m{i}").mkdir()
+        save_file(
+            {"proj.weight": torch.full((3, 2), float(i)), "head.bias": torch.ones(3) * i},
+            tmp_path / f"m{i}" / "model.safetensors",
+        )
+        (tmp_path / f"m{i}" / "config.json").write_text('{"model_type": "toy"}')
+    text = "merge_method: linear\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{weight: [1.0, 0.0]}}"
+    run_merge(_config(text, a=tmp_path / "m0", b=tmp_path / "m1"), tmp_path / "out", progress=False)
+    out = _weights(tmp_path / "out")
+    assert torch.equal(out["proj.weight"], torch.full((3, 2), 0.5)) and torch.equal(
+        out["head.bias"], torch.full((3,), 0.5)
+    )

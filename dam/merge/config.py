@@ -236,8 +236,9 @@ class MergeConfig(_Strict):
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{model!r}: {n}" for model, n in counts.items())
             raise DamError(f"models have different numbers of layers ({detail}); use slices with layer_range")
-        sources = [InputSlice(model=m, layer_range=(0, counts[m]), parameters=p) for m, p in entries]
-        return [OutputSlice(sources=sources)]
+        # built without validation: a model without numbered layers gives the empty range (0, 0)
+        sources = [InputSlice.model_construct(model=m, layer_range=(0, counts[m]), parameters=p) for m, p in entries]
+        return [OutputSlice.model_construct(sources=sources, base_model=None, parameters=None)]
 
 
 def _converter(default: Any) -> Callable[[Any], Any]:

@@ -602,14 +602,14 @@ def run_merge(
         )
         if dry_run:
             return summary
-        logger.info(
-            "%s: merging %d tensors of %d model(s) into %s",
-            config.merge_method,
-            len(plan.tasks),
-            len(plan.readers),
-            out,
-        )
         with atomic_output_dir(out, force=force) as tmp:
+            logger.info(
+                "%s: merging %d tensors of %d model(s) into %s",
+                config.merge_method,
+                len(plan.tasks),
+                len(plan.readers),
+                out,
+            )
             writer = ShardedWriter(tmp, max_shard_size=shard_size)
             try:
                 from tqdm import tqdm
