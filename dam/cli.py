@@ -118,7 +118,109 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cache_logits)
 
 
-_COMMANDS: list = [_add_merge, _add_export, _add_cache_logits]
+def _demo_build(args: argparse.Namespace) -> int:
+    from dam.demo import DemoSettings, build_demo
+
+    steps = {"base_steps": args.base_steps, "expert_steps": args.expert_steps}
+    settings = DemoSettings(**{k: v for k, v in steps.items() if v is not None})
+    report = build_demo(args.out, args.seed, settings=settings, force=args.force, progress=not args.quiet)
+    print(
+        f"demo family built in {report['seconds']['total']:.0f} s: models {', '.join(report['models'])} under "
+        f"{args.out}/models, datasets under {args.out}/<task>/{{train,eval}}.jsonl, report in "
+        f"{args.out}/models/build_report.json"
+    )
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the offline demo family (a tiny base LM and skill experts)",
+        description="Offline demo: synthetic skill datasets and a tiny causal LM family trained on CPU.",
+    )
+    demo_sub = p.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    b = demo_sub.add_parser(
+        "build",
+        help="generate the datasets and train the base and the experts",
+        description="Write the demo datasets (generic, reverse, sort, shift; train and eval splits) under OUT, "
+        "pre-train a tiny Llama base on the generic data, fine-tune one expert per skill, and save them as Hugging "
+        "Face folders under OUT/models with an accuracy report. Takes a few minutes on 2 CPU cores.",
+    )
+    b.add_argument("--out", default="data/demo", help="demo folder (default data/demo)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the datasets and the training (default 0)")
+    b.add_argument("--force", action="store_true", help="replace OUT/models if it exists and is not empty")
+    b.add_argument("--base-steps", type=int, default=None, help="pre-training steps of the base (default 300)")
+    b.add_argument("--expert-steps", type=int, default=None, help="fine-tuning steps of each expert (default 300)")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=_demo_build)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dam.evaluate import evaluate_model, format_table, load_tasks, results_to_json
+    from dam.io import parse_dtype, resolve_model_path
+
+    tasks = load_tasks(args.tasks, data_dir=args.data_dir, split=args.split, limit=args.limit)
+    for model in args.models:
+        resolve_model_path(model)
+    dtype = parse_dtype(args.dtype)
+    results = [
+        evaluate_model(m, tasks, batch_size=args.batch_size, device=args.device, dtype=dtype, progress=not args.json)
+        for m in args.models
+    ]
+    print(results_to_json(results) if args.json else format_table(results))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="per-task exact-match accuracy and loss of causal LMs",
+        description="Evaluate causal-LM folders on prompt/response tasks: exact-match accuracy of greedy "
+        "generation (the text before the end token equals the response) and mean NLL per response token, with "
+        "perplexity. Models are rows, tasks columns.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="model folders (or Hub ids)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        metavar="TASK",
+        help="task names (DATA_DIR/<task>/<split>.jsonl) or jsonl files with prompt and response fields",
+    )
+    p.add_argument("--data-dir", default="data/demo", help="where task names are looked up (default data/demo)")
+    p.add_argument("--split", default="eval", help="split file read for task names (default eval)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each task")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per forward / generate call (default 32)")
+    p.add_argument("--device", default="cpu", help="device of the model (default cpu)")
+    p.add_argument("--dtype", default="float32", help="dtype the model runs in (default float32)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.set_defaults(func=_eval)
+
+
+def _kinship(args: argparse.Namespace) -> int:
+    from dam.kinship import format_kinship, model_kinship
+
+    kinship = model_kinship(args.model_a, args.model_b, args.base)
+    print(kinship.to_json() if args.json else format_kinship(kinship))
+    return 0
+
+
+def _add_kinship(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "kinship",
+        help="similarity of two fine-tunes' task vectors (which models to merge)",
+        description="Cosine and Pearson similarity of the task vectors A - BASE and B - BASE over all weights, "
+        "overall and per module kind, streamed tensor by tensor. Near 1: the fine-tunes moved the same way; near "
+        "0: independent skills; negative: conflicting updates.",
+    )
+    p.add_argument("model_a", metavar="A", help="first fine-tune (folder or Hub id)")
+    p.add_argument("model_b", metavar="B", help="second fine-tune")
+    p.add_argument("--base", required=True, help="the base model both were fine-tuned from")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_kinship)
+
+
+_COMMANDS: list = [_add_merge, _add_export, _add_cache_logits, _add_demo, _add_eval, _add_kinship]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,245 @@
+"""dam.evaluate: task resolution, exact match and loss on models whose answers are known, batching, table, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dam.cli import main
+from dam.demo import demo_tokenizer
+from dam.errors import DamError
+from dam.evaluate import (
+    ModelResult,
+    TaskResult,
+    encode_example,
+    evaluate_loaded,
+    evaluate_model,
+    format_table,
+    greedy_generate,
+    load_model,
+    load_task,
+    load_tasks,
+    response_nll,
+    results_to_json,
+)
+from dam.testing import random_model
+
+MARGIN = 5.0  # logit of the chain's next token; every other token gets 0
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def chain_model(folder: Path, chain: dict[str, str]) -> Path:
+    """A real 1-layer Llama that is a bigram model: after character c it predicts ``chain[c]``, else ``</s>``.
+
+    Attention and MLP outputs are zero, so the final hidden state is RMSNorm(embedding) = sqrt(H) * one-hot(token);
+    ``lm_head`` maps one-hot(i) to ``MARGIN`` on the chosen next token. Every prediction has the same known
+    margin, so its NLL is ``log(1 + (V - 1) exp(-MARGIN))`` when right and ``MARGIN`` more when wrong.
+    """
+    tok = demo_tokenizer()
+    vocab = len(tok)
+    hidden = vocab + (vocab % 2)  # even head dim for rotary embeddings
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        rms_norm_eps=1e-12,
+    )
+    model = LlamaForCausalLM(config)
+    nxt = {i: tok.eos_token_id for i in range(vocab)}
+    for a, b in chain.items():
+        nxt[tok.convert_tokens_to_ids(a)] = tok.convert_tokens_to_ids(b)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(vocab, hidden))
+        head = torch.zeros(vocab, hidden)
+        for i, j in nxt.items():
+            head[j, i] = MARGIN / math.sqrt(hidden)
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def right_nll(vocab: int) -> float:
+    return math.log(1 + (vocab - 1) * math.exp(-MARGIN))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """After '=' the model writes 'xy' then stops; after 'q' it loops on 'q' forever."""
+    return chain_model(tmp_path_factory.mktemp("chain") / "chain", {"=": "x", "x": "y", "q": "q"})
+
+
+def _tasks(root: Path) -> dict[str, Path]:
+    prompts = ["go=", "gogogo go=", "g=", "a much longer prompt="]
+    return {
+        "right": _write_jsonl(root / "right" / "eval.jsonl", [{"prompt": p, "response": "xy"} for p in prompts]),
+        "wrong": _write_jsonl(root / "wrong" / "eval.jsonl", [{"prompt": p, "response": "xz"} for p in prompts]),
+        "prefix": _write_jsonl(root / "prefix" / "eval.jsonl", [{"prompt": p, "response": "x"} for p in prompts]),
+        "mixed": _write_jsonl(
+            root / "mixed.jsonl",
+            [
+                {"prompt": "go=", "response": "xy"},
+                {"prompt": "go=", "response": "xz"},
+                {"prompt": "aq", "response": "q"},
+            ],
+        ),
+    }
+
+
+def test_exact_match_and_loss_on_a_model_with_known_answers(chain: Path, tmp_path: Path) -> None:
+    files = _tasks(tmp_path)
+    result = evaluate_model(chain, ["right", "wrong", "prefix", files["mixed"]], data_dir=tmp_path, batch_size=3)
+    vocab = len(demo_tokenizer())
+    ok = right_nll(vocab)
+    assert [t.task for t in result.tasks] == ["right", "wrong", "prefix", "mixed"]
+    assert result.task("right").accuracy == 100.0
+    assert result.task("right").loss == pytest.approx(ok, rel=1e-5)  # x, y, </s> all predicted
+    assert result.task("wrong").accuracy == 0.0
+    assert result.task("wrong").loss == pytest.approx(ok + MARGIN / 3, rel=1e-5)  # z is wrong, x and </s> right
+    # "x" then </s> is expected, the model writes "xy": a longer answer is wrong
+    assert result.task("prefix").accuracy == 0.0
+    assert result.task("prefix").loss == pytest.approx(ok + MARGIN / 2, rel=1e-5)
+    # right; wrong; "q" then no end token within the budget (it loops on q): wrong
+    assert result.task("mixed").accuracy == pytest.approx(100 / 3)
+    assert result.task("mixed").n == 3
+    assert result.task("right").perplexity == pytest.approx(math.exp(ok))
+    assert result.mean_accuracy == pytest.approx((100 + 0 + 0 + 100 / 3) / 4)
+
+
+def test_loss_matches_an_unpadded_forward_and_batching_changes_nothing(tmp_path: Path) -> None:
+    tok = demo_tokenizer()
+    from dam.testing import tiny_config
+
+    model = random_model(tiny_config(vocab_size=len(tok), hidden_size=32, num_layers=2), seed=3)
+    pairs = [("reverse abc=", "cba"), ("sort zyxwvu=", "uvwxyz"), ("a=", "b"), ("copy hello there=", "hello")]
+    encoded = [encode_example(tok, p, r) for p, r in pairs]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for p, r in encoded:
+            logits = model(input_ids=torch.tensor([p + r])).logits[0]
+            logp = torch.log_softmax(logits.double(), -1)
+            total -= sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
+            count += len(r)
+    nll, n = response_nll(model, encoded, tok.pad_token_id)
+    assert n == count
+    assert nll == pytest.approx(total, rel=1e-5)
+
+    single = [greedy_generate(model, [p], 6, [tok.eos_token_id], tok.pad_token_id)[0] for p, _ in encoded]
+    batched = greedy_generate(model, [p for p, _ in encoded], 6, [tok.eos_token_id], tok.pad_token_id)
+    assert batched == single
+    tasks = load_tasks(
+        [_write_jsonl(tmp_path / "t.jsonl", [{"prompt": p, "response": r} for p, r in pairs])], data_dir=tmp_path
+    )
+    one = evaluate_loaded(model, tok, tasks, batch_size=1)
+    four = evaluate_loaded(model, tok, tasks, batch_size=4)
+    assert one.tasks[0].loss == pytest.approx(four.tasks[0].loss, rel=1e-5)
+    assert one.tasks[0].accuracy == four.tasks[0].accuracy
+
+
+def test_encode_example_adds_bos_and_eos() -> None:
+    tok = demo_tokenizer()
+    prompt, response = encode_example(tok, "ab=", "ba")
+    assert prompt[0] == tok.bos_token_id and tok.decode(prompt[1:]) == "ab="
+    assert response[-1] == tok.eos_token_id and tok.decode(response[:-1]) == "ba"
+
+
+def test_task_resolution(tmp_path: Path) -> None:
+    files = _tasks(tmp_path)
+    assert load_task("right", data_dir=tmp_path).name == "right"
+    assert load_task(files["right"]).name == "right"  # <task>/eval.jsonl is named by its folder
+    assert load_task(files["mixed"]).name == "mixed"
+    assert len(load_task("right", data_dir=tmp_path, limit=2).examples) == 2
+    with pytest.raises(DamError, match=r"task 'nope'.*tasks under .*: prefix, right, wrong"):
+        load_task("nope", data_dir=tmp_path)
+    with pytest.raises(DamError, match="missing.jsonl.*not found"):
+        load_task(tmp_path / "missing.jsonl")
+    with pytest.raises(DamError, match="given more than once"):
+        load_tasks(["right", files["right"]], data_dir=tmp_path)
+    with pytest.raises(DamError, match="--limit"):
+        load_tasks(["right"], data_dir=tmp_path, limit=0)
+
+
+def test_bad_task_files(tmp_path: Path) -> None:
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{not json\n')
+    with pytest.raises(DamError, match=r"bad.jsonl:2: not valid JSON"):
+        load_task(tmp_path / "bad.jsonl")
+    _write_jsonl(tmp_path / "nofield.jsonl", [{"prompt": "a", "answer": "b"}])
+    with pytest.raises(DamError, match=r"row 1 has no text field 'response'"):
+        load_task(tmp_path / "nofield.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DamError, match="has no examples"):
+        load_task(tmp_path / "empty.jsonl")
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(DamError, match=r"list.jsonl:1: expected a JSON object"):
+        load_task(tmp_path / "list.jsonl")
+
+
+def test_model_errors_name_the_model(tmp_path: Path) -> None:
+    with pytest.raises(DamError, match="model .*nowhere.*not found"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DamError, match="model .*empty"):
+        load_model(tmp_path / "empty")
+
+
+def test_table_and_json() -> None:
+    results = [
+        ModelResult("runs/a/model", "/x/a", [TaskResult("rev", 10, 90.0, 0.1), TaskResult("sort", 10, 10.0, 2.0)]),
+        ModelResult("runs/b/model", "/x/b", [TaskResult("rev", 10, 0.0, 3.0), TaskResult("sort", 10, 100.0, 0.0)]),
+    ]
+    table = format_table(results)
+    lines = table.splitlines()
+    assert lines[0].split() == ["accuracy", "%", "rev", "sort", "mean"]
+    assert lines[1].split() == ["runs/a/model", "90.0", "10.0", "50.0"]  # folder names clash: names as given
+    assert lines[2].split() == ["runs/b/model", "0.0", "100.0", "50.0"]
+    assert len({len(line) for line in lines[:3]}) == 1  # aligned
+    assert "0.100 (1.11)" in table and "1.050 (2.86)" in table
+    assert lines[-1] == "examples per task: rev 10, sort 10"
+    data = json.loads(results_to_json(results))
+    assert data["tasks"] == ["rev", "sort"]
+    assert data["models"][0]["tasks"]["rev"] == {"n": 10, "accuracy": 90.0, "loss": 0.1, "perplexity": math.exp(0.1)}
+    assert data["models"][1]["mean"]["accuracy"] == 50.0
+    assert data["models"][1]["mean"]["perplexity"] == pytest.approx(math.exp(1.5))
+
+
+def test_cli_eval_table_and_json(chain: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _tasks(tmp_path)
+    args = ["eval", str(chain), str(chain), "--tasks", "right", "wrong", "--data-dir", str(tmp_path)]
+    assert main([*args, "--json", "--limit", "2", "--batch-size", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [m["tasks"]["right"]["accuracy"] for m in data["models"]] == [100.0, 100.0]
+    assert data["models"][0]["tasks"]["wrong"]["n"] == 2
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["accuracy", "%", "right", "wrong", "mean"]
+
+
+def test_cli_eval_checks_tasks_and_models_before_loading(chain: Path, tmp_path: Path, capsys) -> None:
+    assert main(["eval", str(chain), "--tasks", "nope", "--data-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: task 'nope'") and len(err.strip().splitlines()) == 1
+    _tasks(tmp_path)
+    missing = tmp_path / "missing_model"
+    assert main(["eval", str(chain), str(missing), "--tasks", "right", "--data-dir", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "missing_model" in captured.err and captured.out == ""
