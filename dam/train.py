@@ -12,8 +12,8 @@ save and export. One optimizer step:
    the fly as the wrapper with source k selected, under no_grad), the student forward, backward; gradients are
    all-reduced only on the last micro-batch (``accelerator.no_sync`` before it);
 4. the coefficient regularisers (``loss.similarity``, ``loss.l1``, ``loss.l2``) once per step;
-5. a NaN/Inf loss stops the run before the optimizer step (DamError naming the last good checkpoint); else clip,
-   AdamW step on the coefficients (the only trainable parameters), scheduler step.
+5. a NaN/Inf loss or gradient norm stops the run before the optimizer step (DamError naming the last good
+   checkpoint); else clip, AdamW step on the coefficients (the only trainable parameters), scheduler step.
 
 Run folder (``output_dir``)::
 
@@ -30,6 +30,12 @@ Resumption (``train.resume: auto`` or ``train.resume_from``) loads the checkpoin
 and skips, with ``skip_first_batches``, the micro-batches of the current epoch already consumed. The data order is
 a function of ``train.seed`` and the epoch alone (a seeded sampler), so a resumed run sees exactly the batches an
 uninterrupted run would, and ends with the same coefficients up to float rounding.
+
+Processes: one (``python train_dam.py``), DDP (``torchrun``/``accelerate launch``; the frozen sources are left out
+of DDP's initial broadcast, every process reads them itself), FSDP or DeepSpeed (model built on CPU, placed by
+the wrapper). Under FSDP/DeepSpeed the coefficients exist only as shards outside the forward, so the regularisers
+must be off there (checked at start) and the per-kind coefficient statistics are not logged; those two paths are
+parse-checked, not run, in the test suite (they need GPUs).
 """
 
 from __future__ import annotations
@@ -156,20 +162,31 @@ def _setup_accelerator(config: DAMConfig, run_dir: Path) -> Any:
             "train.grad_accum > 1 is not supported under DeepSpeed (its engine owns accumulation); "
             "raise train.batch_size instead"
         )
+    regularised = [k for k in ("similarity", "l1", "l2") if getattr(config.loss, k)]
+    if _sharded(accelerator) and regularised:
+        raise DamError(
+            f"loss.{regularised[0]} > 0 under {accelerator.distributed_type.value}: the coefficient regularisers read "
+            "whole coefficient tensors outside the forward, where FSDP/ZeRO-3 hold only shards. Set loss.similarity, "
+            "loss.l1 and loss.l2 to 0 with this accelerate config, or use DDP"
+        )
     return accelerator
+
+
+def _sharded(accelerator: Any) -> bool:
+    """FSDP or DeepSpeed: parameters (sources and coefficients) are sharded across processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
     """The wrapper, built straight on this process's device (FSDP/DeepSpeed place it themselves, from CPU)."""
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     model = DAMModel.from_pretrained(
         config.base_model,
         [m.model for m in config.models],
         config.dam,
         dtype=parse_dtype(config.dtype),
-        device="cpu" if sharded else accelerator.device,
+        device="cpu" if _sharded(accelerator) else accelerator.device,
     )
     model.model.config.use_cache = False  # no KV cache in training forwards
     if config.train.gradient_checkpointing:
@@ -457,7 +474,8 @@ def _fit(
                     "epoch": epoch,
                     "tokens_per_second": window_tokens / elapsed,
                 }
-                record |= _coefficient_statistics(wrapper, config)
+                if not _sharded(accelerator):  # sharded coefficients cannot be summarised locally
+                    record |= _coefficient_statistics(wrapper, config)
                 _log(accelerator, run_dir, step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
                 window_metrics, window_tokens, window_start = [], 0, time.perf_counter()
@@ -535,10 +553,7 @@ def _stop_non_finite(metrics: dict[str, float], step: int, run_dir: Path, saved_
 
 
 def _coefficient_statistics(wrapper: DAMModel, config: DAMConfig) -> dict[str, float]:
-    """Mean, std, min and max of each source's merge coefficients per module kind (linear, embedding, norm, bias).
-
-    Under FSDP these cover this process's shard of the coefficients.
-    """
+    """Mean, std, min and max of each source's merge coefficients per module kind (linear, embedding, norm, bias)."""
     groups: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for name, c in wrapper.coefficients().items():
