@@ -64,8 +64,8 @@ def test_two_steps_resume_two_steps_equals_four(family: tuple[Path, list[Path]],
 
 
 def test_resume_across_an_epoch_boundary(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    # 48 sequences / 16 = 3 steps per epoch: resuming at step 4 lands in epoch 1 (reshuffled) with a batch consumed
-    common = ("train.batch_size=16", "train.schedule=constant", "train.save_every=4")
+    # 3 x 4 sequences / batch 4 = 3 steps per epoch: resuming at step 4 lands in epoch 1 (reshuffled), one batch in
+    common = ("data.num_examples=4", "train.schedule=constant", "train.save_every=4")
     straight = train(tiny(family, tmp_path / "straight", *common, "train.max_steps=7"))
     split = tmp_path / "split"
     train(tiny(family, split, *common, "train.max_steps=4"))
