@@ -77,7 +77,9 @@ _RESUME_INVARIANTS = ("base_model", "models", "dtype", "dam")
 
 def train(config: DAMConfig) -> Path:
     """Train DAM coefficients as ``config`` says, checkpointing and resuming; export the merge. Returns the run
-    folder (``config.output_dir``), which holds ``merged/`` and ``dam_coefficients.safetensors`` at the end."""
+    folder (``config.output_dir``), which holds ``merged/`` and ``dam_coefficients.safetensors`` at the end.
+
+    Accelerate's state is process-wide: runs in one process must share ``train.mixed_precision``."""
     from accelerate.utils import set_seed
 
     run_dir = Path(config.output_dir)
@@ -190,7 +192,12 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
     )
     model.model.config.use_cache = False  # no KV cache in training forwards
     if config.train.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner = model.model  # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        enable = getattr(inner, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # eval mode (no dropout: teachers must be the sources exactly) unless checkpointing needs train mode
     model.train(config.train.gradient_checkpointing)
     return model

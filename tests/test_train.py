@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from dam.data import DataCollator, build_train_dataset
 from dam.errors import DamError
 from dam.model import DAMModel
 from dam.testing import make_family
-from dam.train import LATEST_FILE, distillation_sum, latest_checkpoint, train
+from dam.train import LATEST_FILE, _setup_model, distillation_sum, latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "dam" / "tiny.yaml"
@@ -140,6 +141,34 @@ def test_gradient_accumulation_equals_a_bigger_batch(family: tuple[Path, list[Pa
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
     assert metrics(big)[-1]["loss/kl"] == pytest.approx(metrics(split)[-1]["loss/kl"], rel=1e-5)
+
+
+def test_gradient_checkpointing_changes_memory_not_results(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    common = ("train.max_steps=2", "train.lr=1e-3", "train.save_every=0")
+    plain = coefficients(train(tiny(family, tmp_path / "plain", *common)))
+    checkpointed = coefficients(train(tiny(family, tmp_path / "ckpt", *common, "train.gradient_checkpointing=true")))
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-7, rtol=0), name
+    # and the decoder layers really are recomputed in backward
+    config = tiny(family, tmp_path / "unused", "train.gradient_checkpointing=true")
+    model = _setup_model(config, SimpleNamespace(distributed_type=None, device=torch.device("cpu")))
+    calls: list[int] = []
+    model.model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+    model(input_ids=torch.randint(4, 60, (1, 8))).logits.sum().backward()
+    assert len(calls) == 2
+
+
+@pytest.mark.slow
+def test_bf16_autocast_keeps_float32_coefficients(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    # a process of its own: Accelerate keeps one mixed-precision setting per process
+    extra = ("train.max_steps=2", "train.mixed_precision=bf16", "dtype=bfloat16")
+    command = [sys.executable, "train_dam.py", str(TINY), *overrides(family, tmp_path / "bf16", *extra)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = coefficients(tmp_path / "bf16")
+    assert {t.dtype for t in trained.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in trained.values())
+    assert json.loads((tmp_path / "bf16" / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
