@@ -74,6 +74,20 @@ def test_resume_across_an_epoch_boundary(family: tuple[Path, list[Path]], tmp_pa
     assert_same_coefficients(coefficients(straight), coefficients(split))
 
 
+def test_partial_checkpoints_are_ignored_and_cleared(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train(tiny(family, out, "train.max_steps=2", "train.save_every=1"))
+    root = out / "checkpoints"
+    (root / ".step_3.tmp").mkdir()  # a save interrupted before its rename
+    (root / ".step_3.tmp" / "optimizer.bin").write_bytes(b"partial")
+    (root / "step_5").mkdir()  # no trainer_state.json: not a complete checkpoint
+    (root / "latest").write_text("step_9\n")  # a pointer to a checkpoint that is gone
+    assert latest_checkpoint(out) == root / "step_2"
+    train(tiny(family, out, "train.max_steps=3", "train.save_every=1"))
+    assert not (root / ".step_3.tmp").exists()
+    assert latest_checkpoint(out) == root / "step_3"
+
+
 def test_resume_never_refuses_a_folder_with_checkpoints(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny(family, out, "train.max_steps=1"))
