@@ -108,6 +108,8 @@ def train(config: DAMConfig) -> Path:
     unwrapped = model
     _ignore_sources_in_ddp(model, accelerator)
     model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    if math.ceil(len(dataloader) / config.train.grad_accum) != steps_per_epoch:  # the schedule was sized on it
+        raise RuntimeError(f"sharded dataloader has {len(dataloader)} batches, expected {steps_per_epoch} steps")
 
     start_step = 0
     if resume_dir is not None:
