@@ -1,20 +1,25 @@
 """The offline demo family: a tiny character-level base LM and experts fine-tuned from it on distinct skills.
 
-Everything is built on CPU from a seed, with no download. Tasks are exact-match string transformations of random
-lowercase words (3-8 letters); each example is a ``prompt`` ending in ``=`` and a ``response``:
+Everything is built on CPU from a seed, with no download. Tasks are exact-match string transformations; each
+example is a ``prompt`` ending in ``=`` and a ``response``:
 
-- ``generic`` (the base's pre-training data): ``copy xk3q=`` -> ``xk3q`` and ``repeat abc=`` -> ``abcabc``.
-  It teaches the format (read a word after a keyword, answer, stop) but none of the skills.
+- ``generic`` (the base's pre-training data), five operations in equal parts: ``copy xk3q=`` -> ``xk3q``,
+  ``repeat abc=`` -> ``abcabc``, and on *digit* strings ``mirror 408=`` -> ``804``, ``order 408=`` -> ``048``,
+  ``next 409=`` -> ``510``. It teaches the format (read a word after a keyword, answer, stop) and general string
+  machinery, but none of the skills: those use other keywords, on letters.
 - ``reverse``: ``reverse abcde=`` -> ``edcba``.
 - ``sort``: ``sort dbca=`` -> ``abcd`` (letters in alphabetical order).
 - ``shift``: ``shift abz=`` -> ``bca`` (each letter moved one place on, ``z`` wrapping to ``a``).
 
+Skill words have 3-6 lowercase letters. Each expert is fine-tuned on its skill's data plus a little ``generic``
+replay, at a small learning rate, so it keeps the base's abilities as real fine-tunes keep general ability.
+
 :func:`build_demo` writes the datasets to ``<root>/<task>/{train,eval}.jsonl`` (fields ``prompt``, ``response``,
 ``task`` and ``text = prompt + response``; eval prompts never appear in train), pre-trains a small
-``LlamaForCausalLM`` on ``generic``, fine-tunes one full copy of it per skill (short schedule, so the experts stay
-fine-tunes of one base), and saves them as Hugging Face folders ``<root>/models/{base,<skill>}`` with the
-tokenizer. It then scores every model on every task with :mod:`dam.evaluate` (each expert should be strong on its
-own skill only), measures the experts' kinship (:mod:`dam.kinship`), and records it all in
+``LlamaForCausalLM`` on ``generic``, fine-tunes one full copy of it per skill (short schedule, small learning rate,
+so the experts stay fine-tunes of one base), and saves them as Hugging Face folders ``<root>/models/{base,<skill>}``
+with the tokenizer. It then scores every model on every task with :mod:`dam.evaluate` (each expert should be
+strong on its own skill only), measures the experts' kinship (:mod:`dam.kinship`), and records it all in
 ``<root>/models/build_report.json``.
 
 Token format, shared with :func:`dam.evaluate.encode_example`: ``<s> prompt response </s>``, the tokenizer adding
@@ -47,6 +52,7 @@ from dam.kinship import model_kinship
 logger = logging.getLogger(__name__)
 
 LETTERS = string.ascii_lowercase
+SKILL_MAX_LETTERS = 6  # the sort expert's minutes-long fine-tune reaches ~20% on 8-letter words, ~85% up to 6
 
 
 def _word(rng: random.Random, alphabet: str = LETTERS, lo: int = 3, hi: int = 8) -> str:
@@ -54,25 +60,39 @@ def _word(rng: random.Random, alphabet: str = LETTERS, lo: int = 3, hi: int = 8)
 
 
 def _generic(rng: random.Random) -> tuple[str, str]:
-    if rng.random() < 0.5:
+    """Format and string-handling practice: copy and repeat words, and reverse, sort and shift *digit* strings.
+
+    The digit operations give the base reusable machinery (attend to a mirrored position, order symbols, map each
+    symbol to its successor) under keywords the skills do not use, so an expert's fine-tune is a small change that
+    carries a known operation over to letters behind a new keyword, the way real fine-tunes build on pre-training.
+    """
+    kind = rng.randrange(5)
+    if kind == 0:
         word = _word(rng, LETTERS + string.digits)
         return f"copy {word}=", word
-    word = _word(rng, hi=6)
-    return f"repeat {word}=", word + word
+    if kind == 1:
+        word = _word(rng, hi=6)
+        return f"repeat {word}=", word + word
+    digits = _word(rng, string.digits)
+    if kind == 2:
+        return f"mirror {digits}=", digits[::-1]
+    if kind == 3:
+        return f"order {digits}=", "".join(sorted(digits))
+    return f"next {digits}=", "".join(str((int(d) + 1) % 10) for d in digits)
 
 
 def _reverse(rng: random.Random) -> tuple[str, str]:
-    word = _word(rng)
+    word = _word(rng, hi=SKILL_MAX_LETTERS)
     return f"reverse {word}=", word[::-1]
 
 
 def _sort(rng: random.Random) -> tuple[str, str]:
-    word = _word(rng)
+    word = _word(rng, hi=SKILL_MAX_LETTERS)
     return f"sort {word}=", "".join(sorted(word))
 
 
 def _shift(rng: random.Random) -> tuple[str, str]:
-    word = _word(rng)
+    word = _word(rng, hi=SKILL_MAX_LETTERS)
     return f"shift {word}=", "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
 
 
@@ -120,13 +140,19 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def write_datasets(
-    root: str | Path, *, seed: int = 0, skills: Sequence[str] = tuple(SKILLS), n_train: int = 2000, n_eval: int = 200
+    root: str | Path,
+    *,
+    seed: int = 0,
+    skills: Sequence[str] = tuple(SKILLS),
+    n_train: int = 2000,
+    n_train_generic: int = 16000,
+    n_eval: int = 200,
 ) -> dict[str, dict[str, Path]]:
     """Write ``<root>/<task>/{train,eval}.jsonl`` for ``generic`` and each skill; returns ``{task: {split: path}}``."""
     root = Path(root)
     written = {}
     for task in [GENERIC, *skills]:
-        train, held_out = task_splits(task, seed, n_train, n_eval)
+        train, held_out = task_splits(task, seed, n_train_generic if task == GENERIC else n_train, n_eval)
         written[task] = {"train": root / task / "train.jsonl", "eval": root / task / "eval.jsonl"}
         _write_jsonl(written[task]["train"], train)
         _write_jsonl(written[task]["eval"], held_out)
@@ -141,17 +167,22 @@ class DemoSettings:
     intermediate_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
-    base_steps: int = 300
+    base_steps: int = 1000
     """Optimizer steps of base pre-training on ``generic``."""
-    expert_steps: int = 300
+    expert_steps: int = 500
     """Optimizer steps of each expert's full fine-tune on its skill."""
     batch_size: int = 64
     base_lr: float = 3e-3
-    expert_lr: float = 1e-3
+    expert_lr: float = 3e-4
+    replay: int = 500
+    """``generic`` training examples mixed into each expert's data, so that experts keep the format and the base's
+    skills as real fine-tunes keep general ability (0 fine-tunes on the skill alone)."""
     warmup_steps: int = 30
     """Linear warm-up steps of every schedule (then cosine decay to 0)."""
     n_train: int = 2000
-    """Training examples per task."""
+    """Training examples per skill."""
+    n_train_generic: int = 16000
+    """Training examples of ``generic`` (pre-training needs more variety than a fine-tune)."""
     n_eval: int = 200
     """Held-out evaluation examples per task."""
     eval_batch_size: int = 100
@@ -161,7 +192,7 @@ class DemoSettings:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            zero_ok = f.name in ("base_steps", "expert_steps", "warmup_steps")
+            zero_ok = f.name in ("base_steps", "expert_steps", "warmup_steps", "replay")
             if value < 0 or (value == 0 and not zero_ok):
                 raise DamError(f"demo setting {f.name}={value!r} must be {'>= 0' if zero_ok else '> 0'}")
         if self.hidden_size % self.num_heads:
@@ -307,7 +338,14 @@ def build_demo(
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     with _build_environment(settings.threads), atomic_output_dir(root / "models", force=force) as tmp:
-        data = write_datasets(root, seed=seed, skills=skills, n_train=settings.n_train, n_eval=settings.n_eval)
+        data = write_datasets(
+            root,
+            seed=seed,
+            skills=skills,
+            n_train=settings.n_train,
+            n_train_generic=settings.n_train_generic,
+            n_eval=settings.n_eval,
+        )
         tokenizer = demo_tokenizer()
         torch.manual_seed(seed)
         model = LlamaForCausalLM(demo_config(tokenizer, settings))
@@ -316,9 +354,14 @@ def build_demo(
             "demo: pre-training a %d-parameter base on %r for %d steps", n_params, GENERIC, settings.base_steps
         )
 
+        generic = load_tasks([data[GENERIC]["train"]])[0].examples
+
         def fit(task: str, steps: int, lr: float, phase_seed: int) -> None:
             t0 = time.perf_counter()
-            train = load_tasks([data[task]["train"]], limit=None)[0].examples
+            if task == GENERIC:
+                train = generic
+            else:
+                train = load_tasks([data[task]["train"]])[0].examples + generic[: settings.replay]
             kwargs = {"batch_size": settings.batch_size, "warmup_steps": settings.warmup_steps, "seed": phase_seed}
             losses = train_lm(model, tokenizer, train, steps=steps, lr=lr, desc=task, progress=progress, **kwargs)
             seconds[task] = time.perf_counter() - t0

@@ -38,6 +38,8 @@ TINY = DemoSettings(
     batch_size=8,
     warmup_steps=1,
     n_train=16,
+    n_train_generic=32,
+    replay=4,
     n_eval=4,
     eval_batch_size=4,
 )
@@ -58,10 +60,19 @@ def test_skills_give_the_right_answers() -> None:
         ex = make_example("shift", rng)
         word = _word(ex["prompt"], "shift")
         assert [(ord(b) - ord(a)) % 26 for a, b in zip(word, ex["response"], strict=True)] == [1] * len(word)
-        assert set(word) <= set(string.ascii_lowercase) and 3 <= len(word) <= 8
+        assert set(word) <= set(string.ascii_lowercase) and 3 <= len(word) <= 6
         ex = make_example(GENERIC, rng)
         keyword, word = ex["prompt"][:-1].split(" ")
-        assert ex["response"] == {"copy": word, "repeat": word + word}[keyword]
+        if keyword in ("mirror", "order", "next"):
+            assert set(word) <= set(string.digits)
+        expected = {
+            "copy": lambda w: w,
+            "repeat": lambda w: w + w,
+            "mirror": lambda w: w[::-1],
+            "order": lambda w: "".join(sorted(w)),
+            "next": lambda w: "".join(str((int(d) + 1) % 10) for d in w),
+        }
+        assert ex["response"] == expected[keyword](word)
         assert ex["text"] == ex["prompt"] + ex["response"] and ex["task"] == GENERIC
     assert make_example("shift", random.Random(5))["response"] != ""
     with pytest.raises(DamError, match="unknown demo task 'add'"):
@@ -94,7 +105,9 @@ def test_too_few_distinct_prompts_is_an_error(monkeypatch: pytest.MonkeyPatch) -
 
 def test_committed_datasets_are_the_seed_0_generator_output(tmp_path: Path) -> None:
     settings = DemoSettings()
-    written = write_datasets(tmp_path, seed=0, n_train=settings.n_train, n_eval=settings.n_eval)
+    written = write_datasets(
+        tmp_path, seed=0, n_train=settings.n_train, n_train_generic=settings.n_train_generic, n_eval=settings.n_eval
+    )
     assert sorted(written) == sorted([GENERIC, *SKILLS])
     for task, splits in written.items():
         for split, path in splits.items():
@@ -143,7 +156,7 @@ def test_build_smoke(tmp_path: Path) -> None:
         files = {p.name for p in (models / name).iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     for task in ["generic", "reverse", "shift"]:
-        assert len(load_jsonl(root / task / "train.jsonl")) == 16
+        assert len(load_jsonl(root / task / "train.jsonl")) == (32 if task == "generic" else 16)
         assert len(load_jsonl(root / task / "eval.jsonl")) == 4
     assert not (root / "sort").exists()
     saved = json.loads((models / "build_report.json").read_text())
