@@ -226,7 +226,7 @@ def greedy_generate(
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_ids, pad_token_id=pad_id
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=end_ids, pad_token_id=pad_id
     )
     out = model.generate(
         input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config
@@ -316,15 +316,11 @@ def evaluate_model(
     if batch_size < 1:
         raise DamError(f"--batch-size must be at least 1, got {batch_size}")
     task_list = load_tasks(tasks, data_dir=data_dir, split=split, limit=limit)
-    lm, tokenizer = load_model(model, device=device, dtype=dtype)
+    path = resolve_model_path(model)
+    lm, tokenizer = load_model(path, device=device, dtype=dtype)
+    name = name or str(model)
     return evaluate_loaded(
-        lm,
-        tokenizer,
-        task_list,
-        batch_size=batch_size,
-        name=name or str(model),
-        path=str(resolve_model_path(model)),
-        progress=progress,
+        lm, tokenizer, task_list, batch_size=batch_size, name=name, path=str(path), progress=progress
     )
 
 

@@ -243,3 +243,16 @@ def test_cli_eval_checks_tasks_and_models_before_loading(chain: Path, tmp_path: 
     assert main(["eval", str(chain), str(missing), "--tasks", "right", "--data-dir", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "missing_model" in captured.err and captured.out == ""
+
+
+def test_generation_is_greedy_whatever_the_model_generation_config(chain: Path, tmp_path: Path) -> None:
+    from transformers import GenerationConfig
+
+    sampled = tmp_path / "sampled"
+    sampled.mkdir()
+    for f in chain.iterdir():
+        (sampled / f.name).write_bytes(f.read_bytes())
+    GenerationConfig(do_sample=True, temperature=50.0, top_k=0, num_beams=3, max_new_tokens=1).save_pretrained(sampled)
+    files = _tasks(tmp_path)
+    result = evaluate_model(sampled, [files["right"]])
+    assert result.tasks[0].accuracy == 100.0
