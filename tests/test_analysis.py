@@ -1,0 +1,232 @@
+"""dam.analysis on a tiny finished run: the coefficient table, its summary, the metrics, the plots, and the
+notebook executed end to end against the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+from safetensors.torch import load_file
+
+from dam.analysis import (
+    COLUMNS,
+    load_coefficient_table,
+    load_metrics,
+    plot_coefficient_distributions,
+    plot_coefficient_heatmap,
+    plot_loss_curves,
+    source_names,
+    summarise_coefficients,
+    tensor_layer,
+    tensor_module,
+)
+from dam.config import load_config
+from dam.errors import DamError
+from dam.testing import make_family
+from dam.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "dam" / "tiny.yaml"
+NOTEBOOK = ROOT / "notebooks" / "analyse_coefficients.ipynb"
+SOURCES = ["arithmetic", "reverse", "counting"]
+INIT = [0.5, 0.3, 0.2]
+LAYER_MODULES = [
+    "self_attn.q_proj",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-step run of the tiny config on a Qwen2 family (q/k/v biases), softmax transform, non-uniform init."""
+    base, sources = make_family(tmp_path_factory.mktemp("family"), 3, arch="qwen2")
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    models = [f"models.{i}.model={s}" for i, s in enumerate(sources)]
+    datasets = [f"models.{i}.dataset={ROOT / m.dataset}" for i, m in enumerate(load_config(TINY).models)]
+    extra = ["dam.transform=softmax", f"dam.init={INIT}", "train.max_steps=4", "train.save_every=0"]
+    config = load_config(
+        TINY, [f"base_model={base}", *models, *datasets, f"output_dir={out}", "wandb.mode=disabled", *extra]
+    )
+    return train(config)
+
+
+@pytest.fixture(scope="module")
+def table(run: Path) -> pd.DataFrame:
+    return load_coefficient_table(run)
+
+
+def test_one_row_per_tensor_and_source_with_module_kind_and_layer(run: Path, table: pd.DataFrame) -> None:
+    raw = load_file(run / "dam_coefficients.safetensors")
+    assert list(table.columns) == COLUMNS
+    assert len(table) == len(raw) * 3 and set(table["tensor"]) == set(raw)
+    assert list(table["source"].cat.categories) == SOURCES
+    assert (table.groupby("tensor")["source"].apply(list) == pd.Series({t: SOURCES for t in raw})).all()
+    rows = table.drop_duplicates("tensor").set_index("tensor")
+    expected = {
+        "model.embed_tokens.weight": ("embed_tokens", "embedding", None),
+        "model.layers.0.self_attn.q_proj.weight": ("self_attn.q_proj", "linear", 0),
+        "model.layers.1.self_attn.k_proj.bias": ("self_attn.k_proj.bias", "bias", 1),
+        "model.layers.1.mlp.down_proj.weight": ("mlp.down_proj", "linear", 1),
+        "model.layers.0.post_attention_layernorm.weight": ("post_attention_layernorm", "norm", 0),
+        "model.norm.weight": ("norm", "norm", None),
+        "lm_head.weight": ("lm_head", "linear", None),
+    }
+    for name, (module, kind, layer) in expected.items():
+        row = rows.loc[name]
+        assert (row["module"], row["kind"]) == (module, kind), name
+        assert pd.isna(row["layer"]) if layer is None else row["layer"] == layer, name
+    # embedding first, layers in order with projections in the usual order, then the final norm and lm_head
+    in_layers = table[table["layer"].notna()].drop_duplicates("tensor")
+    assert list(in_layers["layer"]) == [0] * 12 + [1] * 12
+    assert list(in_layers["module"][:12]) == LAYER_MODULES
+    assert list(table.drop_duplicates("tensor")["module"]) == ["embed_tokens", *LAYER_MODULES * 2, "lm_head", "norm"]
+
+
+def test_statistics_are_those_of_the_transformed_coefficients(run: Path, table: pd.DataFrame) -> None:
+    raw = load_file(run / "dam_coefficients.safetensors")
+    for row in table.itertuples():
+        i = SOURCES.index(row.source)
+        values = torch.softmax(raw[row.tensor].double(), dim=0)[i].flatten()  # the run's transform is softmax
+        assert row.numel == values.numel()
+        assert row.init == pytest.approx(INIT[i])
+        for stat, expected in [
+            ("mean", values.mean()),
+            ("std", values.std(correction=0)),
+            ("min", values.min()),
+            ("max", values.max()),
+            ("abs_drift", (values - INIT[i]).abs().mean()),
+        ]:
+            assert getattr(row, stat) == pytest.approx(float(expected), rel=1e-5, abs=1e-7), (row.tensor, stat)
+        assert row.drift == pytest.approx(row.mean - INIT[i])
+        assert row.trainable
+    assert (table["abs_drift"] > 1e-4).all(), "every coefficient trained for 4 steps at lr 1e-2"
+
+
+def test_coefficients_file_gives_the_same_table(run: Path, table: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(load_coefficient_table(run / "merged" / "dam_coefficients.safetensors"), table)
+
+
+def test_summary_by_kind_and_source_equals_the_training_log(run: Path, table: pd.DataFrame) -> None:
+    summary = summarise_coefficients(table)
+    last = load_metrics(run).iloc[-1]
+    assert sorted(summary["kind"].unique()) == ["bias", "embedding", "linear", "norm"]
+    assert len(summary) == 4 * 3
+    for row in summary.itertuples():
+        for stat in ("mean", "std", "min", "max"):
+            logged = last[f"coefficients/{row.kind}/{row.source}/{stat}"]
+            assert getattr(row, stat) == pytest.approx(logged, rel=1e-5, abs=1e-7), (row.kind, row.source, stat)
+    numel = table.groupby("kind")["numel"].sum() / 3
+    assert (summary.groupby("kind")["numel"].first() == numel).all()
+
+
+def test_names_from_other_layouts_and_sources_without_a_run_config() -> None:
+    assert tensor_layer("transformer.h.11.attn.c_attn.weight") == 11
+    assert tensor_module("transformer.h.11.attn.c_attn.weight") == "transformer.attn.c_attn"
+    assert tensor_layer("model.language_model.layers.7.mlp.up_proj.weight") == 7
+    assert tensor_layer("model.embed_tokens.weight") is None
+    assert tensor_module("model.layers.2.self_attn.q_proj.bias") == "self_attn.q_proj.bias"
+    meta = {"sources": ["/a/math", "org/ja-model"], "training": None}
+    assert source_names(meta) == ["math", "ja-model"]
+    assert source_names({"sources": ["/a/model", "/b/model"]}) == ["/a/model", "/b/model"]  # folder names clash
+
+
+def test_metrics_keep_the_last_record_of_each_step(tmp_path: Path) -> None:
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 9.0}]
+    records += [{"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.0}]  # resumed from step 2: step 3 logged again
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    metrics = load_metrics(tmp_path)
+    assert list(metrics["step"]) == [1, 2, 3, 4] and list(metrics["loss"]) == [3.0, 2.0, 1.5, 1.0]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
+    with pytest.raises(DamError, match="line 2"):
+        load_metrics(tmp_path)
+    with pytest.raises(DamError, match="no metrics.jsonl"):
+        load_metrics(tmp_path / "missing")
+
+
+def panel_titles(fig: Figure) -> list[str]:
+    return [ax.get_title() for ax in fig.axes if ax.get_title()]
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_heatmap_panels_hold_layers_by_sources(table: pd.DataFrame, tmp_path: Path) -> None:
+    fig = plot_coefficient_heatmap(table, path=tmp_path / "plots" / "heatmap.png")
+    assert isinstance(fig, Figure)
+    assert panel_titles(fig) == [*LAYER_MODULES, "outside the layers"]
+    assert len(fig.axes) == len(LAYER_MODULES) + 2  # + the colour bar
+    q = table[table["module"] == "self_attn.q_proj"]
+    expected = q.pivot_table(index="layer", columns="source", values="mean", observed=False).to_numpy()
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), expected)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == SOURCES
+    outside = fig.axes[len(LAYER_MODULES)]
+    assert [t.get_text() for t in outside.get_yticklabels()] == ["embed_tokens", "lm_head", "norm"]
+    assert_png(tmp_path / "plots" / "heatmap.png")
+
+    drift = plot_coefficient_heatmap(table, "drift", path=tmp_path / "drift.png")
+    norm = drift.axes[0].images[0].norm
+    assert norm.vcenter == 0 and norm.vmin == pytest.approx(-norm.vmax)
+    assert_png(tmp_path / "drift.png")
+    with pytest.raises(DamError, match="no column"):
+        plot_coefficient_heatmap(table, "median")
+
+
+def test_distributions_have_one_panel_per_kind_and_a_histogram_per_source(run: Path, table: pd.DataFrame) -> None:
+    path = run.parent / "distributions.png"
+    fig = plot_coefficient_distributions(run, path=path)
+    titles = panel_titles(fig)
+    assert [t.split()[0] for t in titles] == ["embedding", "linear", "norm", "bias"]
+    per_kind = table[table["source"] == "arithmetic"].groupby("kind")["numel"].sum()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == SOURCES
+    for ax, title in zip(fig.axes, titles, strict=True):
+        assert len(ax.patches) == 3  # one step histogram per source
+        assert sorted(line.get_xdata()[0] for line in ax.lines) == sorted(INIT)  # init lines (the inits differ)
+        assert f"({per_kind[title.split()[0]]:,} per source)" in title
+    assert_png(path)
+
+
+def test_loss_curves_plot_every_logged_loss_term(run: Path, tmp_path: Path) -> None:
+    metrics = load_metrics(run)
+    fig = plot_loss_curves(metrics, path=tmp_path / "loss.png")
+    assert panel_titles(fig) == ["loss", "loss/kl", "loss/similarity", "grad_norm", "lr"]
+    x, y = fig.axes[1].lines[0].get_data()
+    assert list(x) == [1, 2, 3, 4] and list(y) == list(metrics["loss/kl"])
+    assert_png(tmp_path / "loss.png")
+    with pytest.raises(DamError, match="no loss columns"):
+        plot_loss_curves(metrics[["step", "lr"]].rename(columns={"lr": "other"}))
+
+
+def test_notebook_is_saved_without_outputs() -> None:
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_notebook_runs_against_a_finished_run(run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("DAM_RUN", str(run))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(run)}}).execute()
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 4, "heat map, drift heat map, distributions, loss curves"
