@@ -40,6 +40,7 @@ from dam.errors import DamError
 from dam.kinship import module_kind
 from dam.layers import apply_transform
 from dam.model import read_coefficients
+from dam.train import METRICS_FILE
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")  # the layer names dam.kinship.module_kind strips
 # order of the usual projections inside a layer (others follow alphabetically)
@@ -61,7 +62,6 @@ COLUMNS = [
     "abs_drift",
     "trainable",
 ]
-METRICS_FILE = "metrics.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------------- loading
@@ -159,8 +159,9 @@ def summarise_coefficients(table: pd.DataFrame, by: tuple[str, ...] = ("kind", "
 
     Pooled exactly over every coefficient of the group: ``mean = sum n_t m_t / sum n_t``, ``std`` from
     ``sum n_t (s_t^2 + m_t^2) / sum n_t - mean^2``, ``min``/``max`` over the group, ``drift = mean - init``
-    (``init`` is per source, so ``by`` should keep ``source``) and ``abs_drift`` numel-weighted. The kind x source
-    rows equal the training log's ``coefficients/<kind>/<source>/*`` statistics at the last step.
+    (``init`` is per source, so ``by`` should keep ``source``) and ``abs_drift`` numel-weighted. When every kind is
+    trained, the kind x source rows equal the training log's ``coefficients/<kind>/<source>/*`` statistics at the
+    last step (the log covers trainable coefficients only: filter on ``trainable`` to compare otherwise).
     """
     by = list(by)
     work = table.assign(
