@@ -149,8 +149,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--out", default="data/demo", help="demo folder (default data/demo)")
     b.add_argument("--seed", type=int, default=0, help="seed of the datasets and the training (default 0)")
     b.add_argument("--force", action="store_true", help="replace OUT/models if it exists and is not empty")
-    b.add_argument("--base-steps", type=int, default=None, help="pre-training steps of the base (default 300)")
-    b.add_argument("--expert-steps", type=int, default=None, help="fine-tuning steps of each expert (default 300)")
+    b.add_argument("--base-steps", type=int, default=None, help="pre-training steps of the base (default 1000)")
+    b.add_argument("--expert-steps", type=int, default=None, help="fine-tuning steps of each expert (default 500)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_demo_build)
 
