@@ -132,6 +132,22 @@ def _demo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_run(args: argparse.Namespace) -> int:
+    from dam.pipeline import run_demo
+
+    summary = run_demo(
+        args.root, args.out, seed=args.seed, force=args.force, dam_overrides=args.overrides, quick=args.quick
+    )
+    print(f"\n{summary['table']}\n\n{summary['goals_text']}\n")
+    print(f"kinship of the experts' task vectors:\n{summary['kinship_text']}\n")
+    t = summary["seconds"]
+    print(
+        f"DAM run {summary['dam_status']} in {t['dam']:.0f} s, merges {t['merges']:.0f} s, eval {t['eval']:.0f} s; "
+        f"wrote {args.out}/results.json, {args.out}/results.png, {args.out}/coefficients.png"
+    )
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -153,6 +169,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--expert-steps", type=int, default=None, help="fine-tuning steps of each expert (default 500)")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_demo_build)
+    r = demo_sub.add_parser(
+        "run",
+        help="the whole demo: family, DAM, classic merges, evaluation, table and plot",
+        description="Build the demo family under ROOT if it is missing, train DAM (configs/dam/demo.yaml) into "
+        "OUT, merge the experts with linear, task_arithmetic, ties and dare_ties (configs/merge/demo/) into "
+        "OUT/merges, evaluate every model on every task, print the comparison and write OUT/results.json, "
+        "OUT/results.png and OUT/coefficients.png. A finished DAM run of the same config in OUT is reused.",
+    )
+    r.add_argument("--root", default="data/demo", help="demo folder: datasets and models/ (default data/demo)")
+    r.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    r.add_argument("--seed", type=int, default=0, help="seed of DAM's training and data order and of DARE (default 0)")
+    r.add_argument("--force", action="store_true", help="delete OUT first if it holds anything else than this run")
+    r.add_argument("--quick", action="store_true", help="smoke run: tiny family if missing, 6 DAM steps, 20 examples")
+    r.add_argument("overrides", nargs="*", help="key=value overrides of the DAM config, e.g. train.max_steps=100")
+    r.set_defaults(func=_demo_run)
 
 
 def _eval(args: argparse.Namespace) -> int:
