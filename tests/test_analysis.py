@@ -13,6 +13,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
+from tiny_run import ROOT, tiny_config
 
 from dam.analysis import (
     COLUMNS,
@@ -26,13 +27,10 @@ from dam.analysis import (
     tensor_layer,
     tensor_module,
 )
-from dam.config import load_config
 from dam.errors import DamError
 from dam.testing import make_family
 from dam.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "dam" / "tiny.yaml"
 NOTEBOOK = ROOT / "notebooks" / "analyse_coefficients.ipynb"
 SOURCES = ["arithmetic", "reverse", "counting"]
 INIT = [0.5, 0.3, 0.2]
@@ -57,13 +55,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-step run of the tiny config on a Qwen2 family (q/k/v biases), softmax transform, non-uniform init."""
     base, sources = make_family(tmp_path_factory.mktemp("family"), 3, arch="qwen2")
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    models = [f"models.{i}.model={s}" for i, s in enumerate(sources)]
-    datasets = [f"models.{i}.dataset={ROOT / m.dataset}" for i, m in enumerate(load_config(TINY).models)]
     extra = ["dam.transform=softmax", f"dam.init={INIT}", "train.max_steps=4", "train.save_every=0"]
-    config = load_config(
-        TINY, [f"base_model={base}", *models, *datasets, f"output_dir={out}", "wandb.mode=disabled", *extra]
-    )
-    return train(config)
+    return train(tiny_config(base, sources, out, *extra))
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import ROOT, TINY, tiny_overrides
 
 from dam.config import load_config
 from dam.testing import make_family
 from dam.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "dam" / "tiny.yaml"
 
 
 def free_port() -> int:
@@ -29,12 +27,8 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
     base, sources = make_family(tmp_path / "family", 3)
-    datasets = [f"models.{i}.dataset={ROOT / m.dataset}" for i, m in enumerate(load_config(TINY).models)]
     common = [
-        f"base_model={base}",
-        *[f"models.{i}.model={s}" for i, s in enumerate(sources)],
-        *datasets,
-        "wandb.mode=disabled",
+        *tiny_overrides(base, sources, None),
         "train.max_steps=3",
         "train.lr=1e-3",
         "train.save_every=2",

@@ -13,30 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
 
-from dam.config import DAMConfig, load_config
 from dam.errors import DamError
 from dam.testing import make_family
 from dam.train import latest_checkpoint, train
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "dam" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     return make_family(tmp_path_factory.mktemp("family"), 3)
-
-
-def overrides(family: tuple[Path, list[Path]], out: Path, *extra: str) -> list[str]:
-    base, sources = family
-    models = [f"models.{i}.model={s}" for i, s in enumerate(sources)]
-    datasets = [f"models.{i}.dataset={ROOT / m.dataset}" for i, m in enumerate(load_config(TINY).models)]
-    return [f"base_model={base}", *models, *datasets, f"output_dir={out}", "wandb.mode=disabled", *extra]
-
-
-def tiny(family: tuple[Path, list[Path]], out: Path, *extra: str) -> DAMConfig:
-    return load_config(TINY, overrides(family, out, *extra))
 
 
 def coefficients(run: Path) -> dict[str, torch.Tensor]:
@@ -53,11 +39,11 @@ def assert_same_coefficients(a: dict[str, torch.Tensor], b: dict[str, torch.Tens
 def test_two_steps_resume_two_steps_equals_four(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     # an epoch is 12 steps of 4 sequences: 3 + 3 stops mid-epoch, so the resumed run must skip consumed batches
     common = ("train.save_every=3", "train.schedule=constant")
-    straight = train(tiny(family, tmp_path / "straight", "train.max_steps=6", *common))
+    straight = train(tiny_config(*family, tmp_path / "straight", "train.max_steps=6", *common))
     split = tmp_path / "split"
-    train(tiny(family, split, "train.max_steps=3", *common))
+    train(tiny_config(*family, split, "train.max_steps=3", *common))
     assert latest_checkpoint(split) == split / "checkpoints" / "step_3"
-    train(tiny(family, split, "train.max_steps=6", *common))  # resume: auto
+    train(tiny_config(*family, split, "train.max_steps=6", *common))  # resume: auto
     assert_same_coefficients(coefficients(straight), coefficients(split))
     lines = (split / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 6  # steps 1-3, then 4-6 appended
@@ -66,45 +52,45 @@ def test_two_steps_resume_two_steps_equals_four(family: tuple[Path, list[Path]],
 def test_resume_across_an_epoch_boundary(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     # 3 x 4 sequences / batch 4 = 3 steps per epoch: resuming at step 4 lands in epoch 1 (reshuffled), one batch in
     common = ("data.num_examples=4", "train.schedule=constant", "train.save_every=4")
-    straight = train(tiny(family, tmp_path / "straight", *common, "train.max_steps=7"))
+    straight = train(tiny_config(*family, tmp_path / "straight", *common, "train.max_steps=7"))
     split = tmp_path / "split"
-    train(tiny(family, split, *common, "train.max_steps=4"))
+    train(tiny_config(*family, split, *common, "train.max_steps=4"))
     checkpoint = split / "checkpoints" / "step_4"
-    train(tiny(family, split, *common, "train.max_steps=7", f"train.resume_from={checkpoint}"))
+    train(tiny_config(*family, split, *common, "train.max_steps=7", f"train.resume_from={checkpoint}"))
     assert_same_coefficients(coefficients(straight), coefficients(split))
 
 
 def test_partial_checkpoints_are_ignored_and_cleared(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(tiny(family, out, "train.max_steps=2", "train.save_every=1"))
+    train(tiny_config(*family, out, "train.max_steps=2", "train.save_every=1"))
     root = out / "checkpoints"
     (root / ".step_3.tmp").mkdir()  # a save interrupted before its rename
     (root / ".step_3.tmp" / "optimizer.bin").write_bytes(b"partial")
     (root / "step_5").mkdir()  # no trainer_state.json: not a complete checkpoint
     (root / "latest").write_text("step_9\n")  # a pointer to a checkpoint that is gone
     assert latest_checkpoint(out) == root / "step_2"
-    train(tiny(family, out, "train.max_steps=3", "train.save_every=1"))
+    train(tiny_config(*family, out, "train.max_steps=3", "train.save_every=1"))
     assert not (root / ".step_3.tmp").exists()
     assert latest_checkpoint(out) == root / "step_3"
 
 
 def test_resume_never_refuses_a_folder_with_checkpoints(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(tiny(family, out, "train.max_steps=1"))
+    train(tiny_config(*family, out, "train.max_steps=1"))
     with pytest.raises(DamError, match="train.resume is 'never' but .* already holds checkpoints"):
-        train(tiny(family, out, "train.max_steps=2", "train.resume=never"))
+        train(tiny_config(*family, out, "train.max_steps=2", "train.resume=never"))
 
 
 def test_resume_refuses_other_models(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train(tiny(family, out, "train.max_steps=1"))
+    train(tiny_config(*family, out, "train.max_steps=1"))
     with pytest.raises(DamError, match="config key 'dam' differs from the run being resumed"):
-        train(tiny(family, out, "train.max_steps=2", "dam.targets=[linear]"))
+        train(tiny_config(*family, out, "train.max_steps=2", "dam.targets=[linear]"))
 
 
 def test_resume_from_must_be_a_checkpoint(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     with pytest.raises(DamError, match="train.resume_from: .* is not a complete checkpoint"):
-        train(tiny(family, tmp_path / "run", f"train.resume_from={tmp_path}"))
+        train(tiny_config(*family, tmp_path / "run", f"train.resume_from={tmp_path}"))
 
 
 @pytest.mark.slow
@@ -112,7 +98,7 @@ def test_killed_process_resumes_to_the_uninterrupted_result(family: tuple[Path, 
     """SIGKILL `python train_dam.py` right after its first checkpoint, restart it, compare with a straight run."""
     common = ("train.max_steps=16", "train.save_every=2", "train.schedule=linear", "train.warmup_steps=2")
     out = tmp_path / "killed"
-    command = [sys.executable, "train_dam.py", str(TINY), *overrides(family, out, *common)]
+    command = [sys.executable, "train_dam.py", str(TINY), *tiny_overrides(*family, out, *common)]
     env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -132,5 +118,5 @@ def test_killed_process_resumes_to_the_uninterrupted_result(family: tuple[Path, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {first}" in done.stdout + done.stderr
 
-    straight = train(tiny(family, tmp_path / "straight", *common))
+    straight = train(tiny_config(*family, tmp_path / "straight", *common))
     assert_same_coefficients(coefficients(straight), coefficients(out))

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
 
 from dam.config import DAMConfig, TrainConfig, load_config
 from dam.data import DataCollator, build_train_dataset
@@ -21,25 +22,10 @@ from dam.model import DAMModel
 from dam.testing import make_family
 from dam.train import LATEST_FILE, _setup_model, distillation_sum, latest_checkpoint, train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "dam" / "tiny.yaml"
-
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     return make_family(tmp_path_factory.mktemp("family"), 3)
-
-
-def overrides(family: tuple[Path, list[Path]], out: Path, *extra: str) -> list[str]:
-    """The tiny config pointed at this family and run folder (datasets stay the repository's examples)."""
-    base, sources = family
-    models = [f"models.{i}.model={s}" for i, s in enumerate(sources)]
-    datasets = [f"models.{i}.dataset={ROOT / m.dataset}" for i, m in enumerate(load_config(TINY).models)]
-    return [f"base_model={base}", *models, *datasets, f"output_dir={out}", "wandb.mode=disabled", *extra]
-
-
-def tiny(family: tuple[Path, list[Path]], out: Path, *extra: str) -> DAMConfig:
-    return load_config(TINY, overrides(family, out, *extra))
 
 
 def metrics(run: Path) -> list[dict]:
@@ -74,7 +60,7 @@ def mean_distillation_loss(config: DAMConfig, coefficients_file: Path | None) ->
 @pytest.fixture(scope="module")
 def trained(family: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> tuple[DAMConfig, Path]:
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    config = tiny(family, out, "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=2")
+    config = tiny_config(*family, out, "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=2")
     return config, train(config)
 
 
@@ -134,8 +120,8 @@ def test_training_lowers_the_distillation_loss(trained: tuple[DAMConfig, Path]) 
 
 def test_gradient_accumulation_equals_a_bigger_batch(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     common = ("train.max_steps=2", "train.lr=1e-3", "train.save_every=0")
-    big = train(tiny(family, tmp_path / "big", *common, "train.batch_size=2", "train.grad_accum=1"))
-    split = train(tiny(family, tmp_path / "split", *common, "train.batch_size=1", "train.grad_accum=2"))
+    big = train(tiny_config(*family, tmp_path / "big", *common, "train.batch_size=2", "train.grad_accum=1"))
+    split = train(tiny_config(*family, tmp_path / "split", *common, "train.batch_size=1", "train.grad_accum=2"))
     a, b = coefficients(big), coefficients(split)
     assert max(float((a[k] - 1 / 3).abs().max()) for k in a) > 1e-4  # it trained
     for name in a:
@@ -145,12 +131,14 @@ def test_gradient_accumulation_equals_a_bigger_batch(family: tuple[Path, list[Pa
 
 def test_gradient_checkpointing_changes_memory_not_results(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     common = ("train.max_steps=2", "train.lr=1e-3", "train.save_every=0")
-    plain = coefficients(train(tiny(family, tmp_path / "plain", *common)))
-    checkpointed = coefficients(train(tiny(family, tmp_path / "ckpt", *common, "train.gradient_checkpointing=true")))
+    plain = coefficients(train(tiny_config(*family, tmp_path / "plain", *common)))
+    checkpointed = coefficients(
+        train(tiny_config(*family, tmp_path / "ckpt", *common, "train.gradient_checkpointing=true"))
+    )
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], atol=1e-7, rtol=0), name
     # and the decoder layers really are recomputed in backward
-    config = tiny(family, tmp_path / "unused", "train.gradient_checkpointing=true")
+    config = tiny_config(*family, tmp_path / "unused", "train.gradient_checkpointing=true")
     model = _setup_model(config, SimpleNamespace(distributed_type=None, device=torch.device("cpu")))
     calls: list[int] = []
     model.model.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -162,7 +150,7 @@ def test_gradient_checkpointing_changes_memory_not_results(family: tuple[Path, l
 def test_bf16_autocast_keeps_float32_coefficients(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     # a process of its own: Accelerate keeps one mixed-precision setting per process
     extra = ("train.max_steps=2", "train.mixed_precision=bf16", "dtype=bfloat16")
-    command = [sys.executable, "train_dam.py", str(TINY), *overrides(family, tmp_path / "bf16", *extra)]
+    command = [sys.executable, "train_dam.py", str(TINY), *tiny_overrides(*family, tmp_path / "bf16", *extra)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     trained = coefficients(tmp_path / "bf16")
@@ -173,7 +161,7 @@ def test_bf16_autocast_keeps_float32_coefficients(family: tuple[Path, list[Path]
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     out = tmp_path / "nan"
-    config = tiny(family, out, "train.lr=1e30", "train.save_every=1", "train.max_steps=5")
+    config = tiny_config(*family, out, "train.lr=1e30", "train.save_every=1", "train.max_steps=5")
     with pytest.raises(DamError, match=r"non-finite loss or gradient at step 2 .*checkpoints/step_1, is kept"):
         train(config)
     assert latest_checkpoint(out) == out / "checkpoints" / "step_1"
@@ -187,10 +175,10 @@ def test_cached_teacher_logits_give_the_on_the_fly_loss(family: tuple[Path, list
 
     common = ("train.max_steps=1", "loss.top_k=16", "train.save_every=0")
     cache = f"data.cache_dir={tmp_path / 'cache'}"
-    config = tiny(family, tmp_path / "cached", *common, "data.teacher_logits=cached", cache)
+    config = tiny_config(*family, tmp_path / "cached", *common, "data.teacher_logits=cached", cache)
     cache_logits_for_config(config, device="cpu")  # what `dam cache-logits` runs
     cached = metrics(train(config))[0]
-    fly = metrics(train(tiny(family, tmp_path / "fly", *common)))[0]
+    fly = metrics(train(tiny_config(*family, tmp_path / "fly", *common)))[0]
     assert cached["loss/kl"] == pytest.approx(fly["loss/kl"], rel=2e-3)  # float16 cache vs float32 teachers
 
 
@@ -198,7 +186,7 @@ def test_cached_teacher_logits_give_the_on_the_fly_loss(family: tuple[Path, list
 def test_accelerate_launch_runs_the_tiny_config(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     out = tmp_path / "launched"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
-    command += ["train_dam.py", str(TINY), *overrides(family, out, "train.max_steps=2")]
+    command += ["train_dam.py", str(TINY), *tiny_overrides(*family, out, "train.max_steps=2")]
     env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
