@@ -1,0 +1,78 @@
+"""dam demo run end to end on a tiny demo family (``quick``): table, results.json, plots, reuse and refusal."""
+
+import json
+
+import pytest
+import yaml
+
+from dam.cli import main
+from dam.errors import DamError
+from dam.merge.config import parse_merge_config
+from dam.pipeline import CLASSIC_METHODS, MERGE_CONFIG_DIR, dam_config, merge_config_text, rebase, run_demo
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("demo")
+    out = root / "run"
+    monkeypatch_module.setenv("WANDB_MODE", "disabled")
+    return root, out, run_demo(root, out, quick=True)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def test_rebase_moves_only_the_demo_folder(tmp_path):
+    assert rebase("./data/demo/models/base", tmp_path) == str(tmp_path / "models" / "base")
+    assert rebase("data/demo/sort/train.jsonl", "x") == "x/sort/train.jsonl"
+    assert rebase("data/other/m", tmp_path) == "data/other/m"
+
+
+def test_configs_point_at_the_root(tmp_path):
+    config = dam_config(tmp_path, tmp_path / "out", seed=3, overrides=["train.lr=0.5"])
+    assert config.base_model == str(tmp_path / "models" / "base")
+    assert all(m.model.startswith(str(tmp_path)) and m.dataset.startswith(str(tmp_path)) for m in config.models)
+    assert (config.train.seed, config.data.seed, config.train.lr) == (3, 3, 0.5)
+    for method in CLASSIC_METHODS:
+        text = merge_config_text(method, tmp_path, 0)
+        merge = parse_merge_config(yaml.safe_load(text), text, origin=str(MERGE_CONFIG_DIR / f"{method}.yaml"))
+        assert merge.merge_method == method
+        assert all(m.startswith(str(tmp_path)) for m in merge.referenced_models())
+
+
+@pytest.mark.slow  # the module fixture builds a tiny family and trains DAM: 40-60 s on 2 busy cores
+def test_run_writes_table_results_and_plots(demo_run):
+    root, out, summary = demo_run
+    models = ["base", "reverse", "sort", "shift", *CLASSIC_METHODS, "dam"]
+    tasks = ["generic", "reverse", "sort", "shift"]
+    assert summary["dam_status"] == "trained"
+    lines = summary["table"].splitlines()
+    assert lines[0].split()[-2:] == ["skills", "mean"] and [line.split()[0] for line in lines[1:]] == models
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["accuracy"]) == models and saved["tasks"] == tasks
+    assert all(set(saved["accuracy"][m]) == set(tasks) for m in models)
+    assert all(r["tasks"][t]["n"] == 20 for r in saved["models"] for t in tasks)
+    assert set(saved["goals"]["retention"]) == {"reverse", "sort", "shift"}
+    for png in ("results.png", "coefficients.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all((out / "merges" / m / "mergekit_config.yml").is_file() for m in CLASSIC_METHODS)
+
+
+@pytest.mark.slow
+def test_rerun_reuses_and_other_config_is_refused(demo_run, capsys):
+    root, out, _ = demo_run
+    assert main(["demo", "run", "--root", str(root), "--out", str(out), "--quick"]) == 0
+    assert "DAM run reused" in capsys.readouterr().out
+    before = (out / "dam_coefficients.safetensors").read_bytes()
+    with pytest.raises(DamError, match="another config"):
+        run_demo(root, out, quick=True, dam_overrides=["train.lr=0.5"])
+    with pytest.raises(DamError, match="another config"):
+        run_demo(root, out, quick=True, seed=1)
+    assert (out / "dam_coefficients.safetensors").read_bytes() == before
+    (root / "other").mkdir()
+    (root / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(DamError, match="not a DAM run"):
+        run_demo(root, root / "other", quick=True)
+    assert (root / "other" / "notes.txt").read_text() == "keep me"
