@@ -10,6 +10,7 @@ from dam.errors import DamError
 from dam.merge.config import parse_merge_config
 from dam.pipeline import CLASSIC_METHODS, MERGE_CONFIG_DIR, dam_config, merge_config_text, rebase, run_demo
 
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("demo")
