@@ -1,0 +1,123 @@
+"""Quality of the demo merge over several seeds: ``dam demo run``'s comparison, mean and spread per method and task.
+
+For each seed S in ``--seeds`` it runs :func:`dam.pipeline.run_demo` into ``WORKDIR/seed<S>`` with DAM's training
+seed and data order set to S (``train.seed``, ``data.seed``) and DARE's random drop seeded with S; the family is
+the one under ``--root`` (built once with seed 0 if missing: rebuilding it per seed takes ~5-8 min each on 2 CPU
+cores). ``--family-seeds`` also rebuilds a family per listed seed under ``WORKDIR/family<F>`` (datasets and
+models of that seed) and runs every ``--seeds`` seed on it, for when someone has the time.
+
+Prints, per model (base, experts, classic merges, DAM) and task, the mean and population std of the exact-match
+accuracy over all runs, the same for the mean over the skills, and the two goals of issue 5 checked on the
+means: DAM's skills mean >= the best classic method's + 5 points, and DAM >= 90% of each expert's own accuracy.
+Writes every run's accuracies and the summary to ``WORKDIR/quality.json``.
+
+    python benchmarks/quality.py [--seeds 0 1 2] [--root data/demo] [--workdir runs/quality] [overrides ...]
+
+Existing seed folders of the same config are reused; ``--force`` retrains them. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from dam.pipeline import CLASSIC_METHODS, format_comparison, goal_checks, run_demo, skills_mean
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values)
+
+
+def summarise(runs: list[dict], tasks: list[str], skills: list[str]) -> dict:
+    """Per model and task (and ``skills mean``): mean and population std over the runs; goals on the means."""
+    models = list(runs[0]["accuracy"])
+    columns = [*tasks, "skills mean"]
+    per_run = {m: {c: [] for c in columns} for m in models}
+    for run in runs:
+        for m in models:
+            for t in tasks:
+                per_run[m][t].append(run["accuracy"][m][t])
+            per_run[m]["skills mean"].append(skills_mean(run["accuracy"][m], skills))
+    stats = {m: {c: _mean_std(v) for c, v in cols.items()} for m, cols in per_run.items()}
+    means = {m: {t: stats[m][t][0] for t in tasks} for m in models}
+    return {"stats": stats, "goals_on_means": goal_checks(means, skills), "runs": len(runs)}
+
+
+def format_summary(summary: dict, tasks: list[str]) -> str:
+    columns = [*summary["stats"]["dam"]]
+    width = max(len("accuracy % (mean ± std)"), *(len(m) for m in summary["stats"]))
+    cells = {
+        m: [f"{mu:.1f} ± {sd:.1f}" for mu, sd in (row[c] for c in columns)] for m, row in summary["stats"].items()
+    }
+    widths = [max(len(c), *(len(cells[m][j]) for m in cells)) for j, c in enumerate(columns)]
+    header = [c.rjust(w) for c, w in zip(columns, widths, strict=True)]
+    lines = ["  ".join(["accuracy % (mean ± std)".ljust(width), *header])]
+    for m, row in cells.items():
+        lines.append("  ".join([m.ljust(width), *(c.rjust(w) for c, w in zip(row, widths, strict=True))]))
+    goals = summary["goals_on_means"]
+    lines.append("")
+    lines.append(
+        f"DAM skills mean {goals['dam_skills_mean']:.1f} vs best classic ({goals['best_classic']}) "
+        f"{goals['best_classic_skills_mean']:.1f}: {goals['margin']:+.1f} points "
+        f"(goal >= +5: {'met' if goals['margin_goal_met'] else 'NOT met'})"
+    )
+    ratios = ", ".join(f"{s} {100 * r:.0f}%" for s, r in goals["retention"].items())
+    lines.append(
+        f"DAM / expert on its own skill: {ratios} (goal >= 90%: {'met' if goals['retention_goal_met'] else 'NOT met'})"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="DAM/data/DARE seeds (default 0 1 2)")
+    parser.add_argument("--root", default="data/demo", help="demo family folder (default data/demo)")
+    parser.add_argument("--family-seeds", type=int, nargs="*", default=[], help="also rebuild a family per seed")
+    parser.add_argument("--workdir", default="runs/quality", help="where the runs and quality.json go")
+    parser.add_argument("--force", action="store_true", help="retrain seed folders of another config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/dam/demo.yaml")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    workdir = Path(args.workdir)
+    families = [("default", Path(args.root))] + [(f"family{f}", workdir / f"family{f}") for f in args.family_seeds]
+    runs = []
+    t0 = time.perf_counter()
+    for label, root in families:
+        if label != "default" and not (root / "models" / "build_report.json").is_file():
+            from dam.demo import build_demo
+
+            build_demo(root, int(label.removeprefix("family")), progress=False)
+        for seed in args.seeds:
+            out = workdir / f"{label}-seed{seed}"
+            summary = run_demo(root, out, seed=seed, force=args.force, dam_overrides=args.overrides)
+            print(f"{label} seed {seed} (DAM {summary['dam_status']}, {summary['seconds']['dam']:.0f} s):")
+            print(format_comparison(summary["accuracy"], summary["tasks"], summary["skills"]), flush=True)
+            runs.append(
+                {"family": label, "seed": seed, "accuracy": summary["accuracy"], "seconds": summary["seconds"]}
+            )
+    tasks, skills = summary["tasks"], summary["skills"]
+    result = summarise(runs, tasks, skills)
+    print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; classic methods: {', '.join(CLASSIC_METHODS)}")
+    print(format_summary(result, tasks))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "quality.json").write_text(
+        json.dumps(
+            {
+                "seeds": args.seeds,
+                "families": [f for f, _ in families],
+                "overrides": args.overrides,
+                "runs": runs,
+                **result,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
