@@ -115,9 +115,10 @@ def _check_out(out: Path, config: Any, force: bool) -> None:
 
 
 def _dam_run_complete(run: Path) -> bool:
+    from dam.model import COEFFICIENTS_FILE
     from dam.train import MERGED_DIR
 
-    return (run / "dam_coefficients.safetensors").is_file() and (run / MERGED_DIR / "config.json").is_file()
+    return (run / COEFFICIENTS_FILE).is_file() and (run / MERGED_DIR / "config.json").is_file()
 
 
 def train_dam(config: Any) -> tuple[Path, str]:
