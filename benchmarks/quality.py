@@ -1,6 +1,6 @@
 """Quality of the demo merge over several seeds: ``dam demo run``'s comparison, mean and spread per method and task.
 
-For each seed S in ``--seeds`` it runs :func:`dam.pipeline.run_demo` into ``WORKDIR/seed<S>`` with DAM's training
+For each seed S in ``--seeds`` it runs :func:`dam.demo.run.run_demo` into ``WORKDIR/seed<S>`` with DAM's training
 seed and data order set to S (``train.seed``, ``data.seed``) and DARE's random drop seeded with S; the family is
 the one under ``--root`` (built once with seed 0 if missing: rebuilding it per seed takes ~5-8 min each on 2 CPU
 cores). ``--family-seeds`` also rebuilds a family per listed seed under ``WORKDIR/family<F>`` (datasets and
@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from dam.pipeline import CLASSIC_METHODS, format_comparison, goal_checks, run_demo, skills_mean
+from dam.demo.run import CLASSIC_METHODS, format_comparison, goal_checks, run_demo, skills_mean
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--family-seeds", type=int, nargs="*", default=[], help="also rebuild a family per seed")
     parser.add_argument("--workdir", default="runs/quality", help="where the runs and quality.json go")
     parser.add_argument("--force", action="store_true", help="retrain seed folders of another config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of configs/dam/demo.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of dam/demo/configs/dam.yaml")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     workdir = Path(args.workdir)
@@ -88,7 +88,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for label, root in families:
         if label != "default" and not (root / "models" / "build_report.json").is_file():
-            from dam.demo import build_demo
+            from dam.demo.family import build_demo
 
             build_demo(root, int(label.removeprefix("family")), progress=False)
         for seed in args.seeds:

@@ -4,7 +4,7 @@ full-parameter fine-tuning step of one model of the same architecture, same batc
 Builds a base and four perturbed fine-tunes of a ~27M-parameter Llama (hidden 512, 6 layers, vocab 8192) in a
 work folder (kept for reruns), then runs each configuration in a fresh subprocess:
 
-- DAM step (as ``dam.train`` runs it): student forward through the wrapper, top-K KL against random cached
+- DAM step (as ``dam.training.loop`` runs it): student forward through the wrapper, top-K KL against random cached
   teacher log-probabilities (K = 64), coefficient similarity, backward, clip, AdamW on the coefficients;
 - plain step: the same architecture as an ordinary ``LlamaForCausalLM``, cross-entropy on the batch, backward,
   clip, AdamW on every parameter.
@@ -60,8 +60,8 @@ def rss_bytes() -> int:
 
 
 def make_batch(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random tokens and random cached top-K teacher log-probabilities, shaped as ``dam.data.DataCollator`` makes
-    them: teacher tensors [B, S=1, T, K]."""
+    """Random tokens and random cached top-K teacher log-probabilities, shaped as
+    ``dam.training.data.DataCollator`` makes them: teacher tensors [B, S=1, T, K]."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
     logits = torch.randn(args.batch, 1, args.seq, TOP_K, generator=gen).sort(dim=-1, descending=True).values
@@ -81,10 +81,10 @@ def worker(args: argparse.Namespace) -> None:
     """One configuration in this process; prints a JSON line with the median step time and the peak memory."""
     from transformers import AutoModelForCausalLM
 
-    from dam.config import DAMOptions
-    from dam.losses import coefficient_losses
-    from dam.model import DAMModel
-    from dam.train import distillation_sum
+    from dam.adaptive.losses import coefficient_losses
+    from dam.adaptive.model import DAMModel
+    from dam.adaptive.options import DAMOptions
+    from dam.training.loop import distillation_sum
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from dam.io import parse_size
+    from dam.io.checkpoint import parse_size
     from dam.merge.engine import run_merge
 
     summary = run_merge(
@@ -67,8 +67,38 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_merge)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from dam.training.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from dam.training.loop import train  # heavy imports (accelerate, transformers) only once the config is valid
+
+    run = train(config)
+    print(f"DAM run finished in {run}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train DAM coefficients from a run config (resumable; one or many processes)",
+        description="Train a DAM merge from a run config: learn per-source coefficients on the config's data, "
+        "supervised by the sources as teachers, checkpointing to output_dir and exporting output_dir/merged at "
+        "the end. A restart of the same config resumes from its latest checkpoint. For several processes run "
+        "`accelerate launch train_dam.py CONFIG ...` (the same command).",
+    )
+    p.add_argument("config", help="DAM run config YAML (see configs/dam/)")
+    p.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="dotted config keys with YAML values: train.lr=1e-3 models.math.model=./m (or the --train.lr=1e-3 form "
+        "a wandb sweep agent passes)",
+    )
+    p.set_defaults(func=_train)
+
+
 def _export(args: argparse.Namespace) -> int:
-    from dam.export import export_merged
+    from dam.adaptive.export import export_merged
 
     out = export_merged(args.run_or_coeffs, args.out, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
     print(f"exported the DAM merge to {out}")
@@ -92,8 +122,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cache_logits(args: argparse.Namespace) -> int:
-    from dam.config import load_config
-    from dam.teacher_cache import cache_logits_for_config
+    from dam.training.config import load_config
+    from dam.training.teacher_cache import cache_logits_for_config
 
     config = load_config(args.config, args.overrides)
     folder = cache_logits_for_config(config, force=args.force, batch_size=args.batch_size, device=args.device)
@@ -119,7 +149,7 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_build(args: argparse.Namespace) -> int:
-    from dam.demo import DemoSettings, build_demo
+    from dam.demo.family import DemoSettings, build_demo
 
     steps = {"base_steps": args.base_steps, "expert_steps": args.expert_steps}
     settings = DemoSettings(**{k: v for k, v in steps.items() if v is not None})
@@ -133,7 +163,7 @@ def _demo_build(args: argparse.Namespace) -> int:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    from dam.pipeline import run_demo
+    from dam.demo.run import run_demo
 
     summary = run_demo(
         args.root, args.out, seed=args.seed, force=args.force, dam_overrides=args.overrides, quick=args.quick
@@ -172,8 +202,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     r = demo_sub.add_parser(
         "run",
         help="the whole demo: family, DAM, classic merges, evaluation, table and plot",
-        description="Build the demo family under ROOT if it is missing, train DAM (configs/dam/demo.yaml) into "
-        "OUT, merge the experts with linear, task_arithmetic, ties and dare_ties (configs/merge/demo/) into "
+        description="Build the demo family under ROOT if it is missing, train DAM (dam/demo/configs/dam.yaml) into "
+        "OUT, merge the experts with linear, task_arithmetic, ties and dare_ties (dam/demo/configs/merge/) into "
         "OUT/merges, evaluate every model on every task, print the comparison and write OUT/results.json, "
         "OUT/results.png and OUT/coefficients.png. A finished DAM run of the same config in OUT is reused.",
     )
@@ -187,8 +217,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dam.evaluate import evaluate_model, format_table, load_tasks, results_to_json
-    from dam.io import parse_dtype, resolve_model_path
+    from dam.evaluation.evaluate import evaluate_model, format_table, load_tasks, results_to_json
+    from dam.io.checkpoint import parse_dtype, resolve_model_path
 
     tasks = load_tasks(args.tasks, data_dir=args.data_dir, split=args.split, limit=args.limit)
     for model in args.models:
@@ -229,7 +259,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _kinship(args: argparse.Namespace) -> int:
-    from dam.kinship import format_kinship, model_kinship
+    from dam.evaluation.kinship import format_kinship, model_kinship
 
     kinship = model_kinship(args.model_a, args.model_b, args.base)
     print(kinship.to_json() if args.json else format_kinship(kinship))
@@ -251,7 +281,7 @@ def _add_kinship(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_kinship)
 
 
-_COMMANDS: list = [_add_merge, _add_export, _add_cache_logits, _add_demo, _add_eval, _add_kinship]
+_COMMANDS: list = [_add_merge, _add_train, _add_export, _add_cache_logits, _add_demo, _add_eval, _add_kinship]
 
 
 if __name__ == "__main__":

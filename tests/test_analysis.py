@@ -1,4 +1,4 @@
-"""dam.analysis on a tiny finished run: the coefficient table, its summary, the metrics, the plots, and the
+"""dam.evaluation.analysis on a tiny finished run: the coefficient table, its summary, the metrics, the plots, and the
 notebook executed end to end against the run."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from tiny_run import ROOT, tiny_config
 
-from dam.analysis import (
+from dam.errors import DamError
+from dam.evaluation.analysis import (
     COLUMNS,
     load_coefficient_table,
     load_metrics,
@@ -27,9 +28,8 @@ from dam.analysis import (
     tensor_layer,
     tensor_module,
 )
-from dam.errors import DamError
 from dam.testing import make_family
-from dam.train import train
+from dam.training.loop import train
 
 NOTEBOOK = ROOT / "notebooks" / "analyse_coefficients.ipynb"
 SOURCES = ["arithmetic", "reverse", "counting"]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dam.config import DAMConfig, apply_override, load_config, save_config
 from dam.errors import DamError
+from dam.training.config import DAMConfig, apply_override, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "dam" / "tiny.yaml"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from dam.layers import (
+from dam.adaptive.layers import (
     TRANSFORMS,
     DAMEmbedding,
     DAMLinear,

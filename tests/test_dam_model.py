@@ -11,12 +11,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from dam.config import DAMOptions
+from dam.adaptive.coefficients import COEFFICIENTS_FILE
+from dam.adaptive.layers import DAMEmbedding, DAMLinear, DAMNorm
+from dam.adaptive.losses import coefficient_losses
+from dam.adaptive.model import DAMModel
+from dam.adaptive.options import DAMOptions
 from dam.errors import DamError
-from dam.io import CheckpointReader
-from dam.layers import DAMEmbedding, DAMLinear, DAMNorm
-from dam.losses import coefficient_losses
-from dam.model import COEFFICIENTS_FILE, DAMModel
+from dam.io.checkpoint import CheckpointReader
 from dam.testing import make_family
 
 ARCHS = {"llama": ("llama", False), "qwen2": ("qwen2", False), "tied": ("llama", True)}

@@ -6,8 +6,10 @@ import datasets
 import pytest
 import torch
 
-from dam.config import DataConfig
-from dam.data import (
+from dam.errors import DamError
+from dam.testing import SIMPLE_CHAT_TEMPLATE, build_char_tokenizer
+from dam.training.config import DataConfig
+from dam.training.data import (
     ALL_SOURCES,
     IGNORE_INDEX,
     DataCollator,
@@ -17,8 +19,6 @@ from dam.data import (
     sample_dataset,
     tokenize_dataset,
 )
-from dam.errors import DamError
-from dam.testing import SIMPLE_CHAT_TEMPLATE, build_char_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
 SPECS = {

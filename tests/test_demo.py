@@ -10,22 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import dam.demo
+import dam.demo.tasks
 from dam.cli import main
-from dam.demo import (
-    GENERIC,
-    SKILLS,
-    DemoSettings,
-    build_demo,
-    collate,
-    demo_tokenizer,
-    learning_rate,
-    make_example,
-    task_splits,
-    write_datasets,
-)
+from dam.demo.family import DemoSettings, build_demo, collate, demo_tokenizer, learning_rate
+from dam.demo.tasks import GENERIC, SKILLS, make_example, task_splits, write_datasets
 from dam.errors import DamError
-from dam.evaluate import load_jsonl
+from dam.evaluation.evaluate import load_jsonl
 
 REPO_DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 TINY = DemoSettings(
@@ -97,7 +87,7 @@ def test_splits_are_deterministic_distinct_and_disjoint() -> None:
 
 
 def test_too_few_distinct_prompts_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(dam.demo._GENERATORS, "sort", lambda rng: (f"sort {rng.choice('ab')}=", "a"))
+    monkeypatch.setitem(dam.demo.tasks._GENERATORS, "sort", lambda rng: (f"sort {rng.choice('ab')}=", "a"))
     assert len(task_splits("sort", 0, 1, 1)[0]) == 1
     with pytest.raises(DamError, match="demo task 'sort': cannot draw 3 distinct prompts"):
         task_splits("sort", 0, 2, 1)
@@ -203,7 +193,7 @@ def test_cli_demo_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
         calls.append((out, seed, settings, force, progress))
         return {"seconds": {"total": 1.0}, "models": {"base": "models/base"}}
 
-    monkeypatch.setattr("dam.demo.build_demo", fake_build)
+    monkeypatch.setattr("dam.demo.family.build_demo", fake_build)
     assert main(["demo", "build", "--out", str(tmp_path), "--seed", "4", "--expert-steps", "7", "--quiet"]) == 0
     out, seed, settings, force, progress = calls[0]
     assert (out, seed, force, progress) == (str(tmp_path), 4, False, False)

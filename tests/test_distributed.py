@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from tiny_run import ROOT, TINY, tiny_overrides
 
-from dam.config import load_config
 from dam.testing import make_family
-from dam.train import train
+from dam.training.config import load_config
+from dam.training.loop import train
 
 
 def free_port() -> int:

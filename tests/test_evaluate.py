@@ -1,4 +1,4 @@
-"""dam.evaluate: task resolution, exact match and loss on models whose answers are known, batching, table, CLI."""
+"""dam.evaluation.evaluate: task resolution, exact match and loss on known answers, batching, table, CLI."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dam.cli import main
-from dam.demo import demo_tokenizer
+from dam.demo.family import demo_tokenizer
 from dam.errors import DamError
-from dam.evaluate import (
+from dam.evaluation.evaluate import (
     ModelResult,
     TaskResult,
     encode_example,

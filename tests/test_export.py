@@ -11,11 +11,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dam.adaptive.coefficients import COEFFICIENTS_FILE
+from dam.adaptive.export import export_merged
+from dam.adaptive.model import DAMModel
+from dam.adaptive.options import DAMOptions
 from dam.cli import main
-from dam.config import DAMOptions
 from dam.errors import DamError
-from dam.export import export_merged
-from dam.model import COEFFICIENTS_FILE, DAMModel
 from dam.testing import make_family
 
 ARCHS = {"llama": ("llama", False), "qwen2": ("qwen2", False), "tied": ("llama", True)}

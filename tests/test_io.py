@@ -6,15 +6,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from dam.errors import DamError
-from dam.io import (
-    CheckpointReader,
-    ShardedWriter,
-    atomic_output_dir,
-    parse_dtype,
-    parse_size,
-    resolve_model_path,
-    write_model_files,
-)
+from dam.io.checkpoint import CheckpointReader, parse_dtype, parse_size, resolve_model_path
+from dam.io.model_folder import write_model_files
+from dam.io.writer import ShardedWriter, atomic_output_dir
 from dam.testing import make_family
 
 

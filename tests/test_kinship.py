@@ -1,4 +1,4 @@
-"""dam.kinship: streamed task-vector similarity against a direct whole-model computation, edge cases, CLI."""
+"""dam.evaluation.kinship: streamed task-vector similarity against a direct whole-model computation, edge cases."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from dam.cli import main
 from dam.errors import DamError
-from dam.kinship import format_kinship, model_kinship, module_kind
+from dam.evaluation.kinship import format_kinship, model_kinship, module_kind
 from dam.testing import make_family
 
 

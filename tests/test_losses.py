@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dam.losses import (
+from dam.adaptive.losses import (
     coefficient_losses,
     coefficient_similarity,
     kl_divergence,

@@ -10,7 +10,6 @@ import yaml
 from safetensors.torch import load_file
 
 from dam.errors import DamError
-from dam.merge import METHODS
 from dam.merge.config import (
     ConditionalParameter,
     evaluate_setting,
@@ -19,6 +18,7 @@ from dam.merge.config import (
     resolve_parameters,
 )
 from dam.merge.engine import run_merge
+from dam.merge.registry import METHODS
 from dam.testing import make_family
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "configs" / "merge").glob("*.yaml"))

@@ -10,10 +10,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from dam.errors import DamError
-from dam.io import CheckpointReader
-from dam.merge import METHODS
+from dam.io.checkpoint import CheckpointReader
 from dam.merge.config import parse_merge_config
 from dam.merge.engine import plan_merge, run_merge, tensor_seed
+from dam.merge.registry import METHODS
 from dam.testing import SIMPLE_CHAT_TEMPLATE, make_family
 
 

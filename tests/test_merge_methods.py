@@ -10,17 +10,10 @@ import torch
 from torch import Tensor
 
 from dam.errors import DamError
-from dam.merge import METHODS, REQUIRED, describe_methods, get_method
-from dam.merge.slerp import nuslerp, slerp
-from dam.merge.sparsify import (
-    apply_mask,
-    breadcrumbs_mask,
-    della_mask,
-    magnitude_mask,
-    random_mask,
-    sparsify,
-)
-from dam.merge.task_arithmetic import sign_consensus
+from dam.merge.methods.slerp import nuslerp, slerp
+from dam.merge.methods.sparsify import apply_mask, breadcrumbs_mask, della_mask, magnitude_mask, random_mask, sparsify
+from dam.merge.methods.task_arithmetic import sign_consensus
+from dam.merge.registry import METHODS, REQUIRED, describe_methods, get_method
 
 RANDOM_METHODS = ["dare_linear", "dare_ties", "della", "della_linear"]
 

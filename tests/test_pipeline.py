@@ -1,14 +1,19 @@
 """dam demo run end to end on a tiny demo family (``quick``): table, results.json, plots, reuse and refusal."""
 
 import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
 
 from dam.cli import main
+from dam.demo.run import CLASSIC_METHODS, CONFIG_DIR, MERGE_CONFIG_DIR, dam_config, merge_config_text, rebase, run_demo
 from dam.errors import DamError
 from dam.merge.config import parse_merge_config
-from dam.pipeline import CLASSIC_METHODS, MERGE_CONFIG_DIR, dam_config, merge_config_text, rebase, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +81,47 @@ def test_rerun_reuses_and_other_config_is_refused(demo_run, capsys):
     with pytest.raises(DamError, match="not a DAM run"):
         run_demo(root, root / "other", quick=True)
     assert (root / "other" / "notes.txt").read_text() == "keep me"
+
+
+# a subprocess from a folder outside the repository: ~15 s on 2 idle cores (it builds a tiny family)
+@pytest.mark.slow
+def test_demo_runs_from_any_working_directory(tmp_path):
+    """`dam demo run` reads its configs from the installed package, not from a checkout in the working directory."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dam.cli", "demo", "run", "--quick"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "dam").exists() and not (tmp_path / "configs").exists()
+    saved = json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())
+    assert saved["dam_status"] == "trained" and "dam" in saved["accuracy"]
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_demo_configs(tmp_path):
+    """A user who installs the package (not the repository) gets the demo's configs as package data."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("dam-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"dam/demo/configs/{p.relative_to(CONFIG_DIR).as_posix()}" for p in CONFIG_DIR.rglob("*.yaml")}
+    assert len(shipped) == 5 and shipped <= names

@@ -12,8 +12,8 @@ import yaml
 from wandb.proto import wandb_internal_pb2
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-from dam.config import load_config
 from dam.testing import make_family
+from dam.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs" / "sweeps" / "tiny.yaml"

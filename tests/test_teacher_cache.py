@@ -5,14 +5,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import dam.teacher_cache as tc
+import dam.training.teacher_cache as tc
+from dam.adaptive.losses import topk_kl_divergence
+from dam.adaptive.model import DAMModel
 from dam.cli import main
-from dam.config import DataConfig, load_config
-from dam.data import ALL_SOURCES, DataCollator, build_train_dataset
 from dam.errors import DamError
-from dam.losses import topk_kl_divergence
-from dam.model import DAMModel
 from dam.testing import SIMPLE_CHAT_TEMPLATE, make_family, perturbed_copy
+from dam.training.config import DataConfig, load_config
+from dam.training.data import ALL_SOURCES, DataCollator, build_train_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
 NAMES = ["math", "reverse", "count"]

@@ -15,12 +15,13 @@ import torch
 from safetensors.torch import load_file
 from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
 
-from dam.config import DAMConfig, TrainConfig, load_config
-from dam.data import DataCollator, build_train_dataset
+from dam.adaptive.model import DAMModel
 from dam.errors import DamError
-from dam.model import DAMModel
 from dam.testing import make_family
-from dam.train import LATEST_FILE, _setup_model, distillation_sum, latest_checkpoint, train
+from dam.training.config import DAMConfig, TrainConfig, load_config
+from dam.training.data import DataCollator, build_train_dataset
+from dam.training.loop import _setup_model, distillation_sum, train
+from dam.training.run_dir import LATEST_FILE, latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def mean_distillation_loss(config: DAMConfig, coefficients_file: Path | None) ->
     """KL over the whole training set (own teacher per example), for the init or for trained coefficients."""
     from transformers import AutoTokenizer
 
-    from dam.train import _Teachers
+    from dam.training.loop import _Teachers
 
     model = DAMModel.from_pretrained(config.base_model, [m.model for m in config.models], config.dam)
     if coefficients_file is not None:
@@ -171,7 +172,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(family: tuple[Path
 
 
 def test_cached_teacher_logits_give_the_on_the_fly_loss(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
-    from dam.teacher_cache import cache_logits_for_config
+    from dam.training.teacher_cache import cache_logits_for_config
 
     common = ("train.max_steps=1", "loss.top_k=16", "train.save_every=0")
     cache = f"data.cache_dir={tmp_path / 'cache'}"

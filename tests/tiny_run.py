@@ -6,7 +6,7 @@ overrides come from the test. wandb is disabled unless an override turns it on.
 
 from pathlib import Path
 
-from dam.config import DAMConfig, load_config
+from dam.training.config import DAMConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "dam" / "tiny.yaml"

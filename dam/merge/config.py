@@ -32,8 +32,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
 
 from dam.errors import DamError
-from dam.io import parse_dtype
-from dam.merge import METHODS, REQUIRED, MergeMethod
+from dam.io.checkpoint import parse_dtype
+from dam.merge.registry import METHODS, REQUIRED, MergeMethod
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@
    of those tensors (one per model, plus the method's scratch), never a whole model.
 3. **Finish**: ``config.json`` (dtype and layer count updated), tokenizer and ``generation_config.json`` copied,
    the config saved as ``mergekit_config.yml`` and a short model card; all of it inside
-   :func:`dam.io.atomic_output_dir`, so a failure or Ctrl-C leaves nothing at the output path.
+   :func:`dam.io.writer.atomic_output_dir`, so a failure or Ctrl-C leaves nothing at the output path.
 
 Precision: dam computes every method in float32, whatever ``dtype`` says; ``dtype`` only rounds the inputs as
 they are loaded (as mergekit loads them) and ``out_dtype`` (else ``dtype``, else the inputs' dtype) is what is
@@ -44,17 +44,11 @@ import torch
 from torch import Tensor
 
 from dam.errors import DamError
-from dam.io import (
-    CheckpointReader,
-    ShardedWriter,
-    atomic_output_dir,
-    dtype_name,
-    parse_dtype,
-    resolve_model_path,
-    write_model_files,
-)
-from dam.merge import MergeMethod
+from dam.io.checkpoint import CheckpointReader, dtype_name, parse_dtype, resolve_model_path
+from dam.io.model_folder import write_model_files
+from dam.io.writer import ShardedWriter, atomic_output_dir
 from dam.merge.config import MergeConfig, OutputSlice, load_merge_config, resolve_parameters
+from dam.merge.registry import MergeMethod
 
 logger = logging.getLogger(__name__)
 
@@ -512,7 +506,7 @@ def _merged(plan: MergePlan, device: torch.device, seed: int, workers: int) -> I
 
 
 def _estimate_shards(sizes: list[int], max_shard_size: int) -> int:
-    """How many shards :class:`~dam.io.ShardedWriter` will write for these tensor sizes, in order."""
+    """How many shards :class:`~dam.io.writer.ShardedWriter` will write for these tensor sizes, in order."""
     shards, current = 1, 0
     for size in sizes:
         if current > 0 and current + size > max_shard_size:

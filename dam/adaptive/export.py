@@ -1,0 +1,181 @@
+"""Fold DAM coefficients into an ordinary checkpoint of the base architecture.
+
+:func:`export_merged` works from a coefficients file (or a training run folder holding
+``dam_coefficients.safetensors``) alone: its metadata names the base, the sources, the options and the dtype the
+wrapper ran in. Each merged tensor is folded exactly as the wrapper computes it (sources read in the wrapper's
+dtype, ``fold`` in float32 over the transformed coefficients, cast back), one tensor at a time, so memory holds N
+copies of one tensor. The output folder (written atomically) holds:
+
+- ``model*.safetensors`` (+ index when sharded) through :class:`dam.io.writer.ShardedWriter`; tied tensors are written
+  once under the owner's name (``model.embed_tokens.weight``), and the config keeps ``tie_word_embeddings``;
+- ``config.json`` (the base's, dtype updated), tokenizer and ``generation_config.json`` from the base (tokenizer
+  from the first source when the base has none);
+- ``README.md``: a model card naming the sources, the method and the training config;
+- ``dam_coefficients.safetensors`` + ``dam_coefficients.json``: the raw coefficients and their metadata.
+
+``DAMModel.export(out)`` calls :func:`write_merged_model` with the live coefficients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from dam.adaptive.coefficients import COEFFICIENTS_FILE, check_coefficients, read_coefficients, save_coefficients
+from dam.adaptive.layers import apply_transform, fold
+from dam.errors import DamError
+from dam.io.checkpoint import (
+    TOKENIZER_FILES,
+    CheckpointReader,
+    dtype_name,
+    parse_dtype,
+    parse_size,
+    resolve_model_path,
+)
+from dam.io.model_folder import write_model_files
+from dam.io.writer import ShardedWriter, atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+
+def export_merged(
+    run_or_coefficients: str | Path,
+    out: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    shard_size: int | str = "5GB",
+    force: bool = False,
+) -> Path:
+    """Export from a coefficients file or a run folder containing ``dam_coefficients.safetensors``."""
+    tensors, metadata = read_coefficients(run_or_coefficients)
+    return write_merged_model(tensors, metadata, out, dtype=dtype, shard_size=shard_size, force=force)
+
+
+def _expected_shape(name: str, tensor_shape: tuple[int, ...], bias_mode: str, n: int) -> tuple[int, ...]:
+    """Coefficient shape for a merged tensor: (N, in) for linear/embedding weights, (N, size) for norm weights,
+    (N, out) or (N, 1) for biases."""
+    if name.endswith(".bias"):
+        return (n, 1) if bias_mode == "scalar" else (n, *tensor_shape)
+    return (n, tensor_shape[-1])
+
+
+def _check_fits(tensors: dict[str, Tensor], metadata: dict[str, Any], readers: list[CheckpointReader]) -> list[str]:
+    """Check every coefficient tensor against the sources' headers; return the tensor names in checkpoint order."""
+    sources: list[str] = metadata["sources"]
+    n = len(sources)
+    expected = {}
+    for name in metadata["tensors"]:
+        shapes = []
+        for source, reader in zip(sources, readers, strict=True):
+            if name not in reader:
+                raise DamError(f"coefficients for {name!r}: source {source!r} has no such tensor")
+            shapes.append(tuple(reader.shape(name)))
+        if len(set(shapes)) > 1:
+            raise DamError(f"tensor {name!r} has different shapes in the sources: {shapes}")
+        expected[name] = _expected_shape(name, shapes[0], metadata["options"]["bias"], n)
+    check_coefficients(tensors, expected, "coefficients", n)
+    skipped = [k for k in readers[0].names if k not in expected and k not in metadata.get("tied", {})]
+    if skipped:
+        logger.warning("not exported (no coefficients; unused by the model): %s", ", ".join(skipped))
+    return [name for name in readers[0].names if name in expected]
+
+
+def write_merged_model(
+    tensors: dict[str, Tensor],
+    metadata: dict[str, Any],
+    out: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    shard_size: int | str = "5GB",
+    force: bool = False,
+) -> Path:
+    """Fold raw ``tensors`` (coefficients by tensor name) with ``metadata`` into a checkpoint at ``out``.
+
+    ``dtype`` defaults to the dtype the wrapper ran in. Every coefficient tensor is checked against the source
+    checkpoints' headers (present, right shape) before anything is written; a mismatch is a DamError naming it.
+    """
+    sources: list[str] = metadata["sources"]
+    options: dict[str, Any] = metadata["options"]
+    wrapper_dtype = parse_dtype(metadata["dtype"])
+    out_dtype = parse_dtype(dtype) if dtype is not None else wrapper_dtype
+    max_shard = parse_size(shard_size)
+    base_path = resolve_model_path(metadata["base_model"])
+    config_file = base_path / "config.json"
+    if not config_file.is_file():
+        raise DamError(f"base {metadata['base_model']!r}: no config.json in {base_path}")
+    transform = options["transform"]
+    coefficient_dtype = parse_dtype(options["coefficient_dtype"])
+    with contextlib.ExitStack() as stack:
+        readers = [stack.enter_context(CheckpointReader(s)) for s in sources]
+        order = _check_fits(tensors, metadata, readers)
+        with atomic_output_dir(out, force=force) as tmp:
+            writer = ShardedWriter(tmp, max_shard_size=max_shard, dtype=out_dtype)
+            for i, name in enumerate(order):
+                coefficients = apply_transform(tensors[name].to(coefficient_dtype), transform)
+                weights = (reader.get(name, dtype=wrapper_dtype) for reader in readers)
+                writer.add(name, fold(weights, coefficients).to(wrapper_dtype))
+                if (i + 1) % 50 == 0:
+                    logger.info("folded %d/%d tensors", i + 1, len(order))
+            files = writer.finalize()
+            tokenizer_source = base_path if _has_tokenizer(base_path) else readers[0].path
+            config = json.loads(config_file.read_text())
+            write_model_files(
+                tmp, config, dtype=out_dtype, tokenizer_source=tokenizer_source, generation_config_source=base_path
+            )
+            save_coefficients(tmp / COEFFICIENTS_FILE, tensors, metadata)
+            (tmp / "README.md").write_text(model_card(metadata, out_dtype))
+    logger.info("exported %d tensors (%s) in %s to %s", len(order), dtype_name(out_dtype), ", ".join(files), out)
+    return Path(out)
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / f).exists() for f in TOKENIZER_FILES)
+
+
+def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:
+    """A Hugging Face model card: front matter, sources, method, options and the training config."""
+    options = metadata["options"]
+    front = {"base_model": metadata["base_model"], "library_name": "transformers", "tags": ["merge", "dam"]}
+    sources = "\n".join(
+        f"- `{s}` (init coefficient {w:g})" for s, w in zip(metadata["sources"], metadata["init_weights"], strict=True)
+    )
+    training = metadata.get("training")
+    training_text = (
+        f"```yaml\n{yaml.safe_dump(training, sort_keys=False).strip()}\n```" if training else "Not recorded."
+    )
+    return f"""---
+{yaml.safe_dump(front, sort_keys=False).strip()}
+---
+# DAM merge of {len(metadata["sources"])} models
+
+Merged with DAM (Differentiable Adaptive Merging, [arXiv:2410.08371](https://arxiv.org/abs/2410.08371)): every
+source gets learned per-column coefficients, trained by distillation from the sources themselves, then folded
+into this ordinary `{dtype_name(dtype)}` checkpoint of the base architecture.
+
+## Sources
+
+{sources}
+
+Base architecture, config and tokenizer: `{metadata["base_model"]}`.
+
+## Method
+
+- Linear layers: `W = sum_i W_i diag(c_i)` (one coefficient per input column and source).
+- Embeddings: `E = sum_i E_i diag(c_i)` over the hidden dimension; norms: `w = sum_i w_i * c_i` elementwise.
+- Biases: `b = sum_i b_i * beta_i` (`{options["bias"]}`).
+- Coefficients trained for: {", ".join(options["targets"])}; transform: `{options["transform"]}`; init:
+  `{options["init"]}`.
+
+The raw coefficients are in `dam_coefficients.safetensors` (metadata in `dam_coefficients.json`).
+
+## Training configuration
+
+{training_text}
+"""

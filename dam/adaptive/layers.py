@@ -1,0 +1,369 @@
+"""DAM modules: N frozen source weights stacked in one tensor, plus learnable per-source coefficients.
+
+Every merged tensor is ``fold(sources, coefficients) = sum_i sources[i] * coefficients[i]``, the coefficient
+broadcasting over the tensor's leading dimensions:
+
+- linear ``W`` (out, in), coefficients (N, in): ``W = sum_i W_i diag(c_i)`` (one value per input column);
+- embedding ``E`` (vocab, hidden), coefficients (N, hidden): ``E = sum_i E_i diag(c_i)``; a tied ``lm_head``
+  is a :class:`DAMLinear` sharing the embedding's sources *and* coefficients, so it stays tied;
+- norm weight ``w`` (hidden,), coefficients (N, hidden): elementwise;
+- bias ``b`` (out,), coefficients (N, out) (per output) or (N, 1) (one scalar per source).
+
+The stored (raw) coefficients pass through a transform (:func:`apply_transform`: none, tanh, sigmoid, softmax
+across sources) before they multiply; :func:`inverse_transform` gives the raw init for wanted coefficients.
+Folds accumulate in the coefficients' dtype (float32) whatever the sources' dtype, and the result is cast to the
+sources' dtype: exactly what an exported checkpoint of that dtype holds.
+
+Memory and speed (see "The physics of a DAM step" in DAM_NOTES.md): :class:`DAMLinear` runs a custom autograd
+function that keeps only the layer input for backward (as ``nn.Linear`` does). The merged weight is rebuilt in
+backward for ``dL/dx``; coefficient gradients take the one weight-gradient GEMM ``G = dL/dW = g^T x`` plus a
+column reduction per source, ``dL/dc_i[j] = sum_k G[k, j] W_i[k, j]``. :class:`DAMEmbedding` saves only the
+token ids. Sources are ``nn.Parameter(requires_grad=False)`` (DDP ignores them in its all-reduce and FSDP can
+shard them) and are left out of ``state_dict()``, which therefore holds the coefficients only.
+
+Teacher mode: setting ``module.selected = k`` makes a module compute with source k's own weights, bit for bit
+what the original layer computes (:meth:`dam.adaptive.model.DAMModel.select_source` sets it on every module).
+
+This module imports only torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TRANSFORMS = ("none", "tanh", "sigmoid", "softmax")
+SOURCE_SUFFIXES = ("weight_sources", "bias_sources")
+_CHUNK_ELEMENTS = 2**22  # rows per chunk in the coefficient-gradient reduction: ~16 MB float32 temporaries
+
+
+def apply_transform(raw: Tensor, transform: str) -> Tensor:
+    """Raw coefficients (N, ...) -> merge coefficients (N, ...). ``softmax`` normalises across sources (dim 0)."""
+    if transform == "none":
+        return raw
+    if transform == "tanh":
+        return torch.tanh(raw)
+    if transform == "sigmoid":
+        return torch.sigmoid(raw)
+    if transform == "softmax":
+        return torch.softmax(raw, dim=0)
+    raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+
+
+def inverse_transform(coefficients: Tensor, transform: str) -> Tensor:
+    """Raw values whose :func:`apply_transform` is ``coefficients`` (N, ...).
+
+    tanh needs |c| < 1 (``atanh``), sigmoid 0 < c < 1 (``logit``), softmax c > 0 with sum 1 over sources
+    (``log c``). Raises ``ValueError`` for coefficients the transform cannot produce.
+    """
+    c = coefficients
+    if transform == "none":
+        return c.clone()
+    if transform == "tanh":
+        if (c.abs() >= 1).any():
+            raise ValueError("tanh coefficients must lie strictly between -1 and 1")
+        return torch.atanh(c)
+    if transform == "sigmoid":
+        if ((c <= 0) | (c >= 1)).any():
+            raise ValueError("sigmoid coefficients must lie strictly between 0 and 1")
+        return torch.logit(c)
+    if transform == "softmax":
+        if (c <= 0).any() or not torch.allclose(c.sum(0), torch.ones((), dtype=c.dtype), atol=1e-6):
+            raise ValueError("softmax coefficients must be positive and sum to 1 over the sources")
+        return torch.log(c)
+    raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+
+
+def fold(sources: Tensor | Iterable[Tensor], coefficients: Tensor) -> Tensor:
+    """``sum_i sources[i] * coefficients[i]``, accumulated in ``coefficients.dtype``.
+
+    ``sources``: (N, *S) or an iterable of N tensors of shape S (any float dtype). ``coefficients``: (N, *C)
+    with C broadcastable to S: (in,) for linear/embedding columns, S for elementwise, (1,) for a scalar.
+    Returns a tensor of shape S in ``coefficients.dtype``. Differentiable in ``coefficients``.
+    """
+    merged: Tensor | None = None
+    count = 0
+    for src, c in zip(sources, coefficients, strict=False):
+        merged = torch.mul(src, c) if merged is None else merged.addcmul_(src, c)
+        count += 1
+    if merged is None or count != coefficients.shape[0]:
+        raise ValueError(f"fold: {count} source tensors for {coefficients.shape[0]} coefficient rows")
+    return merged
+
+
+def _column_dots(rows: Tensor, sources: Tensor, dtype: torch.dtype) -> Tensor:
+    """``out[i, j] = sum_k rows[k, j] * sources[i, k, j]`` for rows (K, J), sources (N, K, J) -> (N, J) in ``dtype``.
+
+    Accumulates in ``dtype`` over row chunks so that temporaries stay small whatever the layer size.
+    """
+    n, k, j = sources.shape
+    out = torch.zeros(n, j, dtype=dtype, device=rows.device)
+    step = max(1, _CHUNK_ELEMENTS // max(j, 1))
+    for start in range(0, k, step):
+        block = rows[start : start + step].to(dtype)
+        for i in range(n):
+            out[i] += (block * sources[i, start : start + step]).sum(0)
+    return out
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute in: the autocast dtype when autocast is on, else the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _DAMLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with ``W = fold(weight_sources, coefficients)``, saving x but never W.
+
+    Shapes: x (..., in), weight_sources (N, out, in), coefficients (N, in), bias (out,) or None -> y (..., out).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight_sources: Tensor, coefficients: Tensor, bias: Tensor | None) -> Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            weight = fold(weight_sources, coefficients).to(weight_sources.dtype).to(dtype)  # (out, in)
+            out = F.linear(xc, weight, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, weight_sources, coefficients)
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+        x, weight_sources, coefficients = ctx.saved_tensors
+        g = grad_out.to(x.dtype)  # (..., out)
+        grad_x = grad_c = grad_b = None
+        if ctx.needs_input_grad[0]:
+            weight = fold(weight_sources, coefficients).to(weight_sources.dtype).to(x.dtype)  # (out, in), transient
+            grad_x = (g @ weight).to(ctx.x_dtype)  # (..., in)
+            del weight
+        if ctx.needs_input_grad[2]:
+            g2 = g.reshape(-1, g.shape[-1])  # (T, out)
+            grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, in): the weight-gradient GEMM
+            grad_c = _column_dots(grad_w, weight_sources, coefficients.dtype)  # (N, in)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            acc = torch.promote_types(g.dtype, torch.float32)
+            grad_b = g.reshape(-1, g.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)  # (out,)
+        return grad_x, None, grad_c, grad_b
+
+
+class _DAMEmbeddingFunction(torch.autograd.Function):
+    """Rows of ``E = fold(weight_sources, coefficients)`` for ``ids``, gathering per source; saves the ids only.
+
+    Shapes: ids (...,) integer, weight_sources (N, vocab, hidden), coefficients (N, hidden) -> (..., hidden) in
+    the sources' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, ids: Tensor, weight_sources: Tensor, coefficients: Tensor) -> Tensor:
+        ctx.save_for_backward(ids, weight_sources, coefficients)
+        rows = (F.embedding(ids, w) for w in weight_sources)
+        return fold(rows, coefficients).to(weight_sources.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[None, None, Tensor | None]:
+        ids, weight_sources, coefficients = ctx.saved_tensors
+        if not ctx.needs_input_grad[2]:
+            return None, None, None
+        flat = ids.reshape(-1)
+        g = grad_out.reshape(flat.numel(), -1).to(coefficients.dtype)  # (T, hidden)
+        grad_c = torch.stack([(g * F.embedding(flat, w)).sum(0) for w in weight_sources])  # (N, hidden)
+        return None, None, grad_c
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) and not t.requires_grad else nn.Parameter(t, requires_grad=False)
+
+
+def _drop_sources_from_state_dict(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    for suffix in SOURCE_SUFFIXES:
+        state_dict.pop(prefix + suffix, None)
+
+
+def _ignore_missing_sources(module: nn.Module, incompatible_keys: Any) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if k.rsplit(".", 1)[-1] not in SOURCE_SUFFIXES]
+
+
+class DAMModule(nn.Module):
+    """Base of the DAM modules: a weight (and optional bias) as frozen stacked sources plus raw coefficients.
+
+    Attributes: ``weight_sources`` (N, *S) and ``weight_coefficients`` (N, *C); ``bias_sources`` (N, out) and
+    ``bias_coefficients`` (N, out) or (N, 1), or None. Sources are frozen parameters and are dropped from
+    ``state_dict()`` (and not required by ``load_state_dict``); coefficients are parameters whose
+    ``requires_grad`` says whether they train. ``transform`` maps raw to merge coefficients. ``selected``: None
+    (merge) or a source index (teacher mode).
+    """
+
+    def __init__(
+        self,
+        weight_sources: Tensor,
+        weight_coefficients: Tensor,
+        bias_sources: Tensor | None = None,
+        bias_coefficients: Tensor | None = None,
+        transform: str = "none",
+    ):
+        super().__init__()
+        if transform not in TRANSFORMS:
+            raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+        if (bias_sources is None) != (bias_coefficients is None):
+            raise ValueError("bias_sources and bias_coefficients go together")
+        _check_pair("weight", weight_sources, weight_coefficients)
+        # sources first: Hugging Face's ``model.dtype`` is the dtype of the first floating-point parameter
+        self.weight_sources = _frozen(weight_sources)
+        self.weight_coefficients = _as_parameter(weight_coefficients)
+        if bias_sources is not None and bias_coefficients is not None:
+            _check_pair("bias", bias_sources, bias_coefficients)
+            if bias_sources.shape[0] != weight_sources.shape[0]:
+                raise ValueError("bias and weight have different numbers of sources")
+            self.bias_sources = _frozen(bias_sources)
+            self.bias_coefficients = _as_parameter(bias_coefficients)
+        else:
+            self.register_parameter("bias_sources", None)
+            self.register_parameter("bias_coefficients", None)
+        self.transform = transform
+        self.selected: int | None = None
+        self.register_state_dict_post_hook(_drop_sources_from_state_dict)
+        self.register_load_state_dict_post_hook(_ignore_missing_sources)
+
+    @property
+    def num_sources(self) -> int:
+        return self.weight_sources.shape[0]
+
+    def coefficients(self, name: str = "weight") -> Tensor:
+        """Merge coefficients of ``name`` ("weight" or "bias") after the transform (differentiable)."""
+        return apply_transform(getattr(self, f"{name}_coefficients"), self.transform)
+
+    def merged(self, name: str = "weight") -> Tensor | None:
+        """The merged ``name`` tensor in the sources' dtype (no grad): what an exported checkpoint holds."""
+        sources = getattr(self, f"{name}_sources")
+        if sources is None:
+            return None
+        with torch.no_grad():
+            return fold(sources, self.coefficients(name)).to(sources.dtype)
+
+    def _merged_bias(self) -> Tensor | None:
+        if self.bias_sources is None:
+            return None
+        if self.selected is not None:
+            return self.bias_sources[self.selected]
+        return fold(self.bias_sources, self.coefficients("bias")).to(self.bias_sources.dtype)
+
+    def extra_repr(self) -> str:
+        shape, bias = tuple(self.weight_sources.shape[1:]), self.bias_sources is not None
+        return f"sources={self.num_sources}, weight={shape}, bias={bias}, transform={self.transform}"
+
+
+def _as_parameter(t: Tensor) -> nn.Parameter:
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t)
+
+
+def _check_pair(name: str, sources: Tensor, coefficients: Tensor) -> None:
+    if sources.dim() < 2 or coefficients.dim() < 2 or coefficients.shape[0] != sources.shape[0]:
+        raise ValueError(
+            f"{name}: sources {tuple(sources.shape)} and coefficients {tuple(coefficients.shape)} need the same "
+            "leading number of sources"
+        )
+    try:
+        torch.broadcast_shapes(sources.shape[1:], coefficients.shape[1:])
+    except RuntimeError as e:
+        raise ValueError(
+            f"{name}: coefficients {tuple(coefficients.shape)} do not broadcast to sources {tuple(sources.shape)}"
+        ) from e
+    if not coefficients.is_floating_point() or coefficients.element_size() < 4:
+        raise ValueError(f"{name}: coefficients must be float32 or float64, got {coefficients.dtype}")
+
+
+class DAMLinear(DAMModule):
+    """Replaces ``nn.Linear``: ``y = x (sum_i W_i diag(c_i))^T + sum_i b_i * beta_i``.
+
+    weight_sources (N, out, in), weight_coefficients (N, in); optional bias_sources (N, out) with
+    bias_coefficients (N, out) or (N, 1).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.weight_sources.dim() != 3 or self.weight_coefficients.shape[1:] != self.weight_sources.shape[2:]:
+            raise ValueError(
+                f"linear: expected sources (N, out, in) and coefficients (N, in), got "
+                f"{tuple(self.weight_sources.shape)} and {tuple(self.weight_coefficients.shape)}"
+            )
+        self.out_features, self.in_features = self.weight_sources.shape[1:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self._merged_bias()
+        if self.selected is not None:
+            return F.linear(x, self.weight_sources[self.selected], bias)
+        return _DAMLinearFunction.apply(x, self.weight_sources, self.coefficients("weight"), bias)
+
+
+class DAMEmbedding(DAMModule):
+    """Replaces ``nn.Embedding``: rows of ``E = sum_i E_i diag(c_i)``.
+
+    weight_sources (N, vocab, hidden), weight_coefficients (N, hidden). ``padding_idx`` is kept for reference
+    (it only affects the gradient of the frozen table).
+
+    ``embedding``: for an ``nn.Embedding`` subclass with its own forward (Gemma's scaled embedding), the original
+    module with its weight removed; its forward then runs with the merged table substituted. That path
+    materialises the merged (vocab, hidden) table and its dense gradient (plain autograd), so it costs about two
+    tables of transient memory where the gather path of a plain embedding costs only the looked-up rows.
+    """
+
+    def __init__(self, *args: Any, padding_idx: int | None = None, embedding: nn.Module | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.weight_sources.dim() != 3 or self.weight_coefficients.shape[1:] != self.weight_sources.shape[2:]:
+            raise ValueError(
+                f"embedding: expected sources (N, vocab, hidden) and coefficients (N, hidden), got "
+                f"{tuple(self.weight_sources.shape)} and {tuple(self.weight_coefficients.shape)}"
+            )
+        if self.bias_sources is not None:
+            raise ValueError("embedding: no bias expected")
+        if embedding is not None and any(True for _ in embedding.parameters()):
+            raise ValueError(f"embedding: remove the parameters of {type(embedding).__name__} before wrapping it")
+        self.num_embeddings, self.embedding_dim = self.weight_sources.shape[1:]
+        self.padding_idx = padding_idx
+        self.embedding = embedding
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.embedding is not None:
+            if self.selected is not None:
+                weight = self.weight_sources[self.selected]
+            else:
+                weight = fold(self.weight_sources, self.coefficients("weight")).to(self.weight_sources.dtype)
+            return torch.func.functional_call(self.embedding, {"weight": weight}, (ids,), strict=False)
+        if self.selected is not None:
+            return F.embedding(ids, self.weight_sources[self.selected], self.padding_idx)
+        return _DAMEmbeddingFunction.apply(ids, self.weight_sources, self.coefficients("weight"))
+
+
+class DAMNorm(DAMModule):
+    """Replaces a norm layer (RMSNorm, LayerNorm, any variant): runs the original module's own forward with the
+    merged weight ``sum_i w_i * c_i`` (elementwise) and merged bias substituted for its parameters.
+
+    ``norm`` is the original module with its ``weight``/``bias`` parameters removed; weight_sources (N, hidden),
+    weight_coefficients (N, hidden). The merged vectors are small, so plain autograd differentiates them.
+    """
+
+    def __init__(self, norm: nn.Module, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if any(True for _ in norm.parameters()):
+            raise ValueError(f"norm: remove the parameters of {type(norm).__name__} before wrapping it")
+        self.norm = norm
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.selected is not None:
+            weight = self.weight_sources[self.selected]
+        else:
+            weight = fold(self.weight_sources, self.coefficients("weight")).to(self.weight_sources.dtype)
+        tensors = {"weight": weight}
+        if self.bias_sources is not None:
+            tensors["bias"] = self._merged_bias()
+        return torch.func.functional_call(self.norm, tensors, args, kwargs, strict=False)

@@ -1,0 +1,462 @@
+"""The DAM wrapper: a stock Hugging Face causal LM whose weight-holding modules are swapped for DAM modules.
+
+Building (:meth:`DAMModel.from_pretrained`): the base's config gives the architecture; the stock transformers
+model is instantiated with its parameters on the meta device (no memory, no random init); every ``nn.Linear``
+(``lm_head`` included), ``nn.Embedding`` and norm layer is replaced by a
+:class:`dam.adaptive.layers.DAMLinear`, :class:`~dam.adaptive.layers.DAMEmbedding` or
+:class:`~dam.adaptive.layers.DAMNorm` whose frozen stacked sources are filled tensor by tensor from the source
+checkpoints (:class:`dam.io.checkpoint.CheckpointReader`). Weights tied in the stock model (``lm_head`` and the
+embedding when the config ties them) share one DAM tensor, so they stay tied. Any other
+parameter is an error: DAM would not know how to merge it (GPT-2's ``Conv1D``, for one). Configs, tensor names
+and shapes are all checked from ``config.json`` and checkpoint headers before any weight is read. Tested on
+Llama, Mistral, Qwen2 (biases), tied embeddings, Gemma (a scaled-embedding subclass) and StableLM (LayerNorm
+with bias).
+
+API for the training loop::
+
+    model = DAMModel.from_pretrained(base_model, sources, DAMOptions(...), dtype=torch.bfloat16, device="cuda")
+    params = model.trainable_coefficients()        # fp32 coefficients: the only parameters with requires_grad
+    out = model(input_ids=ids, attention_mask=mask)  # student; labels optional; autocast/checkpointing work
+    with model.select_source(k):                   # teacher k: exact source-k weights, no grad, no copy
+        teacher_logits = model(input_ids=ids, attention_mask=mask).logits
+    reg = coefficient_losses(model.coefficients(), similarity=..., init=model.initial_coefficients())
+    model.save_coefficients(run_dir / COEFFICIENTS_FILE, training_config=cfg)  # or model.export(out_dir)
+
+Notes for DDP/FSDP and checkpoints: sources are ``nn.Parameter(requires_grad=False)``, so DDP all-reduces only
+the coefficients (every coefficient takes part in every forward: no unused parameters) and FSDP can shard the
+sources; DDP still broadcasts them once at wrap time unless told to ignore ``model.source_parameter_names()``.
+``state_dict()`` holds the coefficients only (sources are rebuilt from the checkpoints), so
+``accelerator.save_state`` stays small and ``load_state_dict`` needs no sources. Tied weights share one
+coefficient parameter across two modules (FSDP must keep them in one unit). Keep coefficients fp32: use autocast
+for bf16 compute rather than ``model.to(torch.bfloat16)``. The model is returned in eval mode; call
+``.train()`` for gradient checkpointing (the stock configs have zero dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dam.adaptive.checks import check_configs, load_source_config
+from dam.adaptive.coefficients import (
+    FORMAT,
+    FORMAT_VERSION,
+    check_coefficients,
+    model_label,
+    read_coefficients,
+    save_coefficients,
+)
+from dam.adaptive.init import resolve_init_weights
+from dam.adaptive.layers import DAMEmbedding, DAMLinear, DAMModule, DAMNorm, inverse_transform
+from dam.adaptive.options import DAMOptions
+from dam.errors import DamError
+from dam.io.checkpoint import CheckpointReader, dtype_name, parse_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Register every new parameter on the meta device (buffers stay real): a model skeleton with no weights."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    names = {n for n, p in module.named_parameters(recurse=False)}
+    weight = getattr(module, "weight", None)
+    return (
+        (isinstance(module, nn.LayerNorm | nn.RMSNorm) or "Norm" in type(module).__name__)
+        and names <= {"weight", "bias"}
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 1
+        and not any(True for _ in module.children())
+    )
+
+
+@dataclass
+class _Slot:
+    """One module to swap: its name, kind, and the module whose weight it shares (tied), if any."""
+
+    name: str
+    kind: str  # "linear" | "embedding" | "norm"
+    module: nn.Module
+    tied_to: str | None = None
+
+
+def _plan(model: nn.Module, base_model: str) -> list[_Slot]:
+    """The modules to swap, in model order; any parameter DAM cannot merge is an error naming it."""
+    slots: list[_Slot] = []
+    owner: dict[int, str] = {}
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        if not own:
+            continue
+        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+            kind = "linear"
+        elif isinstance(module, nn.Embedding):
+            if module.max_norm is not None:
+                raise DamError(f"base {base_model!r}: embedding {name!r} uses max_norm, which DAM does not support")
+            kind = "embedding"
+        elif _is_norm(module):
+            kind = "norm"
+        else:
+            pnames = ", ".join(f"{name}.{n}" for n, _ in own)
+            raise DamError(
+                f"base {base_model!r}: parameter(s) {pnames} belong to {type(module).__name__}, which DAM cannot "
+                "merge (it merges linear, embedding and norm layers)"
+            )
+        tied = owner.get(id(module.weight))
+        if tied is None:
+            owner[id(module.weight)] = name
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter) and id(bias) in owner:
+            raise DamError(f"base {base_model!r}: bias of {name!r} is tied to another module; not supported")
+        if isinstance(bias, nn.Parameter):
+            owner[id(bias)] = name
+        slots.append(_Slot(name, kind, module, tied))
+    return slots
+
+
+def _coefficient_parameter(
+    weights: Tensor, shape: tuple[int, ...], options: DAMOptions, trainable: bool, device: torch.device | str
+) -> nn.Parameter:
+    """Raw coefficients (N, *shape) whose transform equals ``weights[i]`` everywhere for source i."""
+    dtype = parse_dtype(options.coefficient_dtype)
+    wanted = weights.to(dtype).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
+    try:
+        raw = inverse_transform(wanted, options.transform)
+    except ValueError as e:
+        raise DamError(f"dam.init: coefficients {weights.tolist()} with dam.transform={options.transform}: {e}") from e
+    return nn.Parameter(raw.contiguous().to(device), requires_grad=trainable)
+
+
+class DAMModel(nn.Module):
+    """A stock Hugging Face causal LM (``self.model``) with DAM modules in place of its weight-holding layers.
+
+    ``forward(*args, **kwargs)`` is the inner model's forward. Built by :meth:`from_pretrained`.
+    ``merged_tensors`` maps each checkpoint tensor name (``model.layers.0.self_attn.q_proj.weight``) to its DAM
+    module and ``"weight"``/``"bias"``; tied tensors appear once, under the owner's name (``tied`` maps the
+    other name to it). Coefficient files use these names as keys.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        base_model: str,
+        sources: list[str],
+        options: DAMOptions,
+        init_weights: list[float],
+        merged_tensors: dict[str, tuple[DAMModule, str, str]],
+        tied: dict[str, str],
+        dtype: torch.dtype,
+    ):
+        super().__init__()
+        self.model = model
+        self.base_model = base_model
+        self.sources = sources
+        self.options = options
+        self.init_weights = init_weights
+        self.merged_tensors = merged_tensors  # name -> (module, "weight"|"bias", kind); a plain dict: not submodules
+        self.tied = tied
+        self.dtype = dtype
+
+    # -- building --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str,
+        sources: list[str],
+        options: DAMOptions | None = None,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        device: torch.device | str = "cpu",
+        attn_implementation: str | None = None,
+    ) -> DAMModel:
+        """Build the wrapper: base config -> stock model skeleton -> DAM modules filled from the sources.
+
+        ``sources`` may include the base. ``dtype`` is the frozen weights' dtype (coefficients follow
+        ``options.coefficient_dtype``). Raises DamError, before reading any weight, for sources that disagree
+        with the base (architecture, vocab size, shapes, missing tensors) and for a bad ``options.init``.
+        """
+        from transformers import AutoModelForCausalLM
+
+        options = options or DAMOptions()
+        dtype = parse_dtype(dtype)
+        sources = [str(s) for s in sources]
+        if len(sources) < 2:
+            raise DamError(f"sources: DAM merges at least 2 models, got {len(sources)}")
+        base_config = load_source_config(base_model, "base")
+        source_configs = [load_source_config(s, "source") for s in sources]
+        check_configs(base_model, base_config, sources, source_configs)
+        init_weights = resolve_init_weights(options.init, base_model, sources)
+        readers = [CheckpointReader(s) for s in sources]
+
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(base_config, **kwargs)
+        slots = _plan(model, base_model)
+        _check_source_tensors(slots, sources, readers)
+
+        weights = torch.tensor(init_weights, dtype=torch.float64)
+        merged: dict[str, tuple[DAMModule, str, str]] = {}
+        tied: dict[str, str] = {}
+        new_modules: dict[str, DAMModule] = {}
+        for slot in slots:
+            new = _build_module(slot, new_modules, readers, weights, options, dtype, device)
+            new_modules[slot.name] = new
+            parent, _, child = slot.name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            if slot.tied_to is not None:
+                tied[f"{slot.name}.weight"] = f"{slot.tied_to}.weight"
+            else:
+                merged[f"{slot.name}.weight"] = (new, "weight", slot.kind)
+            if new.bias_sources is not None:
+                merged[f"{slot.name}.bias"] = (new, "bias", slot.kind)
+        leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        if leftover:
+            raise DamError(f"base {base_model!r}: parameters {leftover[:3]} were not merged")
+        model.to(device)  # the buffers (rotary frequencies); the DAM tensors are already there
+        for r in readers:
+            r.close()
+        logger.info(
+            "DAM model: %d sources, %d merged tensors (%d trainable coefficient tensors), tied: %s",
+            len(sources),
+            len(merged),
+            sum(1 for m, a, _ in merged.values() if getattr(m, f"{a}_coefficients").requires_grad),
+            tied or "none",
+        )
+        return cls(
+            model.eval(),
+            base_model=base_model,
+            sources=sources,
+            options=options,
+            init_weights=init_weights,
+            merged_tensors=merged,
+            tied=tied,
+            dtype=dtype,
+        )
+
+    # -- forward and teachers --------------------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @property
+    def config(self) -> Any:
+        """The inner Hugging Face model's config (the base's)."""
+        return self.model.config
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.sources)
+
+    def dam_modules(self) -> Iterator[DAMModule]:
+        for module in self.model.modules():
+            if isinstance(module, DAMModule):
+                yield module
+
+    @contextlib.contextmanager
+    def select_source(self, k: int) -> Iterator[None]:
+        """Within the block the model is source ``k`` exactly (its own weights, read in place), without grad."""
+        if not 0 <= k < self.num_sources:
+            raise IndexError(f"source index {k} out of range for {self.num_sources} sources")
+        modules = list(self.dam_modules())
+        try:
+            for m in modules:
+                m.selected = k
+            with torch.no_grad():
+                yield
+        finally:
+            for m in modules:
+                m.selected = None
+
+    # -- coefficients ----------------------------------------------------------------------------------------
+
+    def _coefficient_items(self, trainable_only: bool) -> Iterator[tuple[str, DAMModule, str]]:
+        for name, (module, attr, _) in self.merged_tensors.items():
+            if not trainable_only or getattr(module, f"{attr}_coefficients").requires_grad:
+                yield name, module, attr
+
+    def trainable_coefficients(self) -> list[nn.Parameter]:
+        """The parameters to optimise: every coefficient tensor with ``requires_grad`` (no duplicates)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def source_parameter_names(self) -> list[str]:
+        """Names of the frozen source parameters (e.g. for DDP's ``_set_params_and_buffers_to_ignore_for_model``)."""
+        return [n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1].endswith("_sources")]
+
+    def coefficients(self, trainable_only: bool = True) -> dict[str, Tensor]:
+        """Merge coefficients (after the transform, differentiable) by tensor name, e.g. for the regularisers."""
+        return {name: m.coefficients(attr) for name, m, attr in self._coefficient_items(trainable_only)}
+
+    def initial_coefficients(self, trainable_only: bool = True) -> dict[str, Tensor]:
+        """The init's merge coefficients, same keys and shapes as :meth:`coefficients` (constants)."""
+        weights = torch.tensor(self.init_weights, dtype=parse_dtype(self.options.coefficient_dtype))
+        out = {}
+        for name, m, attr in self._coefficient_items(trainable_only):
+            raw = getattr(m, f"{attr}_coefficients")
+            shape = raw.shape[1:]
+            out[name] = weights.to(raw.device).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
+        return out
+
+    def raw_coefficients(self) -> dict[str, Tensor]:
+        """Every coefficient tensor (raw, before the transform) by tensor name, detached on CPU: what is saved."""
+        return {
+            name: getattr(m, f"{attr}_coefficients").detach().to("cpu").clone()
+            for name, m, attr in self._coefficient_items(False)
+        }
+
+    def metadata(self, training_config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything :func:`dam.adaptive.export.export_merged` needs besides the coefficients, as JSON-able data."""
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "base_model": model_label(self.base_model),
+            "sources": [model_label(s) for s in self.sources],
+            "options": self.options.model_dump(mode="json"),
+            "init_weights": self.init_weights,
+            "dtype": dtype_name(self.dtype),
+            "tensors": {
+                name: {"kind": kind, "trainable": getattr(m, f"{attr}_coefficients").requires_grad}
+                for name, (m, attr, kind) in self.merged_tensors.items()
+            },
+            "tied": self.tied,
+            "training": training_config,
+        }
+
+    def save_coefficients(self, path: str | Path, training_config: dict[str, Any] | None = None) -> Path:
+        """Write the raw coefficients and metadata (see :func:`save_coefficients`). Returns the file path."""
+        return save_coefficients(path, self.raw_coefficients(), self.metadata(training_config))
+
+    def load_coefficients(self, path: str | Path) -> None:
+        """Load coefficients saved by :meth:`save_coefficients`; DamError (naming the tensor) if they do not fit."""
+        tensors, meta = read_coefficients(path)
+        where = f"coefficients file {path}"
+        if len(meta["sources"]) != self.num_sources:
+            raise DamError(f"{where}: made for {len(meta['sources'])} sources, this model has {self.num_sources}")
+        transform = meta["options"].get("transform")
+        if transform != self.options.transform:
+            raise DamError(f"{where}: dam.transform is {transform!r} there but {self.options.transform!r} here")
+        items = list(self._coefficient_items(False))
+        expected = {name: tuple(getattr(m, f"{a}_coefficients").shape) for name, m, a in items}
+        check_coefficients(tensors, expected, where, self.num_sources)
+        with torch.no_grad():
+            for name, m, attr in items:
+                getattr(m, f"{attr}_coefficients").copy_(tensors[name])
+
+    def export(
+        self,
+        out: str | Path,
+        *,
+        dtype: torch.dtype | str | None = None,
+        shard_size: int | str = "5GB",
+        force: bool = False,
+        training_config: dict[str, Any] | None = None,
+    ) -> Path:
+        """Fold the current coefficients into an ordinary checkpoint at ``out`` (see :mod:`dam.adaptive.export`)."""
+        from dam.adaptive.export import write_merged_model
+
+        return write_merged_model(
+            self.raw_coefficients(),
+            self.metadata(training_config),
+            out,
+            dtype=dtype,
+            shard_size=shard_size,
+            force=force,
+        )
+
+
+def _check_source_tensors(slots: list[_Slot], sources: list[str], readers: list[CheckpointReader]) -> None:
+    """Every tensor the model needs is in every source checkpoint with the model's shape (headers only)."""
+    for slot in slots:
+        if slot.tied_to is not None:
+            names = []
+        else:
+            names = [("weight", slot.module.weight)]
+        bias = getattr(slot.module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            names.append(("bias", bias))
+        for attr, param in names:
+            tensor = f"{slot.name}.{attr}"
+            for source, reader in zip(sources, readers, strict=True):
+                if tensor not in reader:
+                    raise DamError(f"source {source!r}: tensor {tensor!r} is missing")
+                shape = tuple(reader.shape(tensor))
+                if shape != tuple(param.shape):
+                    raise DamError(
+                        f"source {source!r}: tensor {tensor!r} has shape {shape}, the base config gives "
+                        f"{tuple(param.shape)}"
+                    )
+
+
+def _read_stacked(
+    name: str, readers: list[CheckpointReader], dtype: torch.dtype, device: torch.device | str
+) -> nn.Parameter:
+    """Frozen (N, *shape) parameter on ``device``, filled one source at a time."""
+    first = readers[0].get(name, dtype=dtype)
+    stacked = torch.empty((len(readers), *first.shape), dtype=dtype, device=device)
+    stacked[0].copy_(first)
+    del first
+    for i, reader in enumerate(readers[1:], start=1):
+        stacked[i].copy_(reader.get(name, dtype=dtype))
+    return nn.Parameter(stacked, requires_grad=False)
+
+
+def _build_module(
+    slot: _Slot,
+    built: dict[str, DAMModule],
+    readers: list[CheckpointReader],
+    weights: Tensor,
+    options: DAMOptions,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> DAMModule:
+    """The DAM module replacing ``slot.module``, with stacked sources read from the checkpoints."""
+    module = slot.module
+    kind = "embedding" if slot.tied_to is not None and isinstance(built[slot.tied_to], DAMEmbedding) else slot.kind
+    trainable = kind in options.targets
+    if slot.tied_to is not None:
+        owner = built[slot.tied_to]
+        weight_sources, weight_coefficients = owner.weight_sources, owner.weight_coefficients
+    else:
+        weight_sources = _read_stacked(f"{slot.name}.weight", readers, dtype, device)
+        cshape = tuple(module.weight.shape[-1:])
+        weight_coefficients = _coefficient_parameter(weights, cshape, options, trainable, device)
+    bias_sources = bias_coefficients = None
+    if isinstance(getattr(module, "bias", None), nn.Parameter):
+        bias_sources = _read_stacked(f"{slot.name}.bias", readers, dtype, device)
+        bshape = (1,) if options.bias == "scalar" else tuple(module.bias.shape)
+        bias_trainable = trainable and options.bias != "frozen"
+        bias_coefficients = _coefficient_parameter(weights, bshape, options, bias_trainable, device)
+    args = (weight_sources, weight_coefficients, bias_sources, bias_coefficients, options.transform)
+    if slot.kind == "linear":
+        return DAMLinear(*args)
+    own_forward = slot.kind == "norm" or type(module).forward is not nn.Embedding.forward
+    if own_forward:  # the module's own forward runs with merged tensors substituted for its parameters
+        for pname in [n for n, _ in module.named_parameters(recurse=False)]:
+            delattr(module, pname)
+    if slot.kind == "embedding":
+        return DAMEmbedding(*args, padding_idx=module.padding_idx, embedding=module if own_forward else None)
+    return DAMNorm(module, *args)

@@ -1,0 +1,65 @@
+"""``DAMOptions``: what the DAM wrapper learns (targets, init, transform, coefficient dtype, biases).
+
+A pydantic v2 model with ``extra="forbid"``; the docstring under each field is its description.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Target = Literal["linear", "embedding", "norm"]
+
+
+class DAMOptions(BaseModel):
+    """Which modules carry coefficients, how they start and how they are parameterised."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    targets: list[Target] = Field(default_factory=lambda: ["linear", "embedding", "norm"])
+    """Module kinds whose coefficients train: ``linear`` (every ``nn.Linear``, ``lm_head`` included when untied),
+    ``embedding`` (token embeddings; a tied ``lm_head`` is the embedding, so it follows this entry) and ``norm``
+    (RMSNorm/LayerNorm weights). Modules of other kinds are still merged, with their coefficients frozen at the
+    init."""
+
+    init: str | list[float] = "uniform"
+    """Starting coefficients. ``"uniform"``: 1/N for each of the N sources, so the wrapper starts as the plain
+    average. A list of N numbers: one weight per source, used as is (``[0.5, 0.3, 0.2]`` starts at that weighted
+    sum). A path to a mergekit-style YAML (``*.yml``/``*.yaml``) whose ``merge_method`` is ``linear`` (weights
+    normalised to sum 1 unless ``parameters.normalize: false``) or ``task_arithmetic`` (``base + lambda *
+    sum_i w_i (x_i - base)`` written over the sources, which must then include the base unless the base's share
+    ``1 - lambda * sum_i w_i`` is 0); only scalar per-model ``weight`` parameters (or a top-level ``weight``)
+    are read."""
+
+    transform: Literal["none", "tanh", "sigmoid", "softmax"] = "none"
+    """Map from the trained raw values to the merge coefficients: identity, ``tanh``, ``sigmoid``, or a
+    ``softmax`` across sources (coefficients positive and summing to 1 per column). The raw init is the inverse
+    transform of the init coefficients (e.g. ``atanh(1/N)``), so every transform starts at the requested merge."""
+
+    coefficient_dtype: Literal["float32", "float64"] = "float32"
+    """Storage dtype of the coefficients (the trained master copy), independent of the frozen weights' dtype:
+    bf16/fp16 coefficients would lose every update smaller than one ulp."""
+
+    bias: Literal["per_output", "scalar", "frozen"] = "per_output"
+    """Biases (Qwen2's q/k/v, LayerNorm biases): merged bias ``sum_i b_i * beta_i`` with ``beta_i`` a learned
+    vector over output features (``per_output``), one learned scalar per source (``scalar``), or fixed at the init
+    (``frozen``). ``beta_i`` starts at the init coefficient of source i (1/N for uniform: the average bias)."""
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one of linear, embedding, norm is needed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate entries in {v}")
+        return v
+
+    @field_validator("init")
+    @classmethod
+    def _init_form(cls, v: str | list[float]) -> str | list[float]:
+        if isinstance(v, str) and v != "uniform" and not v.endswith((".yml", ".yaml")):
+            raise ValueError(f"{v!r}: expected 'uniform', a list of per-source weights, or a merge YAML path")
+        if isinstance(v, list) and not v:
+            raise ValueError("the list of per-source weights is empty")
+        return v

@@ -1,0 +1,363 @@
+"""Evaluate causal LMs on prompt/response tasks: exact-match accuracy of greedy generation, and response loss.
+
+A *task* is a jsonl file of examples ``{"prompt": ..., "response": ...}`` (other fields are ignored), named either
+by path or by a name resolved as ``<data_dir>/<name>/<split>.jsonl`` (the demo layout, ``data/demo/reverse/
+eval.jsonl``). Every example is encoded the same way for both metrics, and the same way :mod:`dam.demo` trains:
+
+    prompt_ids   = tokenizer(prompt)                                   (the tokenizer's own special tokens, e.g. BOS)
+    response_ids = tokenizer(response, add_special_tokens=False) + [EOS]
+
+- **accuracy**: greedy generation from ``prompt_ids`` (left-padded batches) for at most as many new tokens as the
+  longest ``response_ids`` in the batch. An example is correct when the model emits an end token and the text
+  before it equals the response (both stripped of surrounding whitespace).
+- **loss**: mean negative log-likelihood (nats) per response token, EOS included, given the prompt; pooled over
+  all tokens of a task. **perplexity** is ``exp(loss)``.
+
+Means over tasks are unweighted: mean accuracy and mean loss are averages of the per-task values, and the mean
+perplexity is ``exp(mean loss)`` (the geometric mean of the per-task perplexities).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from dam.errors import DamError
+from dam.io.checkpoint import resolve_model_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task: its name, the file it came from, and its examples (``prompt``/``response`` dicts)."""
+
+    name: str
+    path: Path
+    examples: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Scores of one model on one task. ``accuracy`` is in percent; ``loss`` in nats per response token."""
+
+    task: str
+    n: int
+    accuracy: float
+    loss: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+
+@dataclass
+class ModelResult:
+    """Scores of one model on every task, in task order."""
+
+    model: str
+    path: str
+    tasks: list[TaskResult] = field(default_factory=list)
+
+    @property
+    def mean_accuracy(self) -> float:
+        return sum(t.accuracy for t in self.tasks) / len(self.tasks)
+
+    @property
+    def mean_loss(self) -> float:
+        return sum(t.loss for t in self.tasks) / len(self.tasks)
+
+    def task(self, name: str) -> TaskResult:
+        for t in self.tasks:
+            if t.task == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "path": self.path,
+            "tasks": {
+                t.task: {"n": t.n, "accuracy": t.accuracy, "loss": t.loss, "perplexity": t.perplexity}
+                for t in self.tasks
+            },
+            "mean": {
+                "accuracy": self.mean_accuracy,
+                "loss": self.mean_loss,
+                "perplexity": math.exp(self.mean_loss),
+            },
+        }
+
+
+def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a jsonl file; a line that is not a JSON object is a :class:`DamError` naming file and line."""
+    path = Path(path)
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DamError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DamError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _task_name(path: Path, split: str) -> str:
+    """``data/demo/reverse/eval.jsonl`` -> ``reverse``; ``my_task.jsonl`` -> ``my_task``."""
+    return path.parent.name if path.stem in (split, "train", "eval", "test") and path.parent.name else path.stem
+
+
+def load_task(
+    spec: str | Path, *, data_dir: str | Path = "data/demo", split: str = "eval", limit: int | None = None
+) -> Task:
+    """Resolve one task (a jsonl path, or a name under ``data_dir``) and read its first ``limit`` examples."""
+    spec_path = Path(spec).expanduser()
+    if spec_path.is_file():
+        path = spec_path
+    elif str(spec).endswith(".jsonl"):
+        raise DamError(f"task {str(spec)!r}: file not found")
+    else:
+        path = Path(data_dir) / str(spec) / f"{split}.jsonl"
+        if not path.is_file():
+            found = sorted(p.parent.name for p in Path(data_dir).glob(f"*/{split}.jsonl"))
+            hint = f"tasks under {data_dir}: {', '.join(found)}" if found else f"no tasks under {data_dir}"
+            raise DamError(f"task {str(spec)!r}: no file {path} ({hint}; `dam demo build` makes the demo tasks)")
+    rows = load_jsonl(path)
+    examples = []
+    for i, row in enumerate(rows):
+        for key in ("prompt", "response"):
+            if not isinstance(row.get(key), str):
+                raise DamError(f"task {str(spec)!r}: {path} row {i + 1} has no text field {key!r}")
+        examples.append({"prompt": row["prompt"], "response": row["response"]})
+    if not examples:
+        raise DamError(f"task {str(spec)!r}: {path} has no examples")
+    if limit is not None:
+        examples = examples[:limit]
+    return Task(_task_name(path, split), path, examples)
+
+
+def load_tasks(
+    specs: Sequence[Task | str | Path],
+    *,
+    data_dir: str | Path = "data/demo",
+    split: str = "eval",
+    limit: int | None = None,
+) -> list[Task]:
+    """:func:`load_task` for each spec (loaded tasks pass through); two tasks with one name are an error."""
+    if limit is not None and limit < 1:
+        raise DamError(f"--limit must be at least 1, got {limit}")
+    tasks = [s if isinstance(s, Task) else load_task(s, data_dir=data_dir, split=split, limit=limit) for s in specs]
+    names = [t.name for t in tasks]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise DamError(f"task names must be distinct; {', '.join(duplicated)} given more than once")
+    return tasks
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, response_ids)``: the prompt with the tokenizer's special tokens, the response then EOS."""
+    if tokenizer.eos_token_id is None:
+        raise DamError("the tokenizer has no EOS token, which ends every response")
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids
+
+
+def _end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS plus any the model's generation config adds (chat models often have several)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(model.generation_config, "eos_token_id", None)
+    for i in extra if isinstance(extra, list) else [extra]:
+        if i is not None and i not in ids:
+            ids.append(i)
+    return ids
+
+
+@torch.no_grad()
+def response_nll(
+    model: PreTrainedModel, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[float, int]:
+    """Summed NLL (nats) of the response tokens of right-padded ``(prompt_ids, response_ids)`` pairs, and their count.
+
+    Position ``t - 1`` of the logits predicts token ``t``; only response positions count.
+    """
+    lengths = [len(p) + len(r) for p, r in batch]
+    device = model.device
+    ids = torch.full((len(batch), max(lengths)), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for i, (p, r) in enumerate(batch):
+        ids[i, : lengths[i]] = torch.tensor(p + r)
+        labels[i, len(p) : lengths[i]] = torch.tensor(r)
+    mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device), reduction="sum"
+    )
+    return nll.item(), int((labels[:, 1:] != -100).sum())
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: PreTrainedModel, prompts: Sequence[list[int]], max_new_tokens: int, end_ids: list[int], pad_id: int
+) -> list[tuple[list[int], bool]]:
+    """Greedy continuation of each prompt (left-padded batch): ``(tokens before the first end token, ended)``."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=end_ids, pad_token_id=pad_id
+    )
+    out = model.generate(
+        input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config
+    )
+    continuations = []
+    for row in out[:, width:].tolist():
+        ends = [j for j, t in enumerate(row) if t in end_ids]
+        continuations.append((row[: ends[0]], True) if ends else (row, False))
+    return continuations
+
+
+def evaluate_loaded(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[Task],
+    *,
+    batch_size: int = 32,
+    name: str = "model",
+    path: str = "",
+    progress: bool = False,
+) -> ModelResult:
+    """Score an already loaded model and tokenizer on ``tasks`` (see the module docstring for the metrics)."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    end_ids = _end_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+    result = ModelResult(model=name, path=path)
+    for task in tasks:
+        encoded = [encode_example(tokenizer, ex["prompt"], ex["response"]) for ex in task.examples]
+        correct, nll, count = 0, 0.0, 0
+        batches = range(0, len(encoded), batch_size)
+        for start in tqdm(batches, desc=f"{name} {task.name}", disable=not progress, leave=False):
+            batch = encoded[start : start + batch_size]
+            batch_nll, batch_count = response_nll(model, batch, pad_id)
+            nll, count = nll + batch_nll, count + batch_count
+            max_new = max(len(r) for _, r in batch)
+            generated = greedy_generate(model, [p for p, _ in batch], max_new, end_ids, pad_id)
+            for (tokens, ended), example in zip(generated, task.examples[start : start + batch_size], strict=True):
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                ok = ended and text.strip() == example["response"].strip()
+                correct += ok
+                if not ok:
+                    logger.debug(
+                        "%s %s: %r -> %r (expected %r)", name, task.name, example["prompt"], text, example["response"]
+                    )
+        result.tasks.append(TaskResult(task.name, len(encoded), 100.0 * correct / len(encoded), nll / count))
+    return result
+
+
+def load_model(
+    model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer from a folder (or Hub id); a model without a tokenizer is a DamError."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # missing or unreadable tokenizer files
+        raise DamError(f"model {str(model)!r}: cannot load a tokenizer from {path}: {e}") from e
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # missing config or weights, unknown architecture
+        raise DamError(f"model {str(model)!r}: cannot load a causal LM from {path}: {e}") from e
+    return lm.to(device).eval(), tokenizer
+
+
+def evaluate_model(
+    model: str | Path,
+    tasks: Sequence[Task | str | Path],
+    *,
+    data_dir: str | Path = "data/demo",
+    split: str = "eval",
+    limit: int | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    name: str | None = None,
+    progress: bool = False,
+) -> ModelResult:
+    """Per-task exact-match accuracy, loss and perplexity of the causal LM at ``model`` (folder or Hub id).
+
+    ``tasks`` are loaded :class:`Task` objects, jsonl paths, or names under ``data_dir`` (``split`` file);
+    ``limit`` keeps each task's first examples. Returns a :class:`ModelResult` named ``name`` (default: ``model``).
+    """
+    if batch_size < 1:
+        raise DamError(f"--batch-size must be at least 1, got {batch_size}")
+    task_list = load_tasks(tasks, data_dir=data_dir, split=split, limit=limit)
+    path = resolve_model_path(model)
+    lm, tokenizer = load_model(path, device=device, dtype=dtype)
+    name = name or str(model)
+    return evaluate_loaded(
+        lm, tokenizer, task_list, batch_size=batch_size, name=name, path=str(path), progress=progress
+    )
+
+
+def display_names(names: Sequence[str]) -> list[str]:
+    """Short row labels: each model's folder name when those are distinct, else the names as given."""
+    short = [Path(n).name or n for n in names]
+    return short if len(set(short)) == len(short) else list(names)
+
+
+def _grid(title: str, rows: list[str], columns: list[str], cells: list[list[str]]) -> list[str]:
+    widths = [max(len(title), *(len(r) for r in rows))]
+    widths += [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(columns)]
+    lines = ["  ".join([title.ljust(widths[0])] + [c.rjust(w) for c, w in zip(columns, widths[1:], strict=True)])]
+    for name, row in zip(rows, cells, strict=True):
+        lines.append("  ".join([name.ljust(widths[0])] + [c.rjust(w) for c, w in zip(row, widths[1:], strict=True)]))
+    return lines
+
+
+def format_table(results: Sequence[ModelResult]) -> str:
+    """Two aligned tables, models as rows and tasks (then their mean) as columns: accuracy, then loss (perplexity)."""
+    if not results:
+        return ""
+    tasks = [t.task for t in results[0].tasks]
+    rows = display_names([r.model for r in results])
+    columns = [*tasks, "mean"]
+    acc = [[f"{r.task(t).accuracy:.1f}" for t in tasks] + [f"{r.mean_accuracy:.1f}"] for r in results]
+    loss = [
+        [f"{r.task(t).loss:.3f} ({r.task(t).perplexity:.2f})" for t in tasks]
+        + [f"{r.mean_loss:.3f} ({math.exp(r.mean_loss):.2f})"]
+        for r in results
+    ]
+    n = ", ".join(f"{t.task} {t.n}" for t in results[0].tasks)
+    lines = _grid("accuracy %", rows, columns, acc) + [""] + _grid("loss (ppl)", rows, columns, loss)
+    return "\n".join([*lines, f"examples per task: {n}"])
+
+
+def results_to_json(results: Sequence[ModelResult]) -> str:
+    """``{"tasks": [...], "models": [ModelResult.to_dict(), ...]}`` as indented JSON."""
+    tasks = [t.task for t in results[0].tasks] if results else []
+    return json.dumps({"tasks": tasks, "models": [r.to_dict() for r in results]}, indent=2)

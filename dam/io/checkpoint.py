@@ -1,0 +1,251 @@
+"""Reading checkpoints: dtype and size names, Hub/local model folders, lazy tensor-by-tensor safetensors reads.
+
+Reading never maps or loads a whole checkpoint: safetensors tensors are read with one ``readinto`` each from the
+byte range their header names, so resident memory holds only the tensors in use. Nothing here does math.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dam.errors import DamError
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float64": torch.float64,
+}
+
+# safetensors dtype codes <-> torch dtypes
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+SAFETENSORS_CODES = {v: k for k, v in _ST_DTYPES.items()}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+_MAX_HEADER = 100 * 2**20
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``, ``"bfloat16"``, ``torch.bfloat16``... -> ``torch.bfloat16``."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.").lower()
+    if key not in DTYPES:
+        raise DamError(f"unknown dtype {name!r}; valid: {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling Hugging Face configs use)."""
+    return str(dtype).removeprefix("torch.")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(size: str | int | float) -> int:
+    """Bytes from ``"2GB"``, ``"500MB"``, ``"1.5G"``, ``"4GiB"``, ``"1e9"`` or a number."""
+    if isinstance(size, int | float):
+        value = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmgt]?)(i?)b?\s*", str(size), re.IGNORECASE)
+        if m is None:
+            raise DamError(f"cannot read size {size!r}; write it like 2GB, 500MB, 4GiB or 1e9")
+        unit = m.group(2).upper()
+        scale = 1024 ** "BKMGT".index(unit) if m.group(3) and unit else _SIZE_UNITS[unit]
+        value = int(float(m.group(1)) * scale)
+    if value <= 0:
+        raise DamError(f"size must be positive, got {size!r}")
+    return value
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A local model folder as given, or a Hugging Face Hub id downloaded (weights, config, tokenizer) to the cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DamError(f"model {str(name_or_path)!r}: {path} is a file, expected a model folder")
+    text = str(name_or_path)
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith(".")
+    if not looks_like_hub_id:
+        raise DamError(f"model {text!r}: folder not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(text, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+    except Exception as e:  # any Hub failure becomes one clear line
+        raise DamError(f"model {text!r}: not a local folder, and the Hub download failed: {e}") from e
+    return folder
+
+
+def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """(header dict, offset of the data block). Checks that the file is as long as its header says."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (ValueError, struct.error, UnicodeDecodeError) as e:
+        raise DamError(f"{file}: not a valid safetensors file ({e})") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise DamError(f"{file}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
+    return header, 8 + n
+
+
+class CheckpointReader:
+    """Lazy, tensor-by-tensor access to a Hugging Face checkpoint folder (or Hub id).
+
+    Supports a single ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, and
+    ``pytorch_model*.bin`` as a fallback (loaded one file at a time with ``mmap``). Shapes and dtypes come from
+    headers alone for safetensors, so compatibility checks need no tensor data.
+    """
+
+    def __init__(self, name_or_path: str | Path):
+        self.name = str(name_or_path)
+        self.path = resolve_model_path(name_or_path)
+        config_file = self.path / "config.json"
+        self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self._entries: dict[str, tuple[Path, dict[str, Any], int]] = {}  # name -> (file, header entry, data start)
+        self._bin_files: dict[str, Path] = {}
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        st_files = self._safetensors_files()
+        if st_files:
+            for file in st_files:
+                header, start = _read_safetensors_header(file)
+                for key, entry in header.items():
+                    if key != "__metadata__":
+                        self._entries[key] = (file, entry, start)
+        else:
+            self._index_bin_files()
+        if not self._entries and not self._bin_files:
+            raise DamError(f"model {self.name!r}: no weights found in {self.path} (*.safetensors or *.bin)")
+
+    def _safetensors_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise DamError(f"model {self.name!r}: shards listed in the index are missing: {', '.join(missing)}")
+            return files
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _index_bin_files(self) -> None:
+        index = self.path / "pytorch_model.bin.index.json"
+        if index.exists():
+            for key, file in json.loads(index.read_text())["weight_map"].items():
+                self._bin_files[key] = self.path / file
+            return
+        for file in sorted(self.path.glob("pytorch_model*.bin")):
+            for key in self._load_bin(file):
+                self._bin_files[key] = file
+
+    def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if self._bin_cache is None or self._bin_cache[0] != file:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise DamError(f"model {self.name!r}: cannot read {file.name}: {e}") from e
+            self._bin_cache = (file, state)
+        return self._bin_cache[1]
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, in checkpoint order."""
+        return list(self._entries) if self._entries else list(self._bin_files)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries or name in self._bin_files
+
+    def _require(self, name: str) -> None:
+        if name not in self:
+            raise DamError(f"model {self.name!r}: tensor {name!r} not found")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._require(name)
+        if name in self._entries:
+            return tuple(self._entries[name][1]["shape"])
+        return tuple(self._load_bin(self._bin_files[name])[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        self._require(name)
+        if name in self._entries:
+            code = self._entries[name][1]["dtype"]
+            if code not in _ST_DTYPES:
+                raise DamError(f"model {self.name!r}: tensor {name!r} has unsupported dtype {code}")
+            return _ST_DTYPES[code]
+        return self._load_bin(self._bin_files[name])[name].dtype
+
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read one tensor (a fresh tensor, not a view of the file), optionally cast and moved."""
+        self._require(name)
+        if name in self._entries:
+            file, entry, start = self._entries[name]
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=self.dtype(name))
+            if tensor.numel() * tensor.element_size() != end - begin:
+                raise DamError(f"model {self.name!r}: tensor {name!r} in {file.name} has a corrupt header entry")
+            with open(file, "rb") as f:
+                f.seek(start + begin)
+                if end > begin and f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - begin:
+                    raise DamError(f"model {self.name!r}: {file.name} is truncated at tensor {name!r}")
+        else:
+            tensor = self._load_bin(self._bin_files[name])[name].clone()
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor.to(device) if str(device) != "cpu" else tensor
+
+    def close(self) -> None:
+        self._bin_cache = None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

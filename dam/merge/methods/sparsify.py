@@ -1,0 +1,151 @@
+"""Sparsification of task vectors: which entries of a delta survive, and the L1 rescale.
+
+Every ``*_mask`` function takes a delta ``x`` (any shape) and returns a bool tensor of the same shape,
+True where the entry is kept. :func:`apply_mask` zeroes the rest and can rescale the survivors so that the
+delta keeps its L1 norm. :func:`sparsify` dispatches by method name, as the task-arithmetic family uses it.
+
+All of them reproduce mergekit 0.1.5 (``mergekit/sparsify.py``) entry for entry, including which of several
+equal magnitudes survives: ties are broken by torch's default (unstable) sort, as in mergekit. That order is
+deterministic for a given device and torch build, and it matters in practice: deltas of bf16 checkpoints take few
+distinct values, so equal magnitudes are common.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Sparsification = Literal["magnitude", "random", "breadcrumbs", "della"]
+
+RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) the rescale is skipped
+
+
+def validate_sparsity(
+    method: Sparsification, density: float, *, gamma: float = 0.0, epsilon: float = 0.0, where: str = ""
+) -> None:
+    """Raise ``ValueError`` unless the parameters are valid for ``method``.
+
+    ``density`` must lie in (0, 1]. Breadcrumbs needs ``gamma`` in [0, 1). DELLA with ``density < 1`` needs
+    ``0 < density - epsilon`` and ``density + epsilon < 1``, so that every keep probability is a probability.
+    ``where`` prefixes the message (e.g. ``"models[1]: "``).
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"{where}density={density} is outside (0, 1]")
+    if method == "breadcrumbs" and not 0 <= gamma < 1:
+        raise ValueError(f"{where}gamma={gamma} is outside [0, 1)")
+    if method == "della" and density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(
+            f"{where}density={density} and epsilon={epsilon} give keep probabilities "
+            f"[{density - epsilon:g}, {density + epsilon:g}], which must lie inside (0, 1)"
+        )
+
+
+def _keep_all(x: Tensor) -> Tensor:
+    return torch.ones_like(x, dtype=torch.bool)
+
+
+def magnitude_mask(x: Tensor, density: float) -> Tensor:
+    """Top-k by magnitude over the whole tensor: keep the ``k = max(1, int(density * numel))`` largest ``|x|``."""
+    if density >= 1:
+        return _keep_all(x)
+    k = max(1, int(density * x.numel()))
+    order = torch.sort(x.abs().flatten(), descending=True).indices
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    mask[order[:k]] = True
+    return mask.view(x.shape)
+
+
+def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
+    """Model Breadcrumbs: drop the largest outliers, then keep the next ``density`` fraction by magnitude.
+
+    With ``n = numel``, ``keep = int(density * n)`` and ``top = int(gamma * n)``, sort ``|x|`` ascending and keep
+    positions ``[start, start + keep)`` where ``start = max(0, n - keep - top)``: the top ``top`` entries go, and
+    when ``keep + top > n`` fewer outliers are dropped so that exactly ``keep`` entries survive.
+    At ``density >= 1`` everything is kept (no outlier removal either).
+    """
+    if density >= 1:
+        return _keep_all(x)
+    n = x.numel()
+    keep = int(density * n)
+    start = max(0, n - keep - int(gamma * n))
+    order = torch.sort(x.abs().flatten()).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[order[start : start + keep]] = True
+    return mask.view(x.shape)
+
+
+def random_mask(x: Tensor, density: float, generator: torch.Generator | None = None) -> Tensor:
+    """DARE: keep each entry independently with probability ``density`` (Bernoulli draws from ``generator``)."""
+    if density >= 1:
+        return _keep_all(x)
+    return torch.bernoulli(torch.full_like(x, density), generator=generator).bool()
+
+
+def della_mask(x: Tensor, density: float, epsilon: float, generator: torch.Generator | None = None) -> Tensor:
+    """DELLA MagPrune: a keep probability that ramps with magnitude rank within each row.
+
+    Rows are dimension 1 of ``x`` (a 0-D or 1-D tensor is one row). In a row of ``m`` entries the entry of
+    ascending magnitude rank ``r`` (0-based) is kept with probability
+
+        p = (density - epsilon) + 2 * epsilon * r / (m - 1)
+
+    so the smallest entry gets ``density - epsilon``, the largest ``density + epsilon``, and the mean is
+    ``density``. A row of one entry (``m = 1``) gets ``p = density``; mergekit 0.1.5 fails there (0/0).
+    """
+    if density >= 1:
+        return _keep_all(x)
+    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    m = rows.shape[1]
+    if m == 1:
+        probs = torch.full_like(rows, density)
+    else:
+        order = torch.sort(rows.abs(), dim=1).indices
+        positions = torch.arange(m, dtype=rows.dtype, device=rows.device).view(1, m, *[1] * (rows.dim() - 2))
+        rank = torch.empty_like(rows).scatter_(1, order, positions.expand_as(rows))
+        probs = (density - epsilon) + rank / (m - 1) * 2 * epsilon
+    return torch.bernoulli(probs, generator=generator).bool().view(x.shape)
+
+
+def apply_mask(x: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+    """Zero the entries of ``x`` outside ``mask``; with ``rescale``, restore the L1 norm:
+
+        out = (x * mask) * sum|x| / sum|x * mask|
+
+    The rescale is skipped when either sum is below ``RESCALE_EPS`` (nothing meaningful to match).
+    """
+    masked = x * mask
+    if not rescale:
+        return masked
+    before = x.abs().sum()
+    after = masked.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return masked
+    return masked * (before / after)
+
+
+def sparsify(
+    x: Tensor,
+    method: Sparsification,
+    density: float,
+    *,
+    gamma: float = 0.0,
+    epsilon: float = 0.0,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sparsify a delta with ``method``; ``density >= 1`` returns ``x`` itself (no mask, no rescale)."""
+    if density >= 1:
+        return x
+    if method == "magnitude":
+        mask = magnitude_mask(x, density)
+    elif method == "random":
+        mask = random_mask(x, density, generator)
+    elif method == "breadcrumbs":
+        mask = breadcrumbs_mask(x, density, gamma)
+    elif method == "della":
+        mask = della_mask(x, density, epsilon, generator)
+    else:
+        raise ValueError(f"unknown sparsification method {method!r}")
+    return apply_mask(x, mask, rescale)

@@ -1,0 +1,135 @@
+"""The generalised task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+All eight methods are one computation over task vectors ``delta_i = x_i - base`` of the non-base models:
+
+1. sparsify each delta (none, top-k magnitude, DARE Bernoulli, breadcrumbs, DELLA), optionally L1-rescaled;
+2. weight it: ``d_i = w_i * sparsify(delta_i)``;
+3. with sign consensus (TIES), elect ``s = sign(sum_i d_i)`` per entry (a zero sum elects +) and keep ``d_i``
+   only where ``sign(d_i) == s``, giving masks ``m_i``; without consensus ``m_i = 1``;
+4. ``mixed = sum_i m_i d_i``; with ``normalize``, divide by ``sum_i m_i w_i`` per entry (TIES; a zero divisor
+   becomes 1) or by ``sum_i w_i`` (no consensus; a divisor below 1e-8 in magnitude becomes 1);
+5. ``out = base + lambda * mixed``.
+
+The methods differ only in the sparsification, the consensus and two defaults (see :data:`VARIANTS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dam.merge.methods.sparsify import Sparsification, sparsify, validate_sparsity
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One member of the family: how it sparsifies, whether it elects signs, and its defaults."""
+
+    sparsification: Sparsification | None
+    consensus: bool
+    normalize: bool  # default of the `normalize` parameter
+    rescale: bool  # default of the `rescale` parameter
+
+
+VARIANTS: dict[str, Variant] = {
+    "task_arithmetic": Variant(None, consensus=False, normalize=False, rescale=False),
+    "ties": Variant("magnitude", consensus=True, normalize=True, rescale=False),
+    "dare_linear": Variant("random", consensus=False, normalize=False, rescale=True),
+    "dare_ties": Variant("random", consensus=True, normalize=False, rescale=True),
+    "breadcrumbs": Variant("breadcrumbs", consensus=False, normalize=False, rescale=False),
+    "breadcrumbs_ties": Variant("breadcrumbs", consensus=True, normalize=False, rescale=False),
+    "della": Variant("della", consensus=True, normalize=True, rescale=True),
+    "della_linear": Variant("della", consensus=False, normalize=False, rescale=True),
+}
+
+
+def sign_consensus(weighted_deltas: Tensor) -> Tensor:
+    """TIES sign election.
+
+    ``weighted_deltas``: (N, *shape), the ``w_i * delta_i``. The elected sign is +1 where ``sum_i`` is >= 0, else
+    -1. Returns a bool (N, *shape) mask, True where ``sign(w_i delta_i)`` equals the elected sign; zero entries
+    never agree.
+    """
+    elected = torch.where(weighted_deltas.sum(dim=0) >= 0, 1.0, -1.0).to(weighted_deltas.dtype)
+    return weighted_deltas.sign() == elected
+
+
+def combine_task_vectors(
+    base: Tensor,
+    deltas: Tensor,
+    weights: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """Steps 2-5 of the module docstring on already sparsified ``deltas``: (N, *base.shape), one per model."""
+    if len(weights) == 0:
+        return base.clone()
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *[1] * base.dim())  # (N, 1, ...)
+    weighted = deltas * w  # (N, *shape)
+    if consensus:
+        mask = sign_consensus(weighted)
+        mixed = (weighted * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed
+
+
+def merge_task_arithmetic(
+    tensors: list[Tensor],
+    base: Tensor | None,
+    base_index: int | None,
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any],
+    generator: torch.Generator | None,
+    *,
+    variant: Variant,
+) -> Tensor:
+    """Registry entry for every variant: task vectors of all listed models except the base (at ``base_index``).
+
+    Per-model parameters (``weight``, ``density``, ``gamma``, ``epsilon``) are read for non-base models only, and
+    all are validated before any tensor work. Random variants draw from ``generator`` in model order.
+    """
+    if base is None:
+        raise ValueError("this method needs base_model: it merges task vectors x_i - base")
+    entries = [(i, x, p) for i, (x, p) in enumerate(zip(tensors, model_params, strict=True)) if i != base_index]
+    method = variant.sparsification
+    if method is not None:
+        for i, _, p in entries:
+            validate_sparsity(
+                method, p["density"], gamma=p.get("gamma", 0.0), epsilon=p.get("epsilon", 0.0), where=f"models[{i}]: "
+            )
+    deltas = base.new_empty((len(entries), *base.shape))  # (N, *shape)
+    for row, (_, x, p) in enumerate(entries):
+        delta = x - base
+        if method is not None:
+            delta = sparsify(
+                delta,
+                method,
+                p["density"],
+                gamma=p.get("gamma", 0.0),
+                epsilon=p.get("epsilon", 0.0),
+                rescale=params["rescale"],
+                generator=generator,
+            )
+        deltas[row] = delta
+    return combine_task_vectors(
+        base,
+        deltas,
+        [p["weight"] for _, _, p in entries],
+        consensus=variant.consensus,
+        normalize=params["normalize"],
+        lambda_=params["lambda"],
+    )

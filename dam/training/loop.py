@@ -1,0 +1,548 @@
+"""DAM training under Accelerate: the project's one training loop (and its only user of accelerate and wandb).
+
+``train(config)`` reads top to bottom: set up the accelerator, the wrapper, the data, the optimizer; resume; loop;
+save and export. One optimizer step:
+
+1. take ``train.grad_accum`` micro-batches of ``train.batch_size`` sequences on every process;
+2. count the loss tokens of the whole global batch (one all-reduce), so that the distillation loss of every
+   micro-batch is ``kl_weight * sum_tokens KL / global_tokens`` (times the number of processes, which DDP's
+   gradient averaging divides out): the gradient is the token mean over the global batch whatever its split into
+   processes and micro-batches;
+3. per micro-batch: teacher targets (cached top-K log-probabilities from ``dam cache-logits``, or teacher k run on
+   the fly as the wrapper with source k selected, under no_grad), the student forward, backward; gradients are
+   all-reduced only on the last micro-batch (``accelerator.no_sync`` before it);
+4. the coefficient regularisers (``loss.similarity``, ``loss.l1``, ``loss.l2``) once per step;
+5. a NaN/Inf loss or gradient norm stops the run before the optimizer step (DamError naming the last good
+   checkpoint); else clip, AdamW step on the coefficients (the only trainable parameters), scheduler step.
+
+The run folder's layout and its atomic checkpoints are :mod:`dam.training.run_dir`.
+
+Resumption (``train.resume: auto`` or ``train.resume_from``) loads the checkpoint with ``accelerator.load_state``
+and skips, with ``skip_first_batches``, the micro-batches of the current epoch already consumed. The data order is
+a function of ``train.seed`` and the epoch alone (a seeded sampler), so a resumed run sees exactly the batches an
+uninterrupted run would, and ends with the same coefficients up to float rounding.
+
+Processes: one (``python train_dam.py``), DDP (``torchrun``/``accelerate launch``; the frozen sources are left out
+of DDP's initial broadcast, every process reads them itself), FSDP or DeepSpeed (model built on CPU, placed by
+the wrapper). Under FSDP/DeepSpeed the coefficients exist only as shards outside the forward, so the regularisers
+must be off there (checked at start) and the per-kind coefficient statistics are not logged; those two paths are
+parse-checked, not run, in the test suite (they need GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dam.adaptive.coefficients import save_coefficients
+from dam.adaptive.losses import coefficient_losses, kl_divergence, topk_kl_divergence
+from dam.adaptive.model import DAMModel
+from dam.errors import DamError
+from dam.io.checkpoint import parse_dtype
+from dam.training.config import DAMConfig, config_to_dict, save_config
+from dam.training.data import IGNORE_INDEX, DataCollator, load_tokenizer
+from dam.training.run_dir import (
+    CONFIG_FILE,
+    MERGED_DIR,
+    METRICS_FILE,
+    TRAINER_STATE_FILE,
+    WANDB_ID_FILE,
+    checkpoint_root,
+    clear_partial_checkpoints,
+    latest_checkpoint,
+    save_checkpoint,
+)
+from dam.training.teacher_cache import load_training_dataset, teacher_logprobs
+
+logger = logging.getLogger(__name__)
+
+_RESUME_INVARIANTS = ("base_model", "models", "dtype", "dam")
+
+
+def train(config: DAMConfig) -> Path:
+    """Train DAM coefficients as ``config`` says, checkpointing and resuming; export the merge. Returns the run
+    folder (``config.output_dir``), which holds ``merged/`` and ``dam_coefficients.safetensors`` at the end.
+
+    Accelerate's state is process-wide: runs in one process must share ``train.mixed_precision``."""
+    from accelerate.utils import set_seed
+
+    run_dir = Path(config.output_dir)
+    accelerator = _setup_accelerator(config, run_dir)
+    resume_dir = _find_resume_checkpoint(config, run_dir)
+    if accelerator.is_main_process:
+        clear_partial_checkpoints(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+    set_seed(config.train.seed)
+
+    model = _setup_model(config, accelerator)
+    tokenizer = load_tokenizer(config.base_model)
+    dataset = load_training_dataset(config, tokenizer)  # with teacher_logits: cached, the checked cache
+    dataloader = _setup_dataloader(config, dataset, tokenizer)
+    optimizer = torch.optim.AdamW(
+        model.trainable_coefficients(),
+        lr=config.train.lr,
+        betas=config.train.betas,
+        weight_decay=config.train.weight_decay,
+    )
+    steps_per_epoch = math.ceil(_per_process_batches(dataloader, accelerator) / config.train.grad_accum)
+    total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+    scheduler = _setup_scheduler(config, optimizer, total_steps)
+    coefficient_keys = _coefficient_state_keys(model)
+    unwrapped = model
+    _ignore_sources_in_ddp(model, accelerator)
+    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    if math.ceil(len(dataloader) / config.train.grad_accum) != steps_per_epoch:  # the schedule was sized on it
+        raise RuntimeError(f"sharded dataloader has {len(dataloader)} batches, expected {steps_per_epoch} steps")
+
+    start_step = 0
+    if resume_dir is not None:
+        start_step = _resume(accelerator, resume_dir, config, steps_per_epoch)
+    _setup_tracking(accelerator, config, run_dir)
+    accelerator.print(
+        f"DAM: {len(config.models)} sources, {len(dataset)} sequences, {steps_per_epoch} steps per epoch, "
+        f"global batch {config.train.batch_size * config.train.grad_accum * accelerator.num_processes}, "
+        f"steps {start_step}->{total_steps}, teacher logits {config.data.teacher_logits}"
+    )
+    try:
+        _fit(
+            accelerator,
+            config,
+            run_dir,
+            model,
+            unwrapped,
+            optimizer,
+            scheduler,
+            dataloader,
+            start_step,
+            total_steps,
+            steps_per_epoch,
+        )
+        _finish(accelerator, config, run_dir, model, unwrapped, coefficient_keys)
+    finally:
+        accelerator.end_training()
+    accelerator.print(f"DAM run finished: merged model in {run_dir / MERGED_DIR}")
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+
+def _wandb_mode(config: DAMConfig) -> str:
+    """The config's ``wandb.mode``; unset, the ``WANDB_MODE`` environment variable; unset too, online."""
+    return config.wandb.mode or os.environ.get("WANDB_MODE") or "online"
+
+
+def _setup_accelerator(config: DAMConfig, run_dir: Path) -> Any:
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),  # lets torchrun/accelerate start several CPU processes (gloo)
+        mixed_precision=config.train.mixed_precision,
+        log_with="wandb" if _wandb_mode(config) != "disabled" else None,
+        project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and config.train.grad_accum > 1:
+        raise DamError(
+            "train.grad_accum > 1 is not supported under DeepSpeed (its engine owns accumulation); "
+            "raise train.batch_size instead"
+        )
+    regularised = [k for k in ("similarity", "l1", "l2") if getattr(config.loss, k)]
+    if _sharded(accelerator) and regularised:
+        raise DamError(
+            f"loss.{regularised[0]} > 0 under {accelerator.distributed_type.value}: the coefficient regularisers read "
+            "whole coefficient tensors outside the forward, where FSDP/ZeRO-3 hold only shards. Set loss.similarity, "
+            "loss.l1 and loss.l2 to 0 with this accelerate config, or use DDP"
+        )
+    return accelerator
+
+
+def _sharded(accelerator: Any) -> bool:
+    """FSDP or DeepSpeed: parameters (sources and coefficients) are sharded across processes."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
+    """The wrapper, built straight on this process's device (FSDP/DeepSpeed place it themselves, from CPU)."""
+    model = DAMModel.from_pretrained(
+        config.base_model,
+        [m.model for m in config.models],
+        config.dam,
+        dtype=parse_dtype(config.dtype),
+        device="cpu" if _sharded(accelerator) else accelerator.device,
+    )
+    model.model.config.use_cache = False  # no KV cache in training forwards
+    if config.train.gradient_checkpointing:
+        inner = model.model  # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        enable = getattr(inner, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # eval mode (no dropout: teachers must be the sources exactly) unless checkpointing needs train mode
+    model.train(config.train.gradient_checkpointing)
+    return model
+
+
+def _setup_dataloader(config: DAMConfig, dataset: Any, tokenizer: Any) -> torch.utils.data.DataLoader:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # shuffled by a seeded sampler (accelerate's use_seedable_sampler): the order depends on seed and epoch only
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.train.batch_size, shuffle=True, collate_fn=DataCollator(pad_token_id=pad)
+    )
+
+
+def _per_process_batches(dataloader: torch.utils.data.DataLoader, accelerator: Any) -> int:
+    """Micro-batches each process sees per epoch once the dataloader is sharded (the last one padded to even)."""
+    return math.ceil(len(dataloader) / accelerator.num_processes)
+
+
+def _setup_scheduler(config: DAMConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[config.train.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.train.warmup_steps, num_training_steps=total_steps)
+
+
+def _coefficient_state_keys(model: DAMModel) -> dict[str, str]:
+    """Checkpoint tensor name -> the ``state_dict`` key of its raw coefficient parameter in ``model``."""
+    names = {id(m): n for n, m in model.named_modules()}
+    return {
+        tensor: f"{names[id(module)]}.{attr}_coefficients"
+        for tensor, (module, attr, _) in model.merged_tensors.items()
+    }
+
+
+def _ignore_sources_in_ddp(model: DAMModel, accelerator: Any) -> None:
+    """DDP would broadcast every parameter at wrap time; the sources are read identically by every process."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, model.source_parameter_names()
+        )
+
+
+def _setup_tracking(accelerator: Any, config: DAMConfig, run_dir: Path) -> None:
+    """wandb through Accelerate's tracker: project, entity, name, tags and mode from the config; the resolved
+    config recorded; a resumed run continues its wandb run (id kept in the run folder unless a sweep agent set
+    ``WANDB_RUN_ID``)."""
+    mode = _wandb_mode(config)
+    if mode == "disabled":
+        return
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if run_id is None and accelerator.is_main_process:
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+    init = {
+        "entity": config.wandb.entity,
+        "name": config.wandb.name,
+        "tags": config.wandb.tags or None,
+        "mode": mode,
+        "id": run_id,
+        "resume": "allow",
+        "dir": os.environ.get("WANDB_DIR") or str(run_dir),
+    }
+    accelerator.init_trackers(
+        config.wandb.project,
+        config=config_to_dict(config),
+        init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}},
+    )
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def _find_resume_checkpoint(config: DAMConfig, run_dir: Path) -> Path | None:
+    if config.train.resume_from is not None:
+        path = Path(config.train.resume_from)
+        if not (path / TRAINER_STATE_FILE).is_file():
+            raise DamError(f"train.resume_from: {path} is not a complete checkpoint (no {TRAINER_STATE_FILE})")
+        return path
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and config.train.resume == "never":
+        raise DamError(
+            f"train.resume is 'never' but {run_dir} already holds checkpoints ({latest.name}); "
+            "use another output_dir, remove it, or set train.resume=auto"
+        )
+    return latest if config.train.resume == "auto" else None
+
+
+def _resume(accelerator: Any, checkpoint: Path, config: DAMConfig, steps_per_epoch: int) -> int:
+    """Load ``checkpoint`` into the prepared objects; return the optimizer steps already done."""
+    state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    saved = state.get("config", {})
+    current = config_to_dict(config)
+    for key in _RESUME_INVARIANTS:
+        if key in saved and saved[key] != current[key]:
+            raise DamError(
+                f"config key {key!r} differs from the run being resumed ({checkpoint}); its coefficients would "
+                "not fit. Use another output_dir or train.resume=never"
+            )
+    if state.get("steps_per_epoch") != steps_per_epoch:
+        logger.warning(
+            "the data or batch settings changed since %s (%s steps per epoch, now %d): the data order differs "
+            "from an uninterrupted run",
+            checkpoint,
+            state.get("steps_per_epoch"),
+            steps_per_epoch,
+        )
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+class _Teachers:
+    """Teacher k = the wrapper with source k selected, called through the prepared model (FSDP needs its root)."""
+
+    def __init__(self, prepared: Any, wrapper: DAMModel):
+        self.prepared = prepared
+        self.wrapper = wrapper
+
+    def select_source(self, k: int) -> contextlib.AbstractContextManager[None]:
+        return self.wrapper.select_source(k)
+
+    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        return self.prepared(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def loss_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` labels -> ``[B, T]`` bool: logits at position t count when ``labels[t + 1]`` is a loss token
+    (``dam.training.data``'s convention: ``labels[t]`` is what ``logits[t - 1]`` predicts)."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def distillation_sum(
+    student_logits: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    teachers: _Teachers | None,
+    num_sources: int,
+    temperature: float,
+    top_k: int | None,
+) -> torch.Tensor:
+    """``sum over loss tokens of T^2 KL(teacher || student)``, averaged over the teachers of each row.
+
+    ``student_logits`` [B, T, V]. Teacher targets come from the batch (cached ``teacher_logprobs`` /
+    ``teacher_indices`` [B, S, T, K]) or, with ``teachers``, are computed now (top-``top_k`` or full
+    log-probabilities [B, S, T, K or V]). S is 1 (each row's own teacher) or N (``pairing: all``).
+    """
+    mask = loss_mask(batch["labels"])
+    if teachers is not None:
+        values, indices = teacher_logprobs(
+            teachers, batch["input_ids"], batch["attention_mask"], batch["source"], num_sources, top_k
+        )
+    else:
+        values, indices = batch["teacher_logprobs"], batch["teacher_indices"]
+    slots = values.shape[1]
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for s in range(slots):
+        if indices is None:
+            mean = kl_divergence(student_logits, values[:, s], mask, temperature)
+        else:
+            mean = topk_kl_divergence(student_logits, values[:, s], indices[:, s], mask, temperature)
+        total = total + mean
+    return total * mask.sum() / slots  # the losses average over the mask; the loop needs the sum
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+
+def _fit(
+    accelerator: Any,
+    config: DAMConfig,
+    run_dir: Path,
+    model: Any,
+    wrapper: DAMModel,
+    optimizer: Any,
+    scheduler: Any,
+    dataloader: Any,
+    start_step: int,
+    total_steps: int,
+    steps_per_epoch: int,
+) -> None:
+    from tqdm.auto import tqdm
+
+    teachers = _Teachers(model, wrapper) if config.data.teacher_logits == "on_the_fly" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved_step = start_step if start_step > 0 else None
+    window_metrics: list[dict[str, float]] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc="DAM", disable=not accelerator.is_local_main_process)
+    step = start_step
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        loader = dataloader
+        if done_in_epoch:
+            loader = accelerator.skip_first_batches(dataloader, done_in_epoch * config.train.grad_accum)
+        loader.set_epoch(epoch)
+        batches = iter(loader)
+        while step < total_steps and (window := list(islice(batches, config.train.grad_accum))):
+            metrics, tokens = _step(accelerator, config, model, wrapper, teachers, params, window)
+            if not all(math.isfinite(v) for v in metrics.values()):
+                bar.close()
+                _stop_non_finite(metrics, step + 1, run_dir, saved_step)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            window_metrics.append(metrics)
+            window_tokens += tokens
+            if step % config.train.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                record = {k: sum(m[k] for m in window_metrics) / len(window_metrics) for k in window_metrics[0]}
+                record |= {
+                    "lr": scheduler.get_last_lr()[0],
+                    "epoch": epoch,
+                    "tokens_per_second": window_tokens / elapsed,
+                }
+                if not _sharded(accelerator):  # sharded coefficients cannot be summarised locally
+                    record |= _coefficient_statistics(wrapper, config)
+                _log(accelerator, run_dir, step, record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+                window_metrics, window_tokens, window_start = [], 0, time.perf_counter()
+            if step == total_steps or (config.train.save_every and step % config.train.save_every == 0):
+                state = {
+                    "step": step,
+                    "epoch": step // steps_per_epoch,
+                    "steps_per_epoch": steps_per_epoch,
+                    "total_steps": total_steps,
+                    "config": config_to_dict(config),
+                }
+                save_checkpoint(accelerator, run_dir, step, state, config.train.keep_checkpoints)
+                saved_step = step
+    bar.close()
+
+
+def _step(
+    accelerator: Any,
+    config: DAMConfig,
+    model: Any,
+    wrapper: DAMModel,
+    teachers: _Teachers | None,
+    params: list[torch.nn.Parameter],
+    window: list[dict[str, torch.Tensor]],
+) -> tuple[dict[str, float], int]:
+    """Forward and backward over one optimizer step's micro-batches; returns its metrics and global input tokens."""
+    counts = torch.tensor(
+        [sum(int(loss_mask(b["labels"]).sum()) for b in window), sum(int(b["attention_mask"].sum()) for b in window)],
+        device=accelerator.device,
+        dtype=torch.float64,
+    )
+    loss_tokens, input_tokens = accelerator.reduce(counts, "sum").tolist()
+    scale = accelerator.num_processes / max(loss_tokens, 1.0)
+    kl_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    regularisers: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(window):
+        last = i == len(window) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            kl = distillation_sum(
+                logits, batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
+            )
+            loss = config.loss.kl * kl * scale
+            if last:
+                regularisers = coefficient_losses(
+                    wrapper.coefficients(),
+                    similarity=config.loss.similarity,
+                    l1=config.loss.l1,
+                    l2=config.loss.l2,
+                    init=wrapper.initial_coefficients() if config.loss.regularize_toward == "init" else None,
+                )
+                loss = loss + sum(regularisers.values())
+            accelerator.backward(loss)
+        kl_sum += kl.detach().double()
+    kl_mean = float(accelerator.reduce(kl_sum, "sum")) / max(loss_tokens, 1.0)
+    metrics = {"loss/kl": kl_mean} | {f"loss/{k}": float(v.detach()) for k, v in regularisers.items()}
+    metrics["loss"] = config.loss.kl * kl_mean + sum(float(v.detach()) for v in regularisers.values())
+    # the norm is computed even without clipping: a NaN gradient must stop the run before it reaches the weights
+    grad_norm = float(accelerator.clip_grad_norm_(params, config.train.max_grad_norm or math.inf))
+    if accelerator.mixed_precision != "fp16":  # under fp16 the scaler skips overflowing steps by itself
+        metrics["grad_norm"] = grad_norm
+    return metrics, int(input_tokens)
+
+
+def _stop_non_finite(metrics: dict[str, float], step: int, run_dir: Path, saved_step: int | None) -> None:
+    shown = ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
+    if saved_step is not None:
+        keep = f"the last good checkpoint, {checkpoint_root(run_dir) / f'step_{saved_step}'}, is kept"
+    else:
+        keep = "no checkpoint was written yet"
+    raise DamError(
+        f"non-finite loss or gradient at step {step} ({shown}); stopped before the optimizer step and {keep}. "
+        "Lower train.lr, or check the data and the sources"
+    )
+
+
+def _coefficient_statistics(wrapper: DAMModel, config: DAMConfig) -> dict[str, float]:
+    """Mean, std, min and max of each source's merge coefficients per module kind (linear, embedding, norm, bias)."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for name, c in wrapper.coefficients().items():
+            kind = "bias" if name.endswith(".bias") else wrapper.merged_tensors[name][2]
+            groups.setdefault(kind, []).append(c.detach().float().reshape(c.shape[0], -1))
+    stats = {}
+    for kind, chunks in groups.items():
+        values = torch.cat(chunks, dim=1)  # (N, total coefficients of this kind)
+        if values.shape[1] == 0:
+            continue
+        for model_config, row in zip(config.models, values, strict=True):
+            prefix = f"coefficients/{kind}/{model_config.name}"
+            stats |= {
+                f"{prefix}/mean": float(row.mean()),
+                f"{prefix}/std": float(row.std(correction=0)),
+                f"{prefix}/min": float(row.min()),
+                f"{prefix}/max": float(row.max()),
+            }
+    return stats
+
+
+def _log(accelerator: Any, run_dir: Path, step: int, record: dict[str, float]) -> None:
+    accelerator.log(record, step=step)
+    if accelerator.is_main_process:
+        with open(run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------- finish
+
+
+def _finish(
+    accelerator: Any,
+    config: DAMConfig,
+    run_dir: Path,
+    model: Any,
+    wrapper: DAMModel,
+    coefficient_keys: dict[str, str],
+) -> None:
+    """Gather the full coefficients (a collective under FSDP), save them in the run folder and export the merge."""
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tensors = {tensor: state[key].detach().cpu() for tensor, key in coefficient_keys.items()}
+        metadata = wrapper.metadata(config_to_dict(config))
+        save_coefficients(run_dir, tensors, metadata)
+        from dam.adaptive.export import write_merged_model
+
+        write_merged_model(tensors, metadata, run_dir / MERGED_DIR, dtype=config.dtype, force=True)
+    accelerator.wait_for_everyone()

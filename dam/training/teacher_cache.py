@@ -1,0 +1,443 @@
+"""Teacher targets for DAM: computed on the fly per batch, or cached once on disk as top-K log-probabilities.
+
+Teacher k is the DAM wrapper with source k's weights selected (``with model.select_source(k): model(...)``), so
+no extra copy of any model is needed. Targets are **log-probabilities** ``log softmax(z)`` of the teacher logits
+z, not the raw logits: they differ from z by one constant per token, so ``softmax(target / T)`` over the whole
+vocabulary or over any K of its entries is exactly that of the logits, at every temperature T, while the top
+entries sit near 0, where float16 is most precise. They also keep the probability mass outside the top K
+(``1 - sum exp(target)``), which a tail-aware loss can use.
+
+Cache layout (``data.cache_dir``, written atomically by :func:`cache_teacher_logits`)::
+
+    dam_teacher_cache.json   the key: what the cache was computed from (see teacher_cache_key)
+    dataset/                 datasets.Dataset.save_to_disk: the columns of dam.training.data.build_train_dataset
+                             plus teacher_logprobs (float16) and teacher_indices (int32), each [T, S, K] per row:
+                             T tokens, S teachers (1 for pairing "own", N for "all"), K = top_k, best first
+
+Storage is T * S * K * 6 bytes per sequence: 0.8 MB for T=2048, K=64, one teacher, against 262 MB of float32
+full-vocabulary logits at a 32k vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import datasets
+import numpy as np
+import torch
+from datasets.arrow_writer import ArrowWriter
+
+from dam.errors import DamError
+from dam.io.checkpoint import resolve_model_path
+from dam.io.writer import atomic_output_dir
+from dam.training.data import ALL_SOURCES, DataCollator, build_train_dataset, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from dam.training.config import DAMConfig, DataConfig
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+KEY_FILE = "dam_teacher_cache.json"
+DATASET_DIR = "dataset"
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
+
+
+class TeacherModel(Protocol):
+    """What teacher computation needs from the DAM wrapper: source selection and a causal-LM forward."""
+
+    def select_source(self, k: int) -> AbstractContextManager[Any]: ...
+
+    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any: ...
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_identity(name_or_path: str | Path) -> dict[str, Any]:
+    """A cheap identity of a checkpoint: resolved folder, a hash of ``config.json``, and size + mtime of each
+    weight file. Rewriting weights changes the mtime (and usually the size), so this catches changed sources
+    without reading any weights; copying a folder also changes mtimes, which only costs a recomputation.
+    """
+    path = resolve_model_path(name_or_path).resolve()
+    config = path / "config.json"
+    weights = sorted({f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern)})
+    return {
+        "path": str(path),
+        "config": _sha256(config.read_bytes()) if config.exists() else None,
+        "weights": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weights},
+    }
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the tokenizer's full definition (vocabulary, merges, normalisation, special tokens, chat template)."""
+    if tokenizer.is_fast:
+        definition = tokenizer.backend_tokenizer.to_str()
+    else:
+        definition = json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.all_special_tokens])
+    return _sha256(definition.encode() + extra.encode())
+
+
+def data_fingerprint(dataset: datasets.Dataset) -> str:
+    """Hash of the training rows themselves: token ids, labels, sequence boundaries, teacher and dataset indices."""
+    table = dataset.flatten_indices(keep_in_memory=True).data
+    h = hashlib.sha256()
+    for column in ("input_ids", "labels"):
+        array = table.column(column).combine_chunks()
+        offsets = array.offsets.to_numpy()
+        h.update((offsets - offsets[0]).astype(np.int64).tobytes())
+        h.update(array.flatten().to_numpy().astype(np.int32).tobytes())
+    for column in ("source", "dataset_index"):
+        h.update(table.column(column).to_numpy().astype(np.int32).tobytes())
+    return h.hexdigest()
+
+
+def teacher_cache_key(
+    base_model: str | Path,
+    sources: Sequence[tuple[str, str | Path]],
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: datasets.Dataset,
+    config: DataConfig,
+    top_k: int,
+) -> dict[str, Any]:
+    """Everything a cache of teacher targets depends on, as a JSON-able dict; equal keys mean a reusable cache.
+
+    ``sources`` is ``[(name, model)]`` in the wrapper's source order (the ``source`` column indexes it). The data
+    enter through :func:`data_fingerprint` of the tokenized training set (which already reflects the dataset
+    files, sampling seed and count, templates, ``max_length``, ``packing``, ``pairing`` and
+    ``response_only_loss``); those settings are also listed by name so that a refusal can say what changed.
+    Learning rate, steps, loss weights and anything else a sweep varies are not part of the key.
+    """
+    if top_k < 1:
+        raise DamError(f"loss.top_k must be at least 1 to cache teacher logits, got {top_k}")
+    return {
+        "version": CACHE_VERSION,
+        "base_model": {"model": str(base_model), **model_identity(base_model)},
+        "sources": [{"name": name, "model": str(model), **model_identity(model)} for name, model in sources],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "data": data_fingerprint(dataset),
+        "num_sequences": len(dataset),
+        "max_length": config.max_length,
+        "packing": config.packing,
+        "pairing": config.pairing,
+        "response_only_loss": config.response_only_loss,
+        "top_k": top_k,
+    }
+
+
+def _model_changes(what: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changes = []
+    if old.get("path") != new.get("path"):
+        changes.append(f"{what} is now {new.get('path')} (was {old.get('path')})")
+    if old.get("config") != new.get("config"):
+        changes.append(f"{what}: config.json changed")
+    old_w, new_w = old.get("weights", {}), new.get("weights", {})
+    changed = sorted(f for f in set(old_w) | set(new_w) if old_w.get(f) != new_w.get(f))
+    if changed:
+        changes.append(f"{what}: weight files changed ({', '.join(changed)})")
+    return changes
+
+
+def describe_key_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between a stored cache key and the current one (empty when they match)."""
+    if old.get("version") != new.get("version"):
+        return [f"cache format version {old.get('version')} -> {new.get('version')}"]
+    changes = _model_changes(
+        f"base model {new['base_model']['model']!r}", old.get("base_model", {}), new["base_model"]
+    )
+    old_names = [s.get("name") for s in old.get("sources", [])]
+    new_names = [s["name"] for s in new["sources"]]
+    if old_names != new_names:
+        changes.append(f"models (in order) {old_names} -> {new_names}")
+    else:
+        for o, n in zip(old["sources"], new["sources"], strict=True):
+            changes += _model_changes(f"model {n['name']!r}", o, n)
+    if old.get("tokenizer") != new["tokenizer"]:
+        changes.append("the base tokenizer changed")
+    for key in ("max_length", "packing", "pairing", "response_only_loss", "top_k"):
+        if old.get(key) != new[key]:
+            changes.append(f"{key if key == 'top_k' else 'data.' + key}: {old.get(key)} -> {new[key]}")
+    if old.get("data") != new["data"]:
+        counts = (old.get("num_sequences"), new["num_sequences"])
+        detail = f" ({counts[0]} -> {counts[1]} sequences)" if counts[0] != counts[1] else ""
+        changes.append(f"the tokenized training data changed{detail}")
+    if not changes and old != new:
+        changes.append("the cache key differs")
+    return changes
+
+
+def read_cache_key(cache_dir: str | Path) -> dict[str, Any] | None:
+    """The key stored in ``cache_dir``, or ``None`` when there is no complete cache there."""
+    path = Path(cache_dir) / KEY_FILE
+    if not path.exists() or not (Path(cache_dir) / DATASET_DIR).is_dir():
+        return None
+    return json.loads(path.read_text())
+
+
+def _open_cache(cache_dir: Path) -> datasets.Dataset:
+    """The cached dataset, memory-mapped, in numpy format: rows come back as arrays, not nested Python lists
+    (decoding a [T, S, K] target as lists would cost more than the training step that uses it)."""
+    return datasets.load_from_disk(str(cache_dir / DATASET_DIR)).with_format("numpy")
+
+
+def load_teacher_cache(cache_dir: str | Path, key: dict[str, Any]) -> datasets.Dataset:
+    """The cached training set (training columns + teacher targets) if its key equals ``key``; else a DamError
+    saying what changed since the cache was written."""
+    cache_dir = Path(cache_dir)
+    stored = read_cache_key(cache_dir)
+    if stored is None:
+        raise DamError(f"data.cache_dir: no teacher-logit cache at {cache_dir}; run `dam cache-logits CONFIG` first")
+    changes = describe_key_changes(stored, key)
+    if changes:
+        raise DamError(
+            f"data.cache_dir: the teacher-logit cache at {cache_dir} is stale: {'; '.join(changes)}. "
+            "Recompute it with `dam cache-logits CONFIG --force` (or point data.cache_dir elsewhere)"
+        )
+    dataset = _open_cache(cache_dir)
+    if len(dataset) != key["num_sequences"]:
+        raise DamError(f"data.cache_dir: {cache_dir} holds {len(dataset)} rows, its key says {key['num_sequences']}")
+    logger.info("using the teacher-logit cache at %s (%d sequences)", cache_dir, len(dataset))
+    return dataset
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def teacher_logprobs(
+    model: TeacherModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    source: torch.Tensor,
+    num_sources: int,
+    top_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher log-probabilities for one batch, each row from the teacher(s) its ``source`` names.
+
+    ``input_ids``/``attention_mask``: ``[B, T]``; ``source``: ``[B]``, a teacher index per row (``pairing:
+    own``; each distinct index is one teacher forward over its rows) or :data:`ALL_SOURCES` on every row
+    (``pairing: all``; every teacher runs on the whole batch). Returns ``(logprobs, indices)``: with ``top_k``,
+    ``[B, S, T, K]`` float32 log-probabilities of the K most likely tokens (best first) and their int64 token
+    ids; without, ``[B, S, T, V]`` full log-probabilities and ``None``. S is 1, or N for ``ALL_SOURCES`` rows.
+    """
+    source = source.to(torch.long).cpu()
+    every = source == ALL_SOURCES
+    if bool(every.any()) and not bool(every.all()):
+        raise DamError("a batch mixes rows for all teachers (source -1) with rows for one teacher")
+    bad = source[(source < ALL_SOURCES) | (source >= num_sources)]
+    if len(bad):
+        raise DamError(f"source index {int(bad[0])} is out of range for {num_sources} sources")
+    batch, length = input_ids.shape
+    if bool(every.all()):
+        plan = [(k, k, torch.arange(batch)) for k in range(num_sources)]  # (teacher, slot, rows)
+        slots = num_sources
+    else:
+        plan = [(int(k), 0, (source == k).nonzero().flatten()) for k in source.unique()]
+        slots = 1
+    values = indices = None
+    for k, slot, rows in plan:
+        rows_dev = rows.to(input_ids.device)
+        with model.select_source(k):
+            logits = model(input_ids=input_ids[rows_dev], attention_mask=attention_mask[rows_dev]).logits
+        vocab = logits.shape[-1]
+        if top_k is not None and top_k > vocab:
+            raise DamError(f"loss.top_k={top_k} is larger than the vocabulary ({vocab})")
+        width = vocab if top_k is None else top_k
+        if values is None:
+            values = torch.zeros((batch, slots, length, width), dtype=torch.float32, device=logits.device)
+            if top_k is not None:
+                indices = torch.zeros((batch, slots, length, width), dtype=torch.long, device=logits.device)
+        rows_out = rows.to(logits.device)
+        for j, row in enumerate(rows_out):  # one row at a time bounds the float32 [T, V] temporaries
+            lse = logits[j].float().logsumexp(-1, keepdim=True)  # [T, 1]
+            if top_k is None:
+                values[row, slot] = logits[j].float() - lse
+            else:
+                top = logits[j].topk(top_k, dim=-1)
+                values[row, slot] = top.values.float() - lse
+                indices[row, slot] = top.indices
+        del logits
+    return values, indices
+
+
+def compute_teacher_cache(
+    model: TeacherModel,
+    dataset: datasets.Dataset,
+    path: str | Path,
+    *,
+    num_sources: int,
+    top_k: int,
+    batch_size: int = 8,
+) -> datasets.Dataset:
+    """Run the teachers over ``dataset`` and write it, with ``teacher_logprobs``/``teacher_indices``, as one arrow
+    file at ``path``; returns that dataset (memory-mapped).
+
+    Rows keep their order; inside windows of ``32 * batch_size`` rows they are batched by length to waste little
+    on padding. Inputs go to the device of the model's first parameter.
+    """
+    every = set(dataset.unique("source")) == {ALL_SOURCES}
+    slots = num_sources if every else 1
+    features = datasets.Features(
+        {
+            **dataset.features,
+            "teacher_logprobs": datasets.Array3D(shape=(None, slots, top_k), dtype="float16"),
+            "teacher_indices": datasets.Array3D(shape=(None, slots, top_k), dtype="int32"),
+        }
+    )
+    device = _model_device(model)
+    collate = DataCollator(pad_token_id=0)
+    rows = dataset.with_format("numpy")
+    window = 32 * batch_size
+    finite = torch.finfo(torch.float16)
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for start in range(0, len(dataset), window):
+            chunk = rows[start : start + window]
+            n = len(chunk["input_ids"])
+            order = sorted(range(n), key=lambda i: len(chunk["input_ids"][i]))
+            targets: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
+            for b in range(0, n, batch_size):
+                picked = order[b : b + batch_size]
+                batch = collate([{"input_ids": chunk["input_ids"][i], "source": chunk["source"][i]} for i in picked])
+                values, indices = teacher_logprobs(
+                    model,
+                    batch["input_ids"].to(device),
+                    batch["attention_mask"].to(device),
+                    batch["source"],
+                    num_sources,
+                    top_k,
+                )
+                values = values.clamp(finite.min, finite.max).to(torch.float16).cpu()
+                indices = indices.to(torch.int32).cpu()
+                for j, i in enumerate(picked):
+                    length = len(chunk["input_ids"][i])
+                    targets[i] = (
+                        values[j, :, :length].transpose(0, 1).numpy(),  # [T, S, K]
+                        indices[j, :, :length].transpose(0, 1).numpy(),
+                    )
+            columns: dict[str, list] = {k: list(v) for k, v in chunk.items()}
+            columns["teacher_logprobs"] = [t[0] for t in targets]
+            columns["teacher_indices"] = [t[1] for t in targets]
+            writer.write_batch(columns)
+            logger.info("teacher logits: %d/%d sequences", start + n, len(dataset))
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path))
+
+
+def _cache_is_current(cache_dir: Path, key: dict[str, Any]) -> bool:
+    """True when ``cache_dir`` holds a cache for ``key``; False when it holds none; DamError when it holds a cache
+    for other inputs (overwriting it takes ``force``)."""
+    stored = read_cache_key(cache_dir)
+    if stored is None:
+        return False
+    changes = describe_key_changes(stored, key)
+    if changes:
+        raise DamError(
+            f"data.cache_dir: {cache_dir} holds a teacher-logit cache for other inputs ({'; '.join(changes)}); "
+            "pass --force to overwrite it"
+        )
+    return True
+
+
+def cache_teacher_logits(
+    model: TeacherModel,
+    dataset: datasets.Dataset,
+    key: dict[str, Any],
+    cache_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    force: bool = False,
+) -> datasets.Dataset:
+    """Reuse the cache at ``cache_dir`` when its key equals ``key``; otherwise compute it and write it there.
+
+    A cache that exists but is stale is refused (DamError naming what changed) unless ``force``, so a cache that
+    another config still uses is never overwritten by accident. ``force`` also recomputes a matching cache. The
+    folder is replaced atomically: an interrupted run leaves the previous cache (or nothing) in place.
+    """
+    cache_dir = Path(cache_dir)
+    if not force and _cache_is_current(cache_dir, key):
+        logger.info("teacher-logit cache at %s is up to date; reusing it", cache_dir)
+        return _open_cache(cache_dir)
+    num_sources = len(key["sources"])
+    with atomic_output_dir(cache_dir, force=True) as tmp:
+        raw = tmp / "teacher_logits.arrow"
+        computed = compute_teacher_cache(
+            model, dataset, raw, num_sources=num_sources, top_k=key["top_k"], batch_size=batch_size
+        )
+        computed.save_to_disk(str(tmp / DATASET_DIR))
+        del computed
+        raw.unlink()
+        (tmp / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
+    logger.info("wrote the teacher-logit cache to %s", cache_dir)
+    return _open_cache(cache_dir)
+
+
+# ------------------------------------------------------------------------------------------- whole-run helpers
+
+
+def _run_data(config: DAMConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, dict[str, Any]]:
+    """The run's tokenized training set and the cache key it would have (``loss.top_k`` must be set)."""
+    dataset = build_train_dataset(
+        {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
+    )
+    sources = [(m.name, m.model) for m in config.models]
+    key = teacher_cache_key(config.base_model, sources, tokenizer, dataset, config.data, config.loss.top_k)
+    return dataset, key
+
+
+def load_training_dataset(config: DAMConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """The training rows of a run, for the training loop.
+
+    ``teacher_logits: on_the_fly``: :func:`dam.training.data.build_train_dataset` of the config's models and datasets.
+    ``teacher_logits: cached``: the same rows read from ``data.cache_dir`` with their ``teacher_logprobs`` and
+    ``teacher_indices``, after checking that the cache was made from exactly these models, data and settings
+    (DamError naming what changed otherwise). Either way :class:`dam.training.data.DataCollator` batches the rows.
+    """
+    if config.data.teacher_logits == "on_the_fly":
+        return build_train_dataset(
+            {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
+        )
+    _, key = _run_data(config, tokenizer)
+    return load_teacher_cache(config.data.cache_dir, key)
+
+
+def cache_logits_for_config(
+    config: DAMConfig, *, force: bool = False, batch_size: int = 8, device: str | None = None
+) -> Path:
+    """``dam cache-logits``: compute (or find up to date) the teacher-logit cache of a run config; returns its folder.
+
+    The data are built and an existing cache is checked before any model weight is read. The teachers are the DAM
+    wrapper's sources (built with the config's ``dtype`` and ``dam`` options) on ``device`` (CUDA when available,
+    else CPU), one process.
+    """
+    if config.loss.top_k is None:
+        raise DamError("loss.top_k: set how many teacher logits per token to cache (typically 50 to 128)")
+    if not config.data.cache_dir:
+        raise DamError("data.cache_dir: set the folder to write the teacher-logit cache to")
+    cache_dir = Path(config.data.cache_dir)
+    tokenizer = load_tokenizer(config.base_model)
+    dataset, key = _run_data(config, tokenizer)
+    if not force and _cache_is_current(cache_dir, key):
+        logger.info("teacher-logit cache at %s is up to date (%d sequences); nothing to do", cache_dir, len(dataset))
+        return cache_dir
+    from dam.adaptive.model import DAMModel
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = DAMModel.from_pretrained(
+        config.base_model, [m.model for m in config.models], config.dam, dtype=config.dtype, device=device
+    )
+    cache_teacher_logits(model, dataset, key, cache_dir, batch_size=batch_size, force=True)
+    return cache_dir
