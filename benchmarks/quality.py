@@ -6,12 +6,18 @@ the one under ``--root`` (built once with seed 0 if missing: rebuilding it per s
 cores). ``--family-seeds`` also rebuilds a family per listed seed under ``WORKDIR/family<F>`` (datasets and
 models of that seed) and runs every ``--seeds`` seed on it, for when someone has the time.
 
-Prints, per model (base, experts, classic merges, DAM) and task, the mean and population std of the exact-match
-accuracy over all runs, the same for the mean over the skills, and the two goals of issue 5 checked on the
-means: DAM's skills mean >= the best classic method's + 5 points, and DAM >= 90% of each expert's own accuracy.
-Writes every run's accuracies and the summary to ``WORKDIR/quality.json``.
+Settings are chosen on validation and reported on test: ``--grid KEY=V1,V2`` (repeatable) makes one candidate
+DAM config per combination of the listed values (on top of the positional overrides); every candidate runs on
+every seed, and the one with the best mean *validation* score (the worst skill's DAM / expert ratio, then the
+skills mean) is the one whose *test* figures are printed. Without ``--grid`` there is one candidate.
 
-    python benchmarks/quality.py [--seeds 0 1 2] [--root data/demo] [--workdir runs/quality] [overrides ...]
+Prints, per model (base, experts, classic merges, DAM) and task, the mean and population std of the exact-match
+test accuracy over all runs, the same for the mean over the skills, and the two goals of issue 5 checked on the
+means: DAM's skills mean >= the best classic method's + 5 points, and DAM >= 90% of each expert's own accuracy.
+Writes every run's accuracies (validation and test) and the summary to ``WORKDIR/quality.json``.
+
+    python benchmarks/quality.py [--seeds 0 1 2] [--root data/demo] [--workdir runs/quality]
+                                 [--grid train.lr=1e-2,3e-2 ...] [overrides ...]
 
 Existing seed folders of the same config are reused; ``--force`` retrains them. Not part of the test suite.
 """
@@ -19,6 +25,7 @@ Existing seed folders of the same config are reused; ``--force`` retrains them. 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import statistics
@@ -30,6 +37,24 @@ from dam.demo.run import CLASSIC_METHODS, format_comparison, goal_checks, run_de
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values)
+
+
+def candidates(grid: list[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x"]`` -> ``[["a=1", "b=x"], ["a=2", "b=x"]]``: one override list per combination."""
+    axes = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise SystemExit(f"--grid {item!r}: expected KEY=V1,V2,...")
+        axes.append([f"{key}={v}" for v in values.split(",")])
+    return [list(c) for c in itertools.product(*axes)]
+
+
+def validation_score(runs: list[dict], skills: list[str]) -> tuple[float, float]:
+    """Mean over runs of (worst skill's DAM / expert validation ratio, DAM's validation skills mean): higher wins."""
+    worst = [min(goal_checks(r["validation_accuracy"], skills)["retention"].values()) for r in runs]
+    means = [skills_mean(r["validation_accuracy"]["dam"], skills) for r in runs]
+    return statistics.fmean(worst), statistics.fmean(means)
 
 
 def summarise(runs: list[dict], tasks: list[str], skills: list[str]) -> dict:
@@ -79,29 +104,53 @@ def main() -> None:
     parser.add_argument("--family-seeds", type=int, nargs="*", default=[], help="also rebuild a family per seed")
     parser.add_argument("--workdir", default="runs/quality", help="where the runs and quality.json go")
     parser.add_argument("--force", action="store_true", help="retrain seed folders of another config")
+    parser.add_argument(
+        "--grid", action="append", default=[], help="KEY=V1,V2: candidate values, chosen on validation"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of dam/demo/configs/dam.yaml")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     workdir = Path(args.workdir)
     families = [("default", Path(args.root))] + [(f"family{f}", workdir / f"family{f}") for f in args.family_seeds]
-    runs = []
+    grid = candidates(args.grid)
+    runs: dict[int, list[dict]] = {c: [] for c in range(len(grid))}
     t0 = time.perf_counter()
     for label, root in families:
         if label != "default" and not (root / "models" / "build_report.json").is_file():
             from dam.demo.family import build_demo
 
             build_demo(root, int(label.removeprefix("family")), progress=False)
-        for seed in args.seeds:
-            out = workdir / f"{label}-seed{seed}"
-            summary = run_demo(root, out, seed=seed, force=args.force, dam_overrides=args.overrides)
-            print(f"{label} seed {seed} (DAM {summary['dam_status']}, {summary['seconds']['dam']:.0f} s):")
-            print(format_comparison(summary["accuracy"], summary["tasks"], summary["skills"]), flush=True)
-            runs.append(
-                {"family": label, "seed": seed, "accuracy": summary["accuracy"], "seconds": summary["seconds"]}
-            )
+        for c, extra in enumerate(grid):
+            for seed in args.seeds:
+                out = workdir / (f"{label}-seed{seed}" + (f"-c{c}" if len(grid) > 1 else ""))
+                overrides = [*args.overrides, *extra]
+                summary = run_demo(root, out, seed=seed, force=args.force, dam_overrides=overrides)
+                print(
+                    f"{label} seed {seed} {' '.join(extra)} (DAM {summary['dam_status']}, "
+                    f"{summary['seconds']['dam']:.0f} s), test accuracy:"
+                )
+                print(format_comparison(summary["accuracy"], summary["tasks"], summary["skills"]), flush=True)
+                runs[c].append(
+                    {
+                        "family": label,
+                        "seed": seed,
+                        "overrides": extra,
+                        "accuracy": summary["accuracy"],
+                        "validation_accuracy": summary["validation_accuracy"],
+                        "seconds": summary["seconds"],
+                    }
+                )
     tasks, skills = summary["tasks"], summary["skills"]
-    result = summarise(runs, tasks, skills)
-    print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f} s; classic methods: {', '.join(CLASSIC_METHODS)}")
+    scores = {c: validation_score(r, skills) for c, r in runs.items()}
+    chosen = max(scores, key=scores.__getitem__)
+    result = summarise(runs[chosen], tasks, skills)
+    n_runs = sum(len(r) for r in runs.values())
+    print(f"\n{n_runs} runs in {time.perf_counter() - t0:.0f} s; classic methods: {', '.join(CLASSIC_METHODS)}")
+    for c, (worst, mean) in scores.items():
+        mark = "  <- chosen" if c == chosen else ""
+        label = " ".join(grid[c]) or "defaults"
+        print(f"validation: {label}: worst skill ratio {worst:.3f}, skills mean {mean:.1f}{mark}")
+    print("test accuracy of the chosen settings:")
     print(format_summary(result, tasks))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "quality.json").write_text(
@@ -110,7 +159,10 @@ def main() -> None:
                 "seeds": args.seeds,
                 "families": [f for f, _ in families],
                 "overrides": args.overrides,
-                "runs": runs,
+                "grid": grid,
+                "chosen": grid[chosen],
+                "validation_scores": [scores[c] for c in runs],
+                "runs": [r for c in runs for r in runs[c]],
                 **result,
             },
             indent=2,

@@ -156,7 +156,7 @@ def _demo_build(args: argparse.Namespace) -> int:
     report = build_demo(args.out, args.seed, settings=settings, force=args.force, progress=not args.quiet)
     print(
         f"demo family built in {report['seconds']['total']:.0f} s: models {', '.join(report['models'])} under "
-        f"{args.out}/models, datasets under {args.out}/<task>/{{train,eval}}.jsonl, report in "
+        f"{args.out}/models, datasets under {args.out}/<task>/{{train,validation,test}}.jsonl, report in "
         f"{args.out}/models/build_report.json"
     )
     return 0
@@ -188,9 +188,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     b = demo_sub.add_parser(
         "build",
         help="generate the datasets and train the base and the experts",
-        description="Write the demo datasets (generic, reverse, sort, shift; train and eval splits) under OUT, "
-        "pre-train a tiny Llama base on the generic data, fine-tune one expert per skill, and save them as Hugging "
-        "Face folders under OUT/models with an accuracy report. Takes a few minutes on 2 CPU cores.",
+        description="Write the demo datasets (generic, reverse, sort, shift; train, validation and test splits) "
+        "under OUT, pre-train a tiny Llama base on the generic data, fine-tune one expert per skill, and save them "
+        "as Hugging Face folders under OUT/models with an accuracy report. Takes a few minutes on 2 CPU cores.",
     )
     b.add_argument("--out", default="data/demo", help="demo folder (default data/demo)")
     b.add_argument("--seed", type=int, default=0, help="seed of the datasets and the training (default 0)")
@@ -249,7 +249,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="task names (DATA_DIR/<task>/<split>.jsonl) or jsonl files with prompt and response fields",
     )
     p.add_argument("--data-dir", default="data/demo", help="where task names are looked up (default data/demo)")
-    p.add_argument("--split", default="eval", help="split file read for task names (default eval)")
+    p.add_argument("--split", default="test", help="split file read for task names: train, validation, test (default)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward / generate call (default 32)")
     p.add_argument("--device", default="cpu", help="device of the model (default cpu)")

@@ -13,7 +13,7 @@ import torch
 import dam.demo.tasks
 from dam.cli import main
 from dam.demo.family import DemoSettings, build_demo, collate, demo_tokenizer, learning_rate
-from dam.demo.tasks import GENERIC, SKILLS, make_example, task_splits, write_datasets
+from dam.demo.tasks import GENERIC, SKILLS, SPLITS, make_example, task_splits, write_datasets
 from dam.errors import DamError
 from dam.evaluation.evaluate import load_jsonl
 
@@ -30,7 +30,8 @@ TINY = DemoSettings(
     n_train=16,
     n_train_generic=32,
     replay=4,
-    n_eval=4,
+    n_validation=3,
+    n_test=4,
     eval_batch_size=4,
 )
 
@@ -79,26 +80,37 @@ def test_shift_wraps_z_to_a() -> None:
 
 
 def test_splits_are_deterministic_distinct_and_disjoint() -> None:
-    train, held_out = task_splits("sort", 7, 300, 50)
-    assert (train, held_out) == task_splits("sort", 7, 300, 50)
-    assert task_splits("sort", 8, 300, 50)[0] != train
-    prompts = [ex["prompt"] for ex in train + held_out]
-    assert len(train) == 300 and len(held_out) == 50 and len(set(prompts)) == 350
+    splits = task_splits("sort", 7, 300, 40, 50)
+    assert splits == task_splits("sort", 7, 300, 40, 50)
+    assert task_splits("sort", 8, 300, 40, 50)["train"] != splits["train"]
+    prompts = [ex["prompt"] for split in SPLITS for ex in splits[split]]
+    assert [len(splits[s]) for s in SPLITS] == [300, 40, 50] and len(set(prompts)) == 390
+    # validation is drawn after train and test, so adding it left those two (and the family trained on them) as
+    # they were without it
+    assert {s: splits[s] for s in ("train", "test")} == {
+        s: task_splits("sort", 7, 300, 0, 50)[s] for s in ("train", "test")
+    }
 
 
 def test_too_few_distinct_prompts_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(dam.demo.tasks._GENERATORS, "sort", lambda rng: (f"sort {rng.choice('ab')}=", "a"))
-    assert len(task_splits("sort", 0, 1, 1)[0]) == 1
+    assert len(task_splits("sort", 0, 1, 0, 1)["train"]) == 1
     with pytest.raises(DamError, match="demo task 'sort': cannot draw 3 distinct prompts"):
-        task_splits("sort", 0, 2, 1)
+        task_splits("sort", 0, 1, 1, 1)
 
 
 def test_committed_datasets_are_the_seed_0_generator_output(tmp_path: Path) -> None:
     settings = DemoSettings()
     written = write_datasets(
-        tmp_path, seed=0, n_train=settings.n_train, n_train_generic=settings.n_train_generic, n_eval=settings.n_eval
+        tmp_path,
+        seed=0,
+        n_train=settings.n_train,
+        n_train_generic=settings.n_train_generic,
+        n_validation=settings.n_validation,
+        n_test=settings.n_test,
     )
     assert sorted(written) == sorted([GENERIC, *SKILLS])
+    assert sorted(p.name for p in REPO_DEMO.glob("*/*.jsonl")) == sorted([f"{s}.jsonl" for s in SPLITS] * len(written))
     for task, splits in written.items():
         for split, path in splits.items():
             committed = REPO_DEMO / task / f"{split}.jsonl"
@@ -147,12 +159,13 @@ def test_build_smoke(tmp_path: Path) -> None:
         assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     for task in ["generic", "reverse", "shift"]:
         assert len(load_jsonl(root / task / "train.jsonl")) == (32 if task == "generic" else 16)
-        assert len(load_jsonl(root / task / "eval.jsonl")) == 4
+        assert len(load_jsonl(root / task / "validation.jsonl")) == 3
+        assert len(load_jsonl(root / task / "test.jsonl")) == 4
     assert not (root / "sort").exists()
     saved = json.loads((models / "build_report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["models"] == {"base": "models/base", "reverse": "models/reverse", "shift": "models/shift"}
-    assert saved["datasets"]["reverse"] == {"train": "reverse/train.jsonl", "eval": "reverse/eval.jsonl"}
+    assert saved["datasets"]["reverse"] == {s: f"reverse/{s}.jsonl" for s in SPLITS}
     assert set(saved["accuracy"]) == {"base", "reverse", "shift"}
     assert set(saved["accuracy"]["shift"]) == {"generic", "reverse", "shift"}
     assert all(0 <= v <= 100 for row in saved["accuracy"].values() for v in row.values())
@@ -176,7 +189,7 @@ def test_build_smoke(tmp_path: Path) -> None:
 
 
 def test_build_is_reproducible(tmp_path: Path) -> None:
-    settings = DemoSettings(**{**TINY.__dict__, "n_eval": 2})
+    settings = DemoSettings(**{**TINY.__dict__, "n_test": 2})
     for name in ["a", "b"]:
         build_demo(tmp_path / name, 1, skills=["sort"], settings=settings, progress=False)
     from safetensors.torch import load_file

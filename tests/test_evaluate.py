@@ -92,9 +92,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _tasks(root: Path) -> dict[str, Path]:
     prompts = ["go=", "gogogo go=", "g=", "a much longer prompt="]
     return {
-        "right": _write_jsonl(root / "right" / "eval.jsonl", [{"prompt": p, "response": "xy"} for p in prompts]),
-        "wrong": _write_jsonl(root / "wrong" / "eval.jsonl", [{"prompt": p, "response": "xz"} for p in prompts]),
-        "prefix": _write_jsonl(root / "prefix" / "eval.jsonl", [{"prompt": p, "response": "x"} for p in prompts]),
+        "right": _write_jsonl(root / "right" / "test.jsonl", [{"prompt": p, "response": "xy"} for p in prompts]),
+        "wrong": _write_jsonl(root / "wrong" / "test.jsonl", [{"prompt": p, "response": "xz"} for p in prompts]),
+        "prefix": _write_jsonl(root / "prefix" / "test.jsonl", [{"prompt": p, "response": "x"} for p in prompts]),
         "mixed": _write_jsonl(
             root / "mixed.jsonl",
             [
@@ -166,7 +166,7 @@ def test_encode_example_adds_bos_and_eos() -> None:
 def test_task_resolution(tmp_path: Path) -> None:
     files = _tasks(tmp_path)
     assert load_task("right", data_dir=tmp_path).name == "right"
-    assert load_task(files["right"]).name == "right"  # <task>/eval.jsonl is named by its folder
+    assert load_task(files["right"]).name == "right"  # <task>/test.jsonl is named by its folder
     assert load_task(files["mixed"]).name == "mixed"
     assert len(load_task("right", data_dir=tmp_path, limit=2).examples) == 2
     with pytest.raises(DamError, match=r"task 'nope'.*tasks under .*: prefix, right, wrong"):

@@ -59,7 +59,8 @@ def test_run_writes_table_results_and_plots(demo_run):
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["accuracy"]) == models and saved["tasks"] == tasks
     assert all(set(saved["accuracy"][m]) == set(tasks) for m in models)
-    assert all(r["tasks"][t]["n"] == 20 for r in saved["models"] for t in tasks)
+    assert list(saved["validation_accuracy"]) == models
+    assert all(r["tasks"][t]["n"] == 20 for r in saved["models"] + saved["validation_models"] for t in tasks)
     assert set(saved["goals"]["retention"]) == {"reverse", "sort", "shift"}
     for png in ("results.png", "coefficients.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,8 +14,8 @@ example is a ``prompt`` ending in ``=`` and a ``response``:
 Skill words have 3-6 lowercase letters. Each expert is fine-tuned on its skill's data plus a little ``generic``
 replay, at a small learning rate, so it keeps the base's abilities as real fine-tunes keep general ability.
 
-:func:`build_demo` writes the datasets to ``<root>/<task>/{train,eval}.jsonl`` (fields ``prompt``, ``response``,
-``task`` and ``text = prompt + response``; eval prompts never appear in train), pre-trains a small
+:func:`build_demo` writes the datasets to ``<root>/<task>/{train,validation,test}.jsonl`` (fields ``prompt``,
+``response``, ``task`` and ``text = prompt + response``; no prompt is in two splits), pre-trains a small
 ``LlamaForCausalLM`` on ``generic``, fine-tunes one full copy of it per skill (short schedule, small learning rate,
 so the experts stay fine-tunes of one base), and saves them as Hugging Face folders ``<root>/models/{base,<skill>}``
 with the tokenizer. It then scores every model on every task with :mod:`dam.evaluation.evaluate` (each expert should be
@@ -75,8 +75,10 @@ class DemoSettings:
     """Training examples per skill."""
     n_train_generic: int = 16000
     """Training examples of ``generic`` (pre-training needs more variety than a fine-tune)."""
-    n_eval: int = 200
-    """Held-out evaluation examples per task."""
+    n_validation: int = 200
+    """Validation examples per task: settings (of merges, of training) are chosen on them."""
+    n_test: int = 200
+    """Test examples per task: the figures are reported on them."""
     eval_batch_size: int = 100
     threads: int = 2
     """CPU threads torch uses while building (restored afterwards)."""
@@ -218,7 +220,7 @@ def build_demo(
 
     Refuses an existing non-empty ``root/models`` unless ``force``; the models folder is replaced only when the
     whole build succeeds. Returns the report: settings, paths (relative to ``root``), accuracy and loss of every
-    model on every task's eval split, the experts' pairwise kinship, and the seconds each phase took.
+    model on every task's test split, the experts' pairwise kinship, and the seconds each phase took.
     """
     settings = settings or DemoSettings()
     unknown = [s for s in skills if s not in SKILLS]
@@ -236,7 +238,8 @@ def build_demo(
             skills=skills,
             n_train=settings.n_train,
             n_train_generic=settings.n_train_generic,
-            n_eval=settings.n_eval,
+            n_validation=settings.n_validation,
+            n_test=settings.n_test,
         )
         tokenizer = demo_tokenizer()
         torch.manual_seed(seed)
@@ -271,7 +274,7 @@ def build_demo(
             tokenizer.save_pretrained(tmp / skill)
 
         t0 = time.perf_counter()
-        tasks = load_tasks([data[t]["eval"] for t in data])
+        tasks = load_tasks([data[t]["test"] for t in data])
         results = []
         for name in ["base", *skills]:
             result = evaluate_model(tmp / name, tasks, batch_size=settings.eval_batch_size, name=name)
@@ -300,7 +303,7 @@ def build_demo(
         }
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info(
-        "demo: built in %.1f s; eval accuracy of every model on every task:\n%s",
+        "demo: built in %.1f s; test accuracy of every model on every task:\n%s",
         seconds["total"],
         format_table(results),
     )

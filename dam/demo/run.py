@@ -9,8 +9,10 @@
    ``out`` made with the same resolved config is reused, an unfinished one resumed from its checkpoint;
 3. merge the experts with the classic methods of ``dam/demo/configs/merge/*.yaml`` into ``out/merges/<method>``
    (DARE's random drop seeded with ``seed``), reusing a merge made from the same config text;
-4. evaluate the base, the experts, the classic merges and the DAM merge on every task's eval split;
-5. write ``out/results.json`` (every model x task, the goal checks, the experts' kinship, timings),
+4. evaluate the base, the experts, the classic merges and the DAM merge on every task's validation and test
+   splits (settings are chosen on validation, e.g. by ``benchmarks/quality.py``; the figures are reported on test);
+5. write ``out/results.json`` (every model x task on both splits, the goal checks on test, the experts' kinship,
+   timings),
    ``out/results.png`` (per-task accuracy bars and the learned coefficients per layer and source) and
    ``out/coefficients.png`` (the per-module heat maps of :func:`dam.evaluation.analysis.plot_coefficient_heatmap`).
 
@@ -153,17 +155,18 @@ def classic_merges(root: str | Path, merges: Path, *, seed: int = 0) -> dict[str
 
 
 def evaluate_models(
-    models: dict[str, Path], root: str | Path, tasks: Sequence[str], *, limit: int | None = None
+    models: dict[str, Path], root: str | Path, tasks: Sequence[str], *, split: str, limit: int | None = None
 ) -> list[Any]:
-    """:func:`dam.evaluation.evaluate.evaluate_model` of every model on every task's eval split under ``root``."""
+    """:func:`dam.evaluation.evaluate.evaluate_model` of every model on every task's ``split`` (``validation`` or
+    ``test``) under ``root``."""
     from dam.evaluation.evaluate import evaluate_model, load_tasks
 
-    loaded = load_tasks(list(tasks), data_dir=root, split="eval", limit=limit)
+    loaded = load_tasks(list(tasks), data_dir=root, split=split, limit=limit)
     results = []
     for name, path in models.items():
         t0 = time.perf_counter()
         results.append(evaluate_model(path, loaded, batch_size=100, name=name))
-        logger.info("demo: evaluated %s in %.1f s", name, time.perf_counter() - t0)
+        logger.info("demo: evaluated %s on %s in %.1f s", name, split, time.perf_counter() - t0)
     return results
 
 
@@ -292,7 +295,7 @@ def plot_results(
     bars_ax.set_xticks(x, groups)
     bars_ax.set_ylim(0, 105)
     bars_ax.set_ylabel("exact-match accuracy (%)")
-    bars_ax.set_title("Eval accuracy: base, experts, classic merges and DAM")
+    bars_ax.set_title("Test accuracy: base, experts, classic merges and DAM")
     bars_ax.axvline(len(tasks) - 0.5, color="0.7", lw=0.8, ls="--")
     bars_ax.legend(ncol=1, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     bars_ax.grid(axis="y", alpha=0.3)
@@ -333,7 +336,8 @@ def _ensure_family(root: Path, quick: bool) -> dict[str, Any]:
             batch_size=16,
             n_train=64,
             n_train_generic=128,
-            n_eval=QUICK_EVAL_LIMIT,
+            n_validation=QUICK_EVAL_LIMIT,
+            n_test=QUICK_EVAL_LIMIT,
             replay=16,
             warmup_steps=2,
         )
@@ -383,9 +387,12 @@ def run_demo(
     models["dam"] = run / MERGED_DIR
     tasks = [GENERIC, *skills]
     t0 = time.perf_counter()
-    results = evaluate_models(models, root, tasks, limit=QUICK_EVAL_LIMIT if quick else None)
+    limit = QUICK_EVAL_LIMIT if quick else None
+    validation = evaluate_models(models, root, tasks, split="validation", limit=limit)
+    results = evaluate_models(models, root, tasks, split="test", limit=limit)
     seconds["eval"] = time.perf_counter() - t0
     accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in results}
+    validation_accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in validation}
     goals = goal_checks(accuracy, skills)
 
     t0 = time.perf_counter()
@@ -403,7 +410,9 @@ def run_demo(
         "tasks": tasks,
         "skills": skills,
         "accuracy": accuracy,
+        "validation_accuracy": validation_accuracy,
         "models": [r.to_dict() for r in results],
+        "validation_models": [r.to_dict() for r in validation],
         "goals": goals,
         "kinship": report["kinship"],
         "seconds": seconds,

@@ -1,4 +1,4 @@
-"""The demo's tasks: exact-match string transformations and their seeded train/eval splits.
+"""The demo's tasks: exact-match string transformations and their seeded train/validation/test splits.
 
 Everything is built on CPU from a seed, with no download. Tasks are exact-match string transformations; each
 example is a ``prompt`` ending in ``=`` and a ``response``:
@@ -86,21 +86,36 @@ def make_example(task: str, rng: random.Random) -> dict[str, str]:
     return {"prompt": prompt, "response": response, "task": task, "text": prompt + response}
 
 
-def task_splits(task: str, seed: int, n_train: int, n_eval: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """``(train, eval)`` examples of ``task`` with distinct prompts, the same for the same seed on any machine."""
+SPLITS = ("train", "validation", "test")
+"""The demo's splits: ``train`` (the experts' fine-tunes and every learned merge train on it), ``validation``
+(settings are chosen on it) and ``test`` (the figures are reported on it)."""
+
+
+def task_splits(task: str, seed: int, n_train: int, n_validation: int, n_test: int) -> dict[str, list[dict[str, str]]]:
+    """``{"train", "validation", "test"}`` examples of ``task``, every prompt distinct across the three, the same
+    for the same seed on any machine.
+
+    One seeded stream of distinct prompts is cut as test, then train, then validation, so that adding the
+    validation split left the earlier ``train`` and held-out (now ``test``) files, and the family trained on them,
+    unchanged."""
     rng = random.Random(f"dam-demo/{seed}/{task}")  # str seeds hash deterministically (not with hash())
+    total = n_train + n_validation + n_test
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
-    for _ in range(20 * (n_train + n_eval)):
-        if len(rows) == n_train + n_eval:
+    for _ in range(20 * total):
+        if len(rows) == total:
             break
         example = make_example(task, rng)
         if example["prompt"] not in seen:
             seen.add(example["prompt"])
             rows.append(example)
     else:
-        raise DamError(f"demo task {task!r}: cannot draw {n_train + n_eval} distinct prompts")
-    return rows[n_eval:], rows[:n_eval]
+        raise DamError(f"demo task {task!r}: cannot draw {total} distinct prompts")
+    return {
+        "train": rows[n_test : n_test + n_train],
+        "validation": rows[n_test + n_train :],
+        "test": rows[:n_test],
+    }
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
@@ -117,14 +132,17 @@ def write_datasets(
     skills: Sequence[str] = tuple(SKILLS),
     n_train: int = 2000,
     n_train_generic: int = 16000,
-    n_eval: int = 200,
+    n_validation: int = 200,
+    n_test: int = 200,
 ) -> dict[str, dict[str, Path]]:
-    """Write ``<root>/<task>/{train,eval}.jsonl`` for ``generic`` and each skill; returns ``{task: {split: path}}``."""
+    """Write ``<root>/<task>/{train,validation,test}.jsonl`` for ``generic`` and each skill; returns
+    ``{task: {split: path}}``."""
     root = Path(root)
     written = {}
     for task in [GENERIC, *skills]:
-        train, held_out = task_splits(task, seed, n_train_generic if task == GENERIC else n_train, n_eval)
-        written[task] = {"train": root / task / "train.jsonl", "eval": root / task / "eval.jsonl"}
-        _write_jsonl(written[task]["train"], train)
-        _write_jsonl(written[task]["eval"], held_out)
+        n = n_train_generic if task == GENERIC else n_train
+        splits = task_splits(task, seed, n, n_validation, n_test)
+        written[task] = {split: root / task / f"{split}.jsonl" for split in SPLITS}
+        for split in SPLITS:
+            _write_jsonl(written[task][split], splits[split])
     return written

@@ -2,7 +2,7 @@
 
 A *task* is a jsonl file of examples ``{"prompt": ..., "response": ...}`` (other fields are ignored), named either
 by path or by a name resolved as ``<data_dir>/<name>/<split>.jsonl`` (the demo layout, ``data/demo/reverse/
-eval.jsonl``). Every example is encoded the same way for both metrics, and the same way :mod:`dam.demo` trains:
+test.jsonl``). Every example is encoded the same way for both metrics, and the same way :mod:`dam.demo` trains:
 
     prompt_ids   = tokenizer(prompt)                                   (the tokenizer's own special tokens, e.g. BOS)
     response_ids = tokenizer(response, add_special_tokens=False) + [EOS]
@@ -119,12 +119,13 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _task_name(path: Path, split: str) -> str:
-    """``data/demo/reverse/eval.jsonl`` -> ``reverse``; ``my_task.jsonl`` -> ``my_task``."""
-    return path.parent.name if path.stem in (split, "train", "eval", "test") and path.parent.name else path.stem
+    """``data/demo/reverse/test.jsonl`` -> ``reverse``; ``my_task.jsonl`` -> ``my_task``."""
+    splits = (split, "train", "validation", "eval", "test")
+    return path.parent.name if path.stem in splits and path.parent.name else path.stem
 
 
 def load_task(
-    spec: str | Path, *, data_dir: str | Path = "data/demo", split: str = "eval", limit: int | None = None
+    spec: str | Path, *, data_dir: str | Path = "data/demo", split: str = "test", limit: int | None = None
 ) -> Task:
     """Resolve one task (a jsonl path, or a name under ``data_dir``) and read its first ``limit`` examples."""
     spec_path = Path(spec).expanduser()
@@ -156,7 +157,7 @@ def load_tasks(
     specs: Sequence[Task | str | Path],
     *,
     data_dir: str | Path = "data/demo",
-    split: str = "eval",
+    split: str = "test",
     limit: int | None = None,
 ) -> list[Task]:
     """:func:`load_task` for each spec (loaded tasks pass through); two tasks with one name are an error."""
@@ -300,7 +301,7 @@ def evaluate_model(
     tasks: Sequence[Task | str | Path],
     *,
     data_dir: str | Path = "data/demo",
-    split: str = "eval",
+    split: str = "test",
     limit: int | None = None,
     batch_size: int = 32,
     device: str = "cpu",
