@@ -1,15 +1,7 @@
 """The offline demo family: a tiny character-level base LM and experts fine-tuned from it on distinct skills.
 
-Everything is built on CPU from a seed, with no download. Tasks are exact-match string transformations; each
-example is a ``prompt`` ending in ``=`` and a ``response``:
-
-- ``generic`` (the base's pre-training data), five operations in equal parts: ``copy xk3q=`` -> ``xk3q``,
-  ``repeat abc=`` -> ``abcabc``, and on *digit* strings ``mirror 408=`` -> ``804``, ``order 408=`` -> ``048``,
-  ``next 409=`` -> ``510``. It teaches the format (read a word after a keyword, answer, stop) and general string
-  machinery, but none of the skills: those use other keywords, on letters.
-- ``reverse``: ``reverse abcde=`` -> ``edcba``.
-- ``sort``: ``sort dbca=`` -> ``abcd`` (letters in alphabetical order).
-- ``shift``: ``shift abz=`` -> ``bca`` (each letter moved one place on, ``z`` wrapping to ``a``).
+Everything is built on CPU from a seed, with no download. The tasks (``generic``, the base's pre-training data,
+and the skills ``reverse``, ``sort``, ``shift``) are :mod:`dam.demo.tasks`.
 
 Skill words have 3-6 lowercase letters. Each expert is fine-tuned on its skill's data plus a little ``generic``
 replay, at a small learning rate, so it keeps the base's abilities as real fine-tunes keep general ability.
