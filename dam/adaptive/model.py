@@ -197,6 +197,8 @@ class DAMModel(nn.Module):
         ``sources`` may include the base. ``dtype`` is the frozen weights' dtype (coefficients follow
         ``options.coefficient_dtype``). Raises DamError, before reading any weight, for sources that disagree
         with the base (architecture, vocab size, shapes, missing tensors) and for a bad ``options.init``.
+        ``device="meta"`` checks everything but reads no weight: sources and coefficients are left on the meta
+        device for :func:`dam.training.sharding.shard_sources`, which loads each process's shard.
         """
         from transformers import AutoModelForCausalLM
 
@@ -234,10 +236,16 @@ class DAMModel(nn.Module):
                 merged[f"{slot.name}.weight"] = (new, "weight", slot.kind)
             if new.bias_sources is not None:
                 merged[f"{slot.name}.bias"] = (new, "bias", slot.kind)
-        leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+        leftover = [
+            f"{name}.{p}" if name else p
+            for name, m in model.named_modules()
+            if not isinstance(m, DAMModule)
+            for p, _ in m.named_parameters(recurse=False)
+        ]
         if leftover:
             raise DamError(f"base {base_model!r}: parameters {leftover[:3]} were not merged")
-        model.to(device)  # the buffers (rotary frequencies); the DAM tensors are already there
+        if str(device) != "meta":
+            model.to(device)  # the buffers (rotary frequencies); the DAM tensors are already there
         for r in readers:
             r.close()
         logger.info(
@@ -320,6 +328,14 @@ class DAMModel(nn.Module):
             shape = raw.shape[1:]
             out[name] = weights.to(raw.device).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
         return out
+
+    def reset_coefficients(self) -> None:
+        """Set every raw coefficient to the init's (the inverse transform of :meth:`initial_coefficients`)."""
+        initial = self.initial_coefficients(trainable_only=False)
+        with torch.no_grad():
+            for name, m, attr in self._coefficient_items(False):
+                raw = getattr(m, f"{attr}_coefficients")
+                raw.copy_(inverse_transform(initial[name].to(raw.device), self.options.transform))
 
     def raw_coefficients(self) -> dict[str, Tensor]:
         """Every coefficient tensor (raw, before the transform) by tensor name, detached on CPU: what is saved."""
@@ -414,7 +430,10 @@ def _check_source_tensors(slots: list[_Slot], sources: list[str], readers: list[
 def _read_stacked(
     name: str, readers: list[CheckpointReader], dtype: torch.dtype, device: torch.device | str
 ) -> nn.Parameter:
-    """Frozen (N, *shape) parameter on ``device``, filled one source at a time."""
+    """Frozen (N, *shape) parameter on ``device``, filled one source at a time (unread on the meta device)."""
+    if str(device) == "meta":
+        shape = readers[0].shape(name)
+        return nn.Parameter(torch.empty((len(readers), *shape), dtype=dtype, device="meta"), requires_grad=False)
     first = readers[0].get(name, dtype=dtype)
     stacked = torch.empty((len(readers), *first.shape), dtype=dtype, device=device)
     stacked[0].copy_(first)

@@ -241,6 +241,26 @@ class CheckpointReader:
             tensor = tensor.to(dtype)
         return tensor.to(device) if str(device) != "cpu" else tensor
 
+    def get_rows(self, name: str, start: int, end: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:end`` of one tensor along its first dimension, reading only those bytes from a safetensors
+        file (row-major: the rows are one contiguous range). What a process of a sharded run reads of its shard."""
+        self._require(name)
+        shape = self.shape(name)
+        if not shape or not 0 <= start <= end <= shape[0]:
+            raise ValueError(f"model {self.name!r}: rows {start}:{end} of tensor {name!r} with shape {shape}")
+        if name in self._entries:
+            file, entry, data_start = self._entries[name]
+            rows = torch.empty((end - start, *shape[1:]), dtype=self.dtype(name))
+            row_bytes = rows[0].numel() * rows.element_size() if len(rows) else 0
+            with open(file, "rb") as f:
+                f.seek(data_start + entry["data_offsets"][0] + start * row_bytes)
+                want = (end - start) * row_bytes
+                if want and f.readinto(rows.view(-1).view(torch.uint8).numpy()) != want:
+                    raise DamError(f"model {self.name!r}: {file.name} is truncated at tensor {name!r}")
+        else:
+            rows = self._load_bin(self._bin_files[name])[name][start:end].clone()
+        return rows if dtype is None or rows.dtype == dtype else rows.to(dtype)
+
     def close(self) -> None:
         self._bin_cache = None
 

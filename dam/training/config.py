@@ -188,6 +188,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in backward instead of storing them (long sequences)."""
 
+    shard_sources: bool = False
+    """Shard the frozen sources over the processes (torch FSDP2, :mod:`dam.training.sharding`): each process holds
+    about 1/G of them plus one gathered decoder layer, for sources that do not fit one device. Launch with
+    ``configs/accelerate/fsdp.yaml``. The coefficients stay whole on every process."""
+
     save_every: int = Field(0, ge=0)
     """Save a resumable checkpoint (``accelerator.save_state``) every this many optimizer steps; the last step is
     always saved. 0: only the last step."""

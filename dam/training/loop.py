@@ -23,10 +23,10 @@ a function of ``train.seed`` and the epoch alone (a seeded sampler), so a resume
 uninterrupted run would, and ends with the same coefficients up to float rounding.
 
 Processes: one (``python train_dam.py``), DDP (``torchrun``/``accelerate launch``; the frozen sources are left out
-of DDP's initial broadcast, every process reads them itself), FSDP or DeepSpeed (model built on CPU, placed by
-the wrapper). Under FSDP/DeepSpeed the coefficients exist only as shards outside the forward, so the regularisers
-must be off there (checked at start) and the per-kind coefficient statistics are not logged; those two paths are
-parse-checked, not run, in the test suite (they need GPUs).
+of DDP's initial broadcast, every process reads them itself), or, with ``train.shard_sources``, the sources sharded
+over the processes by :mod:`dam.training.sharding` (FSDP2; the model is then not given to ``accelerator.prepare``:
+its coefficients are whole on every process, their gradients averaged by one all-reduce per step, and they are
+checkpointed as a registered object). accelerate's own FSDP and DeepSpeed modes are refused.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from dam.training.run_dir import (
     latest_checkpoint,
     save_checkpoint,
 )
+from dam.training.sharding import average_gradients, shard_sources, source_bytes
 from dam.training.teacher_cache import load_training_dataset, teacher_logprobs
 
 logger = logging.getLogger(__name__)
@@ -98,10 +99,13 @@ def train(config: DAMConfig) -> Path:
     steps_per_epoch = math.ceil(_per_process_batches(dataloader, accelerator) / config.train.grad_accum)
     total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
     scheduler = _setup_scheduler(config, optimizer, total_steps)
-    coefficient_keys = _coefficient_state_keys(model)
     unwrapped = model
-    _ignore_sources_in_ddp(model, accelerator)
-    model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
+    if config.train.shard_sources:  # sharded by dam.training.sharding: no DDP around it
+        optimizer, dataloader, scheduler = accelerator.prepare(optimizer, dataloader, scheduler)
+        accelerator.register_for_checkpointing(model)
+    else:
+        _ignore_sources_in_ddp(model, accelerator)
+        model, optimizer, dataloader, scheduler = accelerator.prepare(model, optimizer, dataloader, scheduler)
     if math.ceil(len(dataloader) / config.train.grad_accum) != steps_per_epoch:  # the schedule was sized on it
         raise RuntimeError(f"sharded dataloader has {len(dataloader)} batches, expected {steps_per_epoch} steps")
 
@@ -128,7 +132,7 @@ def train(config: DAMConfig) -> Path:
             total_steps,
             steps_per_epoch,
         )
-        _finish(accelerator, config, run_dir, model, unwrapped, coefficient_keys)
+        _finish(accelerator, config, run_dir, unwrapped)
     finally:
         accelerator.end_training()
     accelerator.print(f"DAM run finished: merged model in {run_dir / MERGED_DIR}")
@@ -155,37 +159,34 @@ def _setup_accelerator(config: DAMConfig, run_dir: Path) -> Any:
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step, whatever the process count
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.train.seed),
     )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and config.train.grad_accum > 1:
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise DamError(
-            "train.grad_accum > 1 is not supported under DeepSpeed (its engine owns accumulation); "
-            "raise train.batch_size instead"
-        )
-    regularised = [k for k in ("similarity", "l1", "l2") if getattr(config.loss, k)]
-    if _sharded(accelerator) and regularised:
-        raise DamError(
-            f"loss.{regularised[0]} > 0 under {accelerator.distributed_type.value}: the coefficient regularisers read "
-            "whole coefficient tensors outside the forward, where FSDP/ZeRO-3 hold only shards. Set loss.similarity, "
-            "loss.l1 and loss.l2 to 0 with this accelerate config, or use DDP"
+            f"accelerate config: distributed_type {accelerator.distributed_type.value} is not supported: DAM shards "
+            "its sources itself. Launch with configs/accelerate/fsdp.yaml (a multi-GPU launch) and set "
+            "train.shard_sources=true"
         )
     return accelerator
 
 
-def _sharded(accelerator: Any) -> bool:
-    """FSDP or DeepSpeed: parameters (sources and coefficients) are sharded across processes."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
 def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
-    """The wrapper, built straight on this process's device (FSDP/DeepSpeed place it themselves, from CPU)."""
+    """The wrapper, built straight on this process's device; with ``train.shard_sources``, on the meta device and
+    then sharded, each process reading its own shards (:func:`dam.training.sharding.shard_sources`)."""
+    shard = config.train.shard_sources
     model = DAMModel.from_pretrained(
         config.base_model,
         [m.model for m in config.models],
         config.dam,
         dtype=parse_dtype(config.dtype),
-        device="cpu" if _sharded(accelerator) else accelerator.device,
+        device="meta" if shard else accelerator.device,
     )
+    if shard:
+        shard_sources(model, accelerator.device)
+        local, total = source_bytes(model)
+        print(  # every process: the share of the sources it holds
+            f"process {accelerator.process_index}: {local / 2**20:.3f} MiB of the {total / 2**20:.3f} MiB of "
+            "source weights",
+            flush=True,
+        )
     model.model.config.use_cache = False  # no KV cache in training forwards
     if config.train.gradient_checkpointing:
         inner = model.model  # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
@@ -217,15 +218,6 @@ def _setup_scheduler(config: DAMConfig, optimizer: torch.optim.Optimizer, total_
 
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[config.train.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=config.train.warmup_steps, num_training_steps=total_steps)
-
-
-def _coefficient_state_keys(model: DAMModel) -> dict[str, str]:
-    """Checkpoint tensor name -> the ``state_dict`` key of its raw coefficient parameter in ``model``."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return {
-        tensor: f"{names[id(module)]}.{attr}_coefficients"
-        for tensor, (module, attr, _) in model.merged_tensors.items()
-    }
 
 
 def _ignore_sources_in_ddp(model: DAMModel, accelerator: Any) -> None:
@@ -417,8 +409,7 @@ def _fit(
                     "epoch": epoch,
                     "tokens_per_second": window_tokens / elapsed,
                 }
-                if not _sharded(accelerator):  # sharded coefficients cannot be summarised locally
-                    record |= _coefficient_statistics(wrapper, config)
+                record |= _coefficient_statistics(wrapper, config)
                 _log(accelerator, run_dir, step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
                 window_metrics, window_tokens, window_start = [], 0, time.perf_counter()
@@ -473,6 +464,8 @@ def _step(
                 loss = loss + sum(regularisers.values())
             accelerator.backward(loss)
         kl_sum += kl.detach().double()
+    if config.train.shard_sources:
+        average_gradients(params)
     kl_mean = float(accelerator.reduce(kl_sum, "sum")) / max(loss_tokens, 1.0)
     metrics = {"loss/kl": kl_mean} | {f"loss/{k}": float(v.detach()) for k, v in regularisers.items()}
     metrics["loss"] = config.loss.kl * kl_mean + sum(float(v.detach()) for v in regularisers.values())
@@ -528,18 +521,10 @@ def _log(accelerator: Any, run_dir: Path, step: int, record: dict[str, float]) -
 # --------------------------------------------------------------------------------------------------- finish
 
 
-def _finish(
-    accelerator: Any,
-    config: DAMConfig,
-    run_dir: Path,
-    model: Any,
-    wrapper: DAMModel,
-    coefficient_keys: dict[str, str],
-) -> None:
-    """Gather the full coefficients (a collective under FSDP), save them in the run folder and export the merge."""
-    state = accelerator.get_state_dict(model)
+def _finish(accelerator: Any, config: DAMConfig, run_dir: Path, wrapper: DAMModel) -> None:
+    """Save the coefficients (whole and equal on every process) in the run folder and export the merge."""
     if accelerator.is_main_process:
-        tensors = {tensor: state[key].detach().cpu() for tensor, key in coefficient_keys.items()}
+        tensors = wrapper.raw_coefficients()
         metadata = wrapper.metadata(config_to_dict(config))
         save_coefficients(run_dir, tensors, metadata)
         from dam.adaptive.export import write_merged_model
