@@ -281,7 +281,68 @@ def _add_kinship(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_kinship)
 
 
-_COMMANDS: list = [_add_merge, _add_train, _add_export, _add_cache_logits, _add_demo, _add_eval, _add_kinship]
+def _soup(args: argparse.Namespace) -> int:
+    from dam.search.config import SoupConfig, load_search_config
+    from dam.search.soup import format_soup, run_soup
+
+    summary = run_soup(load_search_config(args.config, SoupConfig), args.out, force=args.force)
+    print(format_soup(summary))
+    print(f"wrote {args.out}: soup.json, evaluations.jsonl, greedy.yaml, greedy/, uniform.yaml, uniform/")
+    return 0
+
+
+def _add_soup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "soup",
+        help="uniform and greedy model soups of candidate fine-tunes, chosen on a held-out fitness",
+        description="Score every candidate on the config's fitness, average them all (uniform soup), and build the "
+        "greedy soup: best candidate first, each next one averaged in only if the held-out score improves. Writes "
+        "both soups (mergekit configs and merged models), the scores and every evaluation to OUT, all at once.",
+    )
+    p.add_argument("config", help="soup config YAML (models, fitness; see configs/search/)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=_soup)
+
+
+def _evolve(args: argparse.Namespace) -> int:
+    from dam.search.config import EvolveConfig, load_search_config
+    from dam.search.evolve import run_search
+
+    config = load_search_config(args.config, EvolveConfig)
+    print(run_search(config, args.out, force=args.force, progress=not args.quiet))
+    print(f"wrote {args.out}: results.json, best.yaml, fitness.png and the search's log")
+    return 0
+
+
+def _add_evolve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evolve",
+        help="search merges: CMA-ES over a method's weights/densities, or kinship-guided greedy merging",
+        description="Search over merges of fine-tunes of one base, scored on a held-out fitness. strategy cmaes: "
+        "CMA-ES (optuna) over a classic method's per-layer-group, per-filter parameters; the study lives in a "
+        "database, so a killed search run again resumes, and several workers with one storage share it. strategy "
+        "kinship_greedy: top-k pairwise merges plus an exploration merge by kinship, each generation, until the "
+        "top models' kinship passes a threshold. Writes the best config (mergekit YAML), the merge and the log.",
+    )
+    p.add_argument("config", help="evolve config YAML (see configs/search/)")
+    p.add_argument("out", help="search folder (a folder of the same config is resumed)")
+    p.add_argument("--force", action="store_true", help="delete OUT first if it holds anything else than this search")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evolve)
+
+
+_COMMANDS: list = [
+    _add_merge,
+    _add_train,
+    _add_export,
+    _add_cache_logits,
+    _add_demo,
+    _add_eval,
+    _add_kinship,
+    _add_soup,
+    _add_evolve,
+]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ libraries.
 
 Layers, bottom to top (a module may import its own layer and those below, never above)::
 
-    errors  <  io, testing  <  merge  <  adaptive  <  training  <  evaluation  <  demo  <  cli
+    errors  <  io, testing  <  merge  <  adaptive  <  training  <  evaluation  <  search  <  demo  <  cli
 
 Every import counts, at module level or inside a function: a lazy import upward is still an upward dependency.
 """
@@ -31,8 +31,9 @@ LAYERS = {
     "dam.adaptive": 3,
     "dam.training": 4,
     "dam.evaluation": 5,
-    "dam.demo": 6,
-    "dam.cli": 7,
+    "dam.search": 6,
+    "dam.demo": 7,
+    "dam.cli": 8,
 }
 PURE_MATH = ("dam.merge.methods", "dam.adaptive.layers", "dam.adaptive.losses")
 HEAVY = ("transformers", "datasets", "accelerate")

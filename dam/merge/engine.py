@@ -505,6 +505,24 @@ def _merged(plan: MergePlan, device: torch.device, seed: int, workers: int) -> I
                 future.cancel()
 
 
+def merged_tensors(
+    config: MergeConfig, *, seed: int = 0, device: str = "cpu", workers: int = 2
+) -> Iterator[tuple[str, Tensor]]:
+    """Every output tensor of ``config``'s merge, ``(name, tensor)`` in plan order, in memory instead of on disk.
+
+    The same plan, checks and math as :func:`run_merge` (a search over merges evaluates candidates this way and
+    writes only the one it keeps). The plan, with every check, runs at the first ``next``, before any tensor data
+    is read; the checkpoints are closed when the generator is exhausted or closed.
+    """
+    plan = plan_merge(config)
+    try:
+        with contextlib.closing(_merged(plan, torch.device(device), seed, workers)) as merged:
+            for task, tensor in merged:
+                yield task.name, tensor
+    finally:
+        plan.close()
+
+
 def _estimate_shards(sizes: list[int], max_shard_size: int) -> int:
     """How many shards :class:`~dam.io.writer.ShardedWriter` will write for these tensor sizes, in order."""
     shards, current = 1, 0
@@ -634,4 +652,4 @@ def run_merge(
         plan.close()
 
 
-__all__ = ["MergePlan", "MergeSummary", "TensorTask", "plan_merge", "run_merge", "tensor_seed"]
+__all__ = ["MergePlan", "MergeSummary", "TensorTask", "merged_tensors", "plan_merge", "run_merge", "tensor_seed"]

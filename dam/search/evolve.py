@@ -1,0 +1,339 @@
+"""Evolutionary merge search (``dam evolve``, strategy ``cmaes``): CMA-ES over a classic method's parameters.
+
+The genotype is mergekit-evolve's: one value per layer group x model x filter x parameter. ``layer_groups``
+contiguous groups of layers (near-equal sizes) each get their own values; ``filters`` (tensor-name substrings
+such as ``self_attn``, ``mlp``) get their own values inside each group, every other tensor a default one. The
+parameters are the method's per-model ``weight`` (and ``density`` for ties/dare_ties), or slerp's ``t``. A
+genotype is written as an ordinary mergekit config: one group as ``models:``, several as ``slices:`` (one per
+group, every source with its ``layer_range``), filters as ``[{filter, value}, ..., {value}]`` lists, so the
+best config runs unchanged under ``dam merge`` and ``mergekit-yaml``. Embeddings take the first group's values,
+the final norm and ``lm_head`` the last group's (mergekit's rule for slices).
+
+The search is an optuna study with its CMA-ES sampler (``cmaes`` package) in a storage database (default
+``sqlite:///OUT/study.db``): a killed search run again continues the same study (completed candidates and the
+CMA-ES state are kept; a candidate cut off mid-evaluation is dropped), and several workers (``dam evolve`` on the
+same config, one storage URL) share one study. The first candidate is mergekit-evolve's start (weight ``1/n``,
+density 1, t 0.5); CMA-ES then starts from the centre of the ranges with a step of 1/6 of each range (optuna's
+defaults; mergekit-evolve's sigma). Values are rounded to 6 decimals, so the written config is the evaluated one.
+
+Each candidate is merged in memory by the streaming engine and scored on the fitness; nothing of it is written.
+When the budget (evaluations or evaluation seconds, counted over the whole study) is spent, the worker writes:
+
+- ``best.yaml``: the best candidate's mergekit config; ``merged/``: that merge;
+- ``candidates.jsonl``: one line per finished candidate (rewritten from the study after every candidate);
+- ``fitness.png``: fitness per evaluation and the best so far; ``results.json``: the best and the compute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dam.errors import DamError
+from dam.io.checkpoint import CheckpointReader
+from dam.merge.config import MergeConfig, parse_merge_config
+from dam.merge.engine import plan_merge, run_merge
+from dam.search.config import EvolveConfig, SearchSpace, config_dict
+from dam.search.fitness import CandidateEvaluator, Fitness
+from dam.search.records import SearchLog, plot_fitness, prepare_out
+
+logger = logging.getLogger(__name__)
+
+STUDY_NAME = "dam-evolve"
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One searched value: parameter ``parameter`` of model ``model`` (None: a method-level one, slerp's ``t``) on
+    the tensors of layer group ``group`` matching ``filter`` (None: every other tensor)."""
+
+    group: int
+    model: int | None
+    filter: str | None
+    parameter: str
+    low: float
+    high: float
+
+    @property
+    def name(self) -> str:
+        where = f"g{self.group}" + (f".m{self.model}" if self.model is not None else "")
+        return f"{where}.{self.filter or 'other'}.{self.parameter}"
+
+
+def num_layers(model: str) -> int:
+    """The layer count in ``model``'s config.json."""
+    with CheckpointReader(model) as reader:
+        for key in _LAYER_COUNT_KEYS:
+            if isinstance(reader.config.get(key), int):
+                return reader.config[key]
+    raise DamError(f"model {model!r}: config.json names no layer count ({', '.join(_LAYER_COUNT_KEYS)})")
+
+
+def layer_groups(layers: int, groups: int) -> list[tuple[int, int]]:
+    """``groups`` contiguous ``[start, end)`` ranges covering ``layers`` layers, sizes differing by at most one."""
+    if groups > layers:
+        raise DamError(f"search.layer_groups is {groups} but the models have {layers} layers")
+    bounds = [round(i * layers / groups) for i in range(groups + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def genes(space: SearchSpace, n_models: int, groups: int) -> list[Gene]:
+    """The genotype's dimensions, group by group, model by model, filter by filter (the default last)."""
+    filters: list[str | None] = [*space.filters, None]
+    models: list[int | None] = [None] if space.method == "slerp" else list(range(n_models))
+    out = []
+    for g in range(groups):
+        for m in models:
+            for f in filters:
+                for p in space.searched:
+                    out.append(Gene(g, m, f, p, *space.bounds(p)))
+    return out
+
+
+def start_values(space: SearchSpace, genotype: list[Gene], n_models: int) -> dict[str, float]:
+    """mergekit-evolve's starting point: weight ``1/n``, density 1, t 0.5 (clipped into the searched ranges)."""
+    start = {"weight": 1.0 / n_models, "density": 1.0, "t": 0.5}
+    return {g.name: min(max(start[g.parameter], g.low), g.high) for g in genotype}
+
+
+def _setting(values: dict[str, float], genotype: list[Gene], group: int, model: int | None, parameter: str) -> Any:
+    """One parameter's mergekit setting: a number, or a filter list ending with the default."""
+    mine = {g.filter: values[g.name] for g in genotype if (g.group, g.model, g.parameter) == (group, model, parameter)}
+    if list(mine) == [None]:
+        return mine[None]
+    return [{"filter": f, "value": v} for f, v in mine.items() if f is not None] + [{"value": mine[None]}]
+
+
+def candidate_config(
+    config: EvolveConfig, genotype: list[Gene], values: dict[str, float], groups: list[tuple[int, int]], header: str
+) -> MergeConfig:
+    """The mergekit config of one genotype (see the module docstring), its YAML text headed by ``header``."""
+    space = config.search
+    assert space is not None
+    method = space.method
+    fixed = dict(space.method_parameters)
+    values = {k: round(v, 6) for k, v in values.items()}
+
+    def model_params(group: int, model: int) -> dict[str, Any]:
+        return {p: _setting(values, genotype, group, model, p) for p in space.searched}
+
+    data: dict[str, Any] = {"merge_method": method}
+    uses_base = method != "linear"
+    if uses_base:
+        data["base_model"] = config.base_model
+    if method == "slerp":
+        if len(config.models) != 1:
+            raise DamError(
+                f"search.method slerp merges the base with exactly one model; models has {len(config.models)}"
+            )
+        other = config.models[0]
+        if len(groups) == 1:
+            data["models"] = [{"model": config.base_model}, {"model": other}]
+            fixed["t"] = _setting(values, genotype, 0, None, "t")
+        else:
+            data["slices"] = [
+                {
+                    "sources": [{"model": m, "layer_range": list(r)} for m in (config.base_model, other)],
+                    "parameters": {"t": _setting(values, genotype, g, None, "t")},
+                }
+                for g, r in enumerate(groups)
+            ]
+    elif len(groups) == 1:
+        data["models"] = [{"model": m, "parameters": model_params(0, i)} for i, m in enumerate(config.models)]
+    else:
+        slices = []
+        for g, r in enumerate(groups):
+            sources = [
+                {"model": m, "layer_range": list(r), "parameters": model_params(g, i)}
+                for i, m in enumerate(config.models)
+            ]
+            if uses_base:
+                sources.append({"model": config.base_model, "layer_range": list(r)})
+            slices.append({"sources": sources})
+        data["slices"] = slices
+    if fixed:
+        data["parameters"] = fixed
+    if config.dtype is not None:
+        data["dtype"] = config.dtype
+    text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    return parse_merge_config(data, text, origin="search")
+
+
+# ------------------------------------------------------------------------------------------------ the search
+
+
+def _storage(config: EvolveConfig, out: Path) -> Any:
+    import optuna
+
+    url = config.storage or f"sqlite:///{out / 'study.db'}"
+    try:
+        # heartbeats: a trial whose worker died is marked failed by the next worker once its grace period passes
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+    except Exception as e:  # a bad URL or an unreachable database server
+        raise DamError(f"storage {url!r}: {e}") from None
+
+
+def _completed(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+
+
+def _spent(study: Any) -> tuple[int, float]:
+    done = _completed(study)
+    return len(done), sum(t.user_attrs.get("seconds", 0.0) for t in done)
+
+
+def _budget_left(config: EvolveConfig, study: Any) -> bool:
+    count, seconds = _spent(study)
+    b = config.budget
+    return (b.evaluations is None or count < b.evaluations) and (b.seconds is None or seconds < b.seconds)
+
+
+def _write_candidates(study: Any, path: Path) -> list[dict[str, Any]]:
+    rows = [
+        {"number": t.number, "score": t.value, "params": t.params, **{k: v for k, v in t.user_attrs.items()}}
+        for t in _completed(study)
+    ]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return rows
+
+
+def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume, or join as one more worker) the CMA-ES search of ``config`` into ``out``; see the module
+    docstring. Returns what ``out/results.json`` holds."""
+    import optuna
+    from tqdm.auto import tqdm
+
+    space = config.search
+    assert space is not None
+    fitness = Fitness(config.fitness)
+    groups = layer_groups(num_layers(config.base_model), space.layer_groups)
+    genotype = genes(space, len(config.models), len(groups))
+    x0 = start_values(space, genotype, len(config.models))
+    plan_merge(candidate_config(config, genotype, x0, groups, "")).close()  # every check, headers only
+    out = Path(out).expanduser().absolute()
+    resumed = prepare_out(out, config, force)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False)
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=_storage(config, out),
+        sampler=sampler,
+        direction="maximize",
+        load_if_exists=True,
+    )
+    if not study.trials:
+        study.enqueue_trial(x0)
+    count, _ = _spent(study)
+    logger.info("evolve: %s study in %s, %d candidate(s) done", "resuming the" if resumed else "new", out, count)
+    evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
+    log = SearchLog(None, config.wandb, config_dict(config), out, "evolve")
+    bar = tqdm(
+        total=config.budget.evaluations,
+        initial=count,
+        unit="candidate",
+        desc="dam evolve",
+        disable=None if progress else True,
+    )
+
+    def objective(trial: Any) -> float:
+        values = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in genotype}
+        merge = candidate_config(config, genotype, values, groups, "")
+        score = evaluator.merge(merge)
+        trial.set_user_attr("metrics", score.metrics)
+        trial.set_user_attr("seconds", score.seconds)
+        trial.set_user_attr("forward_tokens", score.tokens)
+        log.log({"candidate": trial.number, **score.to_dict(), "params": values})
+        return score.score
+
+    def after(study: Any, trial: Any) -> None:
+        _write_candidates(study, out / "candidates.jsonl")
+        bar.update()
+        if trial.value is not None:
+            bar.set_postfix(score=f"{trial.value:.4g}", best=f"{study.best_value:.4g}")
+        if not _budget_left(config, study):
+            study.stop()
+
+    try:
+        if _budget_left(config, study):
+            study.optimize(objective, callbacks=[after], catch=(DamError,), gc_after_trial=False)
+    finally:
+        bar.close()
+        log.close()
+    return finish(config, study, genotype, groups, out, evaluator)
+
+
+def finish(
+    config: EvolveConfig, study: Any, genotype: list[Gene], groups: list[tuple[int, int]], out: Path, evaluator: Any
+) -> dict[str, Any]:
+    """Write the best config and merge, the candidates, the plot and ``results.json`` from the study."""
+    rows = _write_candidates(study, out / "candidates.jsonl")
+    if not rows:
+        raise DamError(f"the search in {out} finished no candidate (every one failed: see the log)")
+    best = max(rows, key=lambda r: r["score"])
+    header = (
+        f"# dam evolve ({config.search.method if config.search else ''}, CMA-ES): best of {len(rows)} candidates, "
+        f"candidate {best['number']}, fitness {best['score']:.6g}\n"
+    )
+    merge = candidate_config(config, genotype, best["params"], groups, header)
+    _write_best(merge, out, config.seed)
+    plot_fitness([r["score"] for r in rows], out / "fitness.png", "dam evolve (CMA-ES)", "fitness")
+    results = {
+        "strategy": "cmaes",
+        "fitness": evaluator.fitness.describe(),
+        "best": {"candidate": best["number"], "score": best["score"], "params": best["params"]},
+        "start_score": rows[0]["score"],
+        "compute": {
+            "evaluations": len(rows),
+            "evaluation_seconds": sum(r.get("seconds", 0.0) for r in rows),
+            "forward_tokens": sum(r.get("forward_tokens") or 0 for r in rows),
+        },
+        "dimensions": len(genotype),
+        "layer_groups": [list(g) for g in groups],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def _write_best(merge: MergeConfig, out: Path, seed: int) -> None:
+    """``best.yaml`` and ``merged/`` (remade only when the best changed)."""
+    best_file = out / "best.yaml"
+    if (
+        best_file.is_file()
+        and best_file.read_text() == merge.source_text
+        and (out / "merged" / "config.json").is_file()
+    ):
+        return
+    run_merge(merge, out / "merged", force=True, seed=seed, progress=False)
+    best_file.write_text(merge.source_text, encoding="utf-8")
+
+
+def format_results(results: dict[str, Any]) -> str:
+    c = results["compute"]
+    lines = [
+        f"fitness: {results['fitness']}",
+        f"start (candidate 0): {results['start_score']:.4f}",
+        f"best: candidate {results['best']['candidate']}, {results['best']['score']:.4f}",
+        f"compute: {c['evaluations']} evaluations, {c['evaluation_seconds']:.1f} s evaluating, "
+        f"{c['forward_tokens']} forward tokens",
+    ]
+    return "\n".join(lines)
+
+
+def run_search(config: EvolveConfig, out: str | Path, *, force: bool = False, progress: bool = True) -> str:
+    """``dam evolve``: the config's strategy run into ``out``; returns the printable summary."""
+    if config.strategy == "kinship_greedy":
+        from dam.search.kinship_greedy import format_kinship_greedy, run_kinship_greedy
+
+        return format_kinship_greedy(run_kinship_greedy(config, out, force=force), Path(out))
+    return format_results(run_evolve(config, out, force=force, progress=progress))

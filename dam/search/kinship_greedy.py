@@ -1,0 +1,243 @@
+"""Top-k greedy merging with model kinship (Hu et al., 2024): ``dam evolve`` with ``strategy: kinship_greedy``.
+
+The population starts as the input models, each scored on the fitness. Each generation:
+
+1. the top ``k`` members by score are taken, and their kinship (cosine or Pearson similarity of their task
+   vectors against the base, :func:`dam.evaluation.kinship.model_kinship`) is measured pairwise; when the mean
+   pairwise kinship exceeds ``stop_kinship`` the search stops (the top models have become one model: the study
+   stopped there and saved about 30% of the compute);
+2. every pair of the top ``k`` not merged before is merged (``slerp`` by default: from the better model toward
+   the other by ``t``; ``linear``; or a task-arithmetic method over the base), and, with ``exploration``, the
+   best member with the member least related to it by kinship (the exploration merge that escapes the local
+   optimum plain greedy merging stalls in);
+3. the merges are written under ``OUT/models/`` (later generations merge them and measure their kinship), scored
+   and added to the population.
+
+It stops after ``max_generations``, when no new pair is left, at the kinship threshold, or when the budget is
+spent. ``OUT/members.jsonl`` holds one line per scored member (its parents, generation, score and cost),
+``OUT/generations.jsonl`` one per generation (top-k, their kinships, the merges made, why it stopped). A killed
+search run again replays the recorded members without re-evaluating them and continues.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dam.errors import DamError
+from dam.evaluation.kinship import model_kinship
+from dam.merge.config import MergeConfig, parse_merge_config
+from dam.merge.engine import run_merge
+from dam.search.config import PAIR_DEFAULTS, EvolveConfig, KinshipGreedy, config_dict
+from dam.search.fitness import CandidateEvaluator, Fitness
+from dam.search.records import SearchLog, plot_fitness, prepare_out, read_records
+from dam.search.soup import average_config, check_candidates
+
+logger = logging.getLogger(__name__)
+
+
+def pair_config(settings: KinshipGreedy, better: str, other: str, base: str, header: str) -> MergeConfig:
+    """The mergekit config merging two members with ``settings.method`` (``better`` is slerp's starting point)."""
+    method = settings.method
+    params = dict(PAIR_DEFAULTS[method] if settings.parameters is None else settings.parameters)
+    data: dict[str, Any] = {"merge_method": method}
+    if method == "slerp":
+        data["base_model"] = better
+    elif method != "linear":
+        data["base_model"] = base
+    data["models"] = [{"model": better}, {"model": other}]
+    data["parameters"] = params
+    return parse_merge_config(data, header + yaml.safe_dump(data, sort_keys=False), origin="kinship_greedy")
+
+
+class _Kinship:
+    """Kinship of two members against the base, measured once per pair (cached in ``OUT/kinship.jsonl``)."""
+
+    def __init__(self, base: str, measure: str, path: Path):
+        self.base, self.measure, self.path = base, measure, path
+        self.seconds = 0.0
+        self.cache = {frozenset((r["a"], r["b"])): r["value"] for r in read_records(path)}
+
+    def __call__(self, a: tuple[str, str], b: tuple[str, str]) -> float:
+        """Kinship of members ``(name, path)`` ``a`` and ``b``; nan where a task vector is zero."""
+        key = frozenset((a[0], b[0]))
+        if key not in self.cache:
+            started = time.perf_counter()
+            similarity = model_kinship(a[1], b[1], self.base).overall
+            self.seconds += time.perf_counter() - started
+            value = getattr(similarity, self.measure)
+            self.cache[key] = value
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"a": a[0], "b": b[0], "value": None if math.isnan(value) else value}) + "\n")
+        value = self.cache[key]
+        return math.nan if value is None else value
+
+
+def run_kinship_greedy(config: EvolveConfig, out: str | Path, *, force: bool = False) -> dict[str, Any]:
+    """Run (or resume) the kinship-guided greedy search of ``config`` into ``out``; see the module docstring."""
+    settings = config.kinship_greedy
+    assert settings is not None
+    fitness = Fitness(config.fitness)
+    check_candidates(average_config([*config.models, config.base_model]))  # one architecture, headers only
+    pair_config(settings, config.models[0], config.models[1], config.base_model, "")  # the pair merge's parameters
+    out = Path(out).expanduser().absolute()
+    prepare_out(out, config, force)
+    (out / "models").mkdir(exist_ok=True)
+    done = {r["name"]: r for r in read_records(out / "members.jsonl")}
+    log = SearchLog(out / "members.jsonl", config.wandb, config_dict(config), out, "kinship_greedy")
+    evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
+    kinship = _Kinship(config.base_model, settings.measure, out / "kinship.jsonl")
+    members: dict[str, dict[str, Any]] = {}
+    merged: set[frozenset[str]] = set()  # pairs merged so far
+    generations: list[dict[str, Any]] = []
+    budget = config.budget
+
+    def spent() -> bool:
+        count = len(members)
+        seconds = sum(m["seconds"] for m in members.values())
+        return (budget.evaluations is not None and count >= budget.evaluations) or (
+            budget.seconds is not None and seconds >= budget.seconds
+        )
+
+    def add(name: str, path: str, generation: int, parents: list[str], merge: MergeConfig | None) -> None:
+        if name in done:
+            members[name] = done[name]
+            return
+        started = time.perf_counter()
+        if merge is not None:
+            run_merge(merge, path, force=True, seed=config.seed, progress=False)  # a killed run's folder is redone
+        merge_seconds = time.perf_counter() - started
+        score = evaluator.model(path)
+        record = {
+            "name": name,
+            "path": path,
+            "generation": generation,
+            "parents": parents,
+            **score.to_dict(),
+            "seconds": score.seconds + merge_seconds,
+        }
+        members[name] = record
+        log.log(record)
+        logger.info("kinship_greedy: %s (%s) -> %.4f", name, " + ".join(parents) or "input", score.score)
+
+    try:
+        for i, model in enumerate(config.models):
+            if spent():
+                break
+            add(f"input{i}", model, 0, [], None)
+        stop = None
+        for generation in range(1, settings.max_generations + 1):
+            if spent():
+                stop = "budget"
+                break
+            ranked = sorted(members, key=lambda n: members[n]["score"], reverse=True)
+            top = ranked[: settings.k]
+            ref = {n: (n, members[n]["path"]) for n in members}
+            pairwise = {f"{a}~{b}": kinship(ref[a], ref[b]) for a, b in itertools.combinations(top, 2)}
+            finite = [v for v in pairwise.values() if not math.isnan(v)]
+            mean_kinship = sum(finite) / len(finite) if finite else math.nan
+            entry: dict[str, Any] = {
+                "generation": generation,
+                "top": {n: members[n]["score"] for n in top},
+                "kinship": pairwise,
+                "mean_top_kinship": mean_kinship,
+                "merges": [],
+            }
+            generations.append(entry)
+            if mean_kinship > settings.stop_kinship:
+                stop = "kinship"
+                break
+            pairs = [(a, b, "top-k") for a, b in itertools.combinations(top, 2) if frozenset((a, b)) not in merged]
+            if settings.exploration:
+                best = ranked[0]
+                new = [n for n in ranked[1:] if frozenset((best, n)) not in merged and n not in top]
+                if new:
+                    pairs.append((best, min(new, key=lambda n: _order(kinship(ref[best], ref[n]))), "exploration"))
+            if not pairs:
+                stop = "no new pair"
+                break
+            for j, (a, b, why) in enumerate(pairs):
+                if spent():
+                    break
+                name = f"gen{generation}-{j}"
+                header = f"# dam evolve kinship_greedy: {name} = {a} + {b} ({why})\n"
+                merge = pair_config(settings, members[a]["path"], members[b]["path"], config.base_model, header)
+                merged.add(frozenset((a, b)))
+                add(name, str(out / "models" / name), generation, [a, b], merge)
+                entry["merges"].append({"name": name, "parents": [a, b], "why": why, "score": members[name]["score"]})
+    finally:
+        log.close()
+    if stop is None:
+        stop = "budget" if spent() else "max_generations"
+    if generations:
+        generations[-1]["stop"] = stop
+    _write_lines(out / "generations.jsonl", generations)
+    return _finish(config, out, members, generations, stop, evaluator, kinship)
+
+
+def _order(value: float) -> float:
+    """Sort key of a kinship: nan (a zero task vector) last."""
+    return math.inf if math.isnan(value) else value
+
+
+def _write_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _finish(
+    config: EvolveConfig,
+    out: Path,
+    members: dict[str, dict[str, Any]],
+    generations: list[dict[str, Any]],
+    stop: str,
+    evaluator: CandidateEvaluator,
+    kinship: _Kinship,
+) -> dict[str, Any]:
+    if not members:
+        raise DamError("kinship_greedy: the budget allowed no evaluation")
+    best = max(members.values(), key=lambda m: m["score"])
+    if best["parents"]:
+        config_text = (Path(best["path"]) / "mergekit_config.yml").read_text(encoding="utf-8")
+        (out / "best.yaml").write_text(config_text, encoding="utf-8")
+    plot_fitness([m["score"] for m in members.values()], out / "fitness.png", "dam evolve (kinship greedy)", "fitness")
+    results = {
+        "strategy": "kinship_greedy",
+        "fitness": evaluator.fitness.describe(),
+        "best": {"name": best["name"], "path": best["path"], "score": best["score"], "parents": best["parents"]},
+        "best_input": max((m for m in members.values() if not m["parents"]), key=lambda m: m["score"])["score"],
+        "generations": len(generations),
+        "stop": stop,
+        "compute": {
+            "evaluations": len(members),
+            "evaluation_seconds": sum(m["seconds"] for m in members.values()),
+            "kinship_seconds": kinship.seconds,
+            "forward_tokens": sum(m.get("forward_tokens") or 0 for m in members.values()),
+        },
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def format_kinship_greedy(results: dict[str, Any], out: Path) -> str:
+    lines = [f"fitness: {results['fitness']}"]
+    for g in [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines() if line]:
+        top = ", ".join(f"{n} {s:.4f}" for n, s in g["top"].items())
+        lines.append(f"generation {g['generation']}: top {top}; mean kinship {g['mean_top_kinship']:.4f}")
+        lines += [f"  {m['name']} = {' + '.join(m['parents'])} ({m['why']}): {m['score']:.4f}" for m in g["merges"]]
+    b = results["best"]
+    lines.append(
+        f"stopped: {results['stop']}; best {b['name']} {b['score']:.4f} (best input {results['best_input']:.4f})"
+    )
+    c = results["compute"]
+    lines.append(
+        f"compute: {c['evaluations']} evaluations, {c['evaluation_seconds']:.1f} s evaluating and merging, "
+        f"{c['kinship_seconds']:.1f} s kinship, {c['forward_tokens']} forward tokens"
+    )
+    return "\n".join(lines)
