@@ -311,7 +311,7 @@ def _evolve(args: argparse.Namespace) -> int:
 
     config = load_search_config(args.config, EvolveConfig)
     print(run_search(config, args.out, force=args.force, progress=not args.quiet))
-    print(f"wrote {args.out}: results.json, best.yaml, fitness.png and the search's log")
+    print(f"results in {args.out}/results.json")
     return 0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,9 @@ def _storage(config: EvolveConfig, out: Path) -> Any:
     url = config.storage or f"sqlite:///{out / 'study.db'}"
     try:
         # heartbeats: a trial whose worker died is marked failed by the next worker once its grace period passes
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are "experimental"
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
     except Exception as e:  # a bad URL or an unreachable database server
         raise DamError(f"storage {url!r}: {e}") from None
 

@@ -93,10 +93,21 @@ def plot_fitness(scores: Sequence[float], path: Path, title: str, ylabel: str) -
     fig.savefig(path, dpi=100)
 
 
+_RESUMABLE_CHANGES = ("budget", "wandb")  # keys a resumed search may change (a larger budget extends it)
+
+
+def _same_search(saved: dict[str, Any], config: dict[str, Any]) -> bool:
+    return {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES} == {
+        k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES
+    }
+
+
 def prepare_out(out: Path, config: BaseModel, force: bool) -> bool:
-    """Make ``out`` ready: a fresh folder, or the same config's folder (resume: True). Another config's folder,
-    or a non-empty folder of something else, is refused unless ``force`` (which deletes it)."""
+    """Make ``out`` ready: a fresh folder, or the folder of the same search (resume: True; its budget and wandb
+    settings may differ, a larger budget extends it). Another search's folder, or a non-empty folder of something
+    else, is refused unless ``force`` (which deletes it). The config is saved as ``search_config.yaml``."""
     saved = out / CONFIG_FILE
+    resume = False
     if out.exists() and not out.is_dir():
         raise DamError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -105,10 +116,10 @@ def prepare_out(out: Path, config: BaseModel, force: bool) -> bool:
             shutil.rmtree(out)
         elif not saved.is_file():
             raise DamError(f"output folder {out} is not empty and holds no search: use --force to replace it")
-        elif yaml.safe_load(saved.read_text()) != config_dict(config):
+        elif not _same_search(yaml.safe_load(saved.read_text()), config_dict(config)):
             raise DamError(f"output folder {out} holds a search of another config ({saved} differs): use --force")
         else:
-            return True
+            resume = True
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
-    return False
+    return resume

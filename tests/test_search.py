@@ -1,0 +1,396 @@
+"""dam.search: soups, CMA-ES evolution and kinship-guided greedy merging on a tiny family, their fitnesses, resume,
+and the one-line errors on bad input. Budgets are tiny (2-5 evaluations): these test the machinery, not search
+quality."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dam.cli import main
+from dam.errors import DamError
+from dam.evaluation.evaluate import evaluate_model
+from dam.evaluation.kinship import model_kinship
+from dam.io.checkpoint import CheckpointReader
+from dam.merge.config import parse_merge_config
+from dam.merge.engine import merged_tensors
+from dam.search.config import EvolveConfig, FitnessConfig, SearchSpace, SoupConfig, load_search_config
+from dam.search.evolve import candidate_config, genes, layer_groups, start_values
+from dam.search.fitness import CandidateEvaluator, Fitness, Score
+from dam.search.soup import greedy_soup
+from dam.testing import make_family
+
+WORDS = ["abc", "hello", "xyz", "merge", "soup"]
+
+# the fitness of the fast tests: closeness of the lm_head to source1's (no generation, milliseconds)
+FITNESS_MODULE = """
+import torch
+from dam.io.checkpoint import CheckpointReader
+
+with CheckpointReader({target!r}) as reader:
+    TARGET = reader.get("lm_head.weight")
+
+
+def closeness(model, tokenizer):
+    distance = (model.lm_head.weight.detach() - TARGET).pow(2).sum().item()
+    return {{"score": -distance, "distance": distance}}
+"""
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A base, three fine-tunes (4 layers), a copy task with a validation split, and the closeness callable."""
+    root = tmp_path_factory.mktemp("search")
+    base, sources = make_family(root / "family", 3, num_layers=4, scale=0.05)
+    (root / "data" / "copy").mkdir(parents=True)
+    rows = [{"prompt": f"copy {w}=", "response": w} for w in WORDS]
+    (root / "data" / "copy" / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "fit_closeness.py").write_text(FITNESS_MODULE.format(target=str(sources[1])))
+    return {"root": root, "base": str(base), "sources": [str(s) for s in sources]}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _task_fitness(family: dict) -> dict:
+    return {"tasks": ["copy"], "data_dir": str(family["root"] / "data"), "metric": "loss", "limit": 3}
+
+
+def _closeness(family: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.chdir(family["root"])  # module:function resolves from the working directory
+    return {"callable": "fit_closeness:closeness"}
+
+
+# ------------------------------------------------------------------------------------------- pure logic
+
+
+def test_greedy_soup_keeps_a_candidate_only_when_the_score_strictly_improves() -> None:
+    own = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 0.5}
+    averages = {("b", "c"): 3.5, ("b", "c", "a"): 3.5, ("b", "c", "d"): 4.0}
+
+    def evaluate(models: list[str]) -> Score:
+        return Score(averages[tuple(models)], {}, 0.0, None)
+
+    candidates = {m: Score(s, {}, 0.0, None) for m, s in own.items()}
+    kept, best, steps = greedy_soup(candidates, evaluate)
+    assert kept == ["b", "c", "d"] and best == 4.0
+    assert [(s["model"], s["kept"]) for s in steps] == [("b", True), ("c", True), ("a", False), ("d", True)]
+
+
+def test_layer_groups_cover_the_layers_contiguously() -> None:
+    assert layer_groups(4, 1) == [(0, 4)]
+    assert layer_groups(5, 2) == [(0, 2), (2, 5)]
+    assert layer_groups(4, 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    with pytest.raises(DamError, match="layer_groups is 5 but the models have 4 layers"):
+        layer_groups(4, 5)
+
+
+def test_genotype_becomes_a_mergekit_config_with_slices_and_filters(family: dict) -> None:
+    config = EvolveConfig.model_validate(
+        {
+            "base_model": family["base"],
+            "models": family["sources"][:2],
+            "search": {"method": "ties", "layer_groups": 2, "filters": ["self_attn"]},
+            "fitness": {"callable": "m:f"},
+            "budget": {"evaluations": 1},
+        }
+    )
+    groups = layer_groups(4, 2)
+    genotype = genes(config.search, 2, 2)
+    assert len(genotype) == 2 * 2 * 2 * 2  # groups x models x (filters + default) x (weight, density)
+    values = {g.name: 0.1 * (i + 1) for i, g in enumerate(genotype)}
+    merge = candidate_config(config, genotype, values, groups, "# header\n")
+    data = yaml.safe_load(merge.source_text)
+    assert [s["sources"][0]["layer_range"] for s in data["slices"]] == [[0, 2], [2, 4]]
+    assert data["slices"][1]["sources"][-1] == {"model": family["base"], "layer_range": [2, 4]}
+    weight = data["slices"][1]["sources"][0]["parameters"]["weight"]
+    assert weight == [
+        {"filter": "self_attn", "value": values["g1.m0.self_attn.weight"]},
+        {"value": values["g1.m0.other.weight"]},
+    ]
+    assert merge.source_text.startswith("# header\n")
+
+
+def test_a_one_hot_linear_genotype_merges_to_that_model(family: dict) -> None:
+    """The genotype's config goes through the registry's linear merge: weight 1 on one model gives that model."""
+    space = SearchSpace(method="linear", layer_groups=2, filters=["mlp"])
+    config = EvolveConfig(
+        base_model=family["base"],
+        models=family["sources"],
+        search=space,
+        fitness=FitnessConfig(callable="m:f"),
+        budget={"evaluations": 1},
+    )
+    genotype = genes(space, 3, 2)
+    values = {g.name: 1.0 if g.model == 2 else 0.0 for g in genotype}
+    merge = candidate_config(config, genotype, values, layer_groups(4, 2), "")
+    with CheckpointReader(family["sources"][2]) as reader:
+        for name, tensor in merged_tensors(merge):
+            torch.testing.assert_close(tensor, reader.get(name), rtol=0, atol=0)
+
+
+def test_start_values_are_mergekit_evolves_clipped_to_the_ranges() -> None:
+    space = SearchSpace(method="ties", ranges={"density": [0.2, 0.8]})
+    x0 = start_values(space, genes(space, 4, 1), 4)
+    assert {k: v for k, v in x0.items() if k.endswith("weight")} == {f"g0.m{i}.other.weight": 0.25 for i in range(4)}
+    assert {v for k, v in x0.items() if k.endswith("density")} == {0.8}
+
+
+# ------------------------------------------------------------------------------------------- fitness
+
+
+def test_in_memory_candidates_score_as_the_same_models_loaded_from_disk(family: dict, tmp_path: Path) -> None:
+    """A candidate merged into the evaluator's model scores exactly as that merge written and evaluated by
+    ``dam eval``'s code (same tokens, same float32 math), and a model read into it as the model itself."""
+    fitness = Fitness(FitnessConfig(**_task_fitness(family)))
+    evaluator = CandidateEvaluator(fitness, family["base"])
+    text = yaml.safe_dump(
+        {
+            "merge_method": "ties",
+            "base_model": family["base"],
+            "models": [{"model": s, "parameters": {"weight": 0.7, "density": 0.6}} for s in family["sources"]],
+        }
+    )
+    merge = parse_merge_config(yaml.safe_load(text), text)
+    in_memory = evaluator.merge(merge)
+    assert main(["merge", "--quiet", str(_yaml(tmp_path, text)), str(tmp_path / "m")]) == 0
+    on_disk = evaluate_model(tmp_path / "m", fitness.tasks)
+    assert in_memory.score == pytest.approx(-on_disk.mean_loss, abs=1e-6)  # float32 forwards of identical weights
+    read = evaluator.model(family["sources"][0])
+    assert read.score == pytest.approx(-evaluate_model(family["sources"][0], fitness.tasks).mean_loss, abs=1e-6)
+    assert read.tokens == in_memory.tokens > 0 and evaluator.evaluations == 2
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "merge.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_callable_fitness_errors_name_the_callable(family: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(family["root"])
+    with pytest.raises(DamError, match="cannot import module 'no_such_module'"):
+        Fitness(FitnessConfig(callable="no_such_module:f"))
+    with pytest.raises(DamError, match="module 'fit_closeness' has no function 'nope'"):
+        Fitness(FitnessConfig(callable="fit_closeness:nope"))
+    fitness = Fitness(FitnessConfig(callable="fit_closeness:closeness"))
+    score = CandidateEvaluator(fitness, family["base"]).model(family["sources"][1])
+    assert score.score == 0.0 and score.metrics == {"distance": 0.0} and score.tokens is None
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def test_dam_soup_end_to_end(family: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _write(tmp_path / "soup.yaml", {"models": family["sources"], "fitness": _task_fitness(family)})
+    out = tmp_path / "soup"
+    assert main(["soup", str(config), str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "soup.json").read_text())
+    assert "greedy soup of" in printed and "uniform soup of 3" in printed
+    steps = summary["greedy"]["steps"]
+    assert [s["model"] for s in steps] == sorted(family["sources"], key=lambda m: -summary["candidates"][m]["score"])
+    assert summary["greedy"]["models"] == [s["model"] for s in steps if s["kept"]]
+    lines = (out / "evaluations.jsonl").read_text().splitlines()
+    assert len(lines) == summary["compute"]["evaluations"] == 3 + 1 + 2
+    assert summary["compute"]["forward_tokens"] > 0
+    # the written greedy soup is its config's merge, and scores what the search measured
+    kept = yaml.safe_load((out / "greedy.yaml").read_text())
+    assert [m["model"] for m in kept["models"]] == summary["greedy"]["models"]
+    tasks = Fitness(FitnessConfig(**_task_fitness(family))).tasks
+    assert -evaluate_model(out / "greedy", tasks).mean_loss == pytest.approx(summary["greedy"]["score"], abs=1e-6)
+    assert main(["soup", str(config), str(out)]) == 1  # never overwritten without --force
+    assert "not empty" in capsys.readouterr().err
+
+
+def _evolve_config(family: dict, monkeypatch: pytest.MonkeyPatch, **extra: object) -> dict:
+    return {
+        "base_model": family["base"],
+        "models": family["sources"],
+        "search": {"method": "ties", "layer_groups": 2, "filters": ["mlp"]},
+        "fitness": _closeness(family, monkeypatch),
+        "budget": {"evaluations": 3},
+        **extra,
+    }
+
+
+def test_dam_evolve_cmaes_end_to_end_and_extends_its_budget(
+    family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _evolve_config(family, monkeypatch)
+    path = _write(tmp_path / "evolve.yaml", config)
+    out = tmp_path / "evolve"
+    assert main(["evolve", str(path), str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert [r["number"] for r in rows] == [0, 1, 2]
+    assert set(rows[0]["params"].values()) == {1 / 3, 1.0}  # the first candidate is mergekit-evolve's start
+    results = json.loads((out / "results.json").read_text())
+    best = max(rows, key=lambda r: r["score"])
+    assert results["best"]["score"] == best["score"] and results["compute"]["evaluations"] == 3
+    assert (out / "fitness.png").stat().st_size > 0
+    # best.yaml runs under dam merge and gives the written merge, which scores what the search measured
+    assert main(["merge", "--quiet", str(out / "best.yaml"), str(tmp_path / "again")]) == 0
+    with CheckpointReader(out / "merged") as a, CheckpointReader(tmp_path / "again") as b:
+        assert all(torch.equal(a.get(n), b.get(n)) for n in a.names)
+    fitness = Fitness(FitnessConfig(callable="fit_closeness:closeness"))
+    assert CandidateEvaluator(fitness, family["base"]).model(out / "merged").score == pytest.approx(best["score"])
+    # a larger budget continues the same study: the first candidates are kept, one more is evaluated
+    _write(path, {**config, "budget": {"evaluations": 4}})
+    assert main(["evolve", str(path), str(out), "--quiet"]) == 0
+    again = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert again[:3] == rows and len(again) == 4
+    # another search in the same folder is refused
+    _write(path, {**config, "search": {"method": "linear"}})
+    assert main(["evolve", str(path), str(out), "--quiet"]) == 1
+
+
+@pytest.mark.slow
+def test_a_killed_evolve_resumes_where_it_stopped(
+    family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL after the first candidates: the rerun keeps them (same values, same scores) and finishes the
+    budget; the candidate cut off mid-evaluation is dropped."""
+    config = _evolve_config(family, monkeypatch, budget={"evaluations": 40})
+    path = _write(tmp_path / "evolve.yaml", config)
+    out = tmp_path / "evolve"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "dam.cli", "evolve", str(path), str(out), "--quiet"]
+    proc = subprocess.Popen(command, cwd=family["root"], env=env, stderr=subprocess.PIPE)
+    candidates = out / "candidates.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if candidates.is_file() and len(candidates.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(line) for line in candidates.read_text().splitlines()]
+    assert 3 <= len(before) < 40, "the search ended before it could be killed"
+    _write(path, {**config, "budget": {"evaluations": len(before) + 2}})
+    result = subprocess.run(command, cwd=family["root"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = [json.loads(line) for line in candidates.read_text().splitlines()]
+    assert after[: len(before)] == before and len(after) == len(before) + 2
+
+
+def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = {
+        "base_model": family["base"],
+        "models": family["sources"],
+        "strategy": "kinship_greedy",
+        "kinship_greedy": {"k": 2, "measure": "pearson", "max_generations": 2},
+        "fitness": _closeness(family, monkeypatch),
+        "budget": {"evaluations": 6},
+    }
+    path = _write(tmp_path / "kg.yaml", config)
+    out = tmp_path / "kg"
+    assert main(["evolve", str(path), str(out)]) == 0
+    members = [json.loads(line) for line in (out / "members.jsonl").read_text().splitlines()]
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [m["name"] for m in members[:3]] == ["input0", "input1", "input2"]
+    assert members[1]["score"] == 0.0  # source1 is the closeness target
+    first = generations[0]
+    top = list(first["top"])
+    assert top[0] == "input1" and len(top) == 2
+    # the top pair's kinship is dam kinship's Pearson correlation of their task vectors
+    by_name = {m["name"]: m for m in members}
+    expected = model_kinship(by_name[top[0]]["path"], by_name[top[1]]["path"], family["base"]).overall.pearson
+    assert first["kinship"][f"{top[0]}~{top[1]}"] == pytest.approx(expected)
+    # generation 1: the top pair, then the best with the least related model outside the top
+    (merge, exploration) = first["merges"]
+    assert merge["parents"] == top and exploration["why"] == "exploration"
+    assert exploration["parents"][0] == "input1" and exploration["parents"][1] not in top
+    gen1 = yaml.safe_load((out / "models" / merge["name"] / "mergekit_config.yml").read_text())
+    assert gen1["merge_method"] == "slerp" and gen1["base_model"] == by_name[top[0]]["path"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["compute"]["evaluations"] == len(members) <= 6
+    assert results["stop"] in ("budget", "max_generations", "kinship", "no new pair")
+    # run again: every member is replayed from the log, none re-evaluated
+    log = (out / "members.jsonl").read_text()
+    assert main(["evolve", str(path), str(out)]) == 0
+    assert (out / "members.jsonl").read_text() == log
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"search": {"method": "ties", "parameters": ["gamma"]}}, "'gamma' is not a searchable parameter of ties"),
+        ({"search": {"method": "della"}}, "search.method 'della' cannot be searched"),
+        ({"search": {"method": "ties", "parameters": []}}, "search.parameters is empty"),
+        ({"search": {"method": "ties", "layer_groups": 9}}, "layer_groups is 9 but the models have 4 layers"),
+        ({"fitness": {"tasks": ["nope"], "data_dir": "DATA", "split": "validation"}}, "task 'nope': no file"),
+        ({"fitness": {"tasks": ["copy"], "data_dir": "DATA", "split": "test"}}, "task 'copy': no file"),
+        ({"fitness": {}}, "fitness needs exactly one of `tasks`"),
+        ({"budget": {"evaluations": 0}}, "budget.evaluations must be > 0"),
+        ({"budget": {"seconds": -1}}, "budget.seconds must be > 0"),
+        ({"strategy": "kinship_greedy"}, "`search` is the cmaes strategy's section"),
+        ({"search": {"method": "ties"}, "serach": 1}, "serach: unknown key"),
+    ],
+)
+def test_bad_evolve_configs_fail_in_one_line_and_write_nothing(
+    family: dict, tmp_path: Path, capsys: pytest.CaptureFixture, change: dict, message: str
+) -> None:
+    config = {
+        "base_model": family["base"],
+        "models": family["sources"],
+        "search": {"method": "ties"},
+        "fitness": {"tasks": ["copy"], "data_dir": str(family["root"] / "data")},
+        "budget": {"evaluations": 2},
+    }
+    config.update(yaml.safe_load(yaml.safe_dump(change).replace("DATA", str(family["root"] / "data"))))
+    out = tmp_path / "out"
+    assert main(["evolve", str(_write(tmp_path / "c.yaml", config)), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err
+    assert not out.exists()
+
+
+def test_candidates_of_different_architectures_are_refused(family: dict, tmp_path: Path, capsys) -> None:
+    _, (qwen,) = make_family(tmp_path / "qwen", 1, arch="qwen2", num_layers=4)
+    fitness = {"tasks": ["copy"], "data_dir": str(family["root"] / "data")}
+    soup = _write(tmp_path / "soup.yaml", {"models": [*family["sources"][:1], str(qwen)], "fitness": fitness})
+    assert main(["soup", str(soup), str(tmp_path / "soup")]) == 1
+    assert "has architectures ['Qwen2ForCausalLM']" in capsys.readouterr().err
+    evolve = {
+        "base_model": family["base"],
+        "models": [family["sources"][0], str(qwen)],
+        "fitness": fitness,
+        "budget": {"evaluations": 1},
+    }
+    for strategy in ({"search": {"method": "ties"}}, {"strategy": "kinship_greedy"}):
+        path = _write(tmp_path / "evolve.yaml", {**evolve, **strategy})
+        assert main(["evolve", str(path), str(tmp_path / "evolve")]) == 1
+        assert "Qwen2ForCausalLM" in capsys.readouterr().err
+    assert not (tmp_path / "soup").exists() and not (tmp_path / "evolve").exists()
+
+
+def test_soup_config_errors() -> None:
+    with pytest.raises(Exception, match="at least 2 candidate models"):
+        SoupConfig.model_validate({"models": ["a"], "fitness": {"callable": "m:f"}})
+    with pytest.raises(Exception, match="'module:function'"):
+        FitnessConfig(callable="nocolon")
+
+
+def test_load_search_config_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DamError, match="not found"):
+        load_search_config(tmp_path / "none.yaml", SoupConfig)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs" / "search").glob("*.yaml")))
+def test_example_configs_are_valid(path: Path) -> None:
+    schema = SoupConfig if path.name.startswith("soup") else EvolveConfig
+    load_search_config(path, schema)
