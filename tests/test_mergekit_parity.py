@@ -179,6 +179,70 @@ slices:
   - sources: [{{model: {s2}, layer_range: [3, 4]}}]
 dtype: float32
 """,
+    "multislerp_base_gradients": """
+merge_method: multislerp
+base_model: {base}
+models:
+  - {{model: {s0}, parameters: {{weight: [0.2, 0.8]}}}}
+  - {{model: {s1}, parameters: {{weight: 0.5}}}}
+  - {{model: {s2}, parameters: {{weight: [{{filter: mlp, value: 0.1}}, {{value: 0.3}}]}}}}
+dtype: float32
+""",
+    "multislerp_no_base_unnormalized": """
+merge_method: multislerp
+models:
+  - {{model: {s0}, parameters: {{weight: 0.3}}}}
+  - {{model: {s1}, parameters: {{weight: 0.6}}}}
+parameters: {{normalize_weights: false, eps: 1.0e-6}}
+dtype: float32
+""",
+    "karcher_unlisted_base": """
+merge_method: karcher
+base_model: {base}
+models: [{{model: {s0}}}, {{model: {s1}}}, {{model: {s2}}}]
+parameters: {{max_iter: 20, tol: 1.0e-7}}
+dtype: float32
+""",
+    "sce_topk": """
+merge_method: sce
+base_model: {base}
+models: [{{model: {base}}}, {{model: {s0}}}, {{model: {s1}}}, {{model: {s2}}}]
+parameters: {{select_topk: [0.3, 0.8], int8_mask: true}}
+dtype: float32
+""",
+    "sce_all": """
+merge_method: sce
+base_model: {base}
+models: [{{model: {s0}}}, {{model: {s1}}}]
+dtype: float32
+""",
+    "nearswap": """
+merge_method: nearswap
+base_model: {base}
+models: [{{model: {s1}}}]
+parameters: {{t: [{{filter: mlp, value: 0.03}}, {{value: [0.001, 0.02]}}]}}
+dtype: float32
+""",
+    "arcee_fusion": """
+merge_method: arcee_fusion
+base_model: {base}
+models: [{{model: {base}}}, {{model: {s2}}}]
+dtype: float32
+""",
+    "ram_overlaps": """
+merge_method: ram
+base_model: {base}
+models: [{{model: {s0}}}, {{model: {s1}}}, {{model: {s2}}}]
+parameters: {{epsilon: 0.02}}
+dtype: float32
+""",
+    "ramplus_tl": """
+merge_method: ramplus_tl
+base_model: {base}
+models: [{{model: {base}}}, {{model: {s0}}}, {{model: {s1}}}]
+parameters: {{r: 0.5, alpha: [0.1, 0.9], epsilon: 0.015}}
+dtype: float32
+""",
 }
 
 # Random methods: one model, weight 1, so out - base is the sparsified task vector of source 0.

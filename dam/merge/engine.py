@@ -301,12 +301,14 @@ class _Planner:
         self.tasks.append(task)
 
     def probe(self, task: TensorTask) -> None:
-        """Run the method once per distinct parameter set on 2x2 zeros: its checks fail here, not mid-merge."""
+        """Run the method once per distinct parameter set on 2x2 random tensors (seeded, distinct per model, so
+        data-dependent degenerate cases such as multislerp's antipodal inputs do not trip): its parameter checks
+        fail here, not mid-merge."""
         key = repr((task.base_index, len(task.models), task.params, task.model_params))
         if key in self._probed:
             return
         self._probed.add(key)
-        dummies = [torch.zeros(2, 2) for _ in task.models]
+        dummies = list(torch.randn(len(task.models), 2, 2, generator=torch.Generator().manual_seed(0)))
         base = dummies[task.base_index] if task.base_index is not None else None
         generator = torch.Generator().manual_seed(0) if self.method.random else None
         try:

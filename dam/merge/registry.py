@@ -20,7 +20,7 @@ The registry contract (the merge engine relies on it)
 parameter names and values of the wrong type or range, and checks the inputs' structure, all with a
 :class:`~dam.errors.DamError` naming the parameter and model (``models[i]``) before any tensor work. The
 engine adds the tensor name. For methods that merge task vectors (the task-arithmetic family, nuslerp,
-model_stock, slerp) the base's own entry of ``model_params`` is ignored, as in mergekit.
+model_stock, slerp, multislerp) the base's own entry of ``model_params`` is ignored, as in mergekit.
 
 ``num_models`` counts distinct inputs the way mergekit 0.1.5 does: the listed models plus an unlisted
 ``base_model`` (mergekit appends an unlisted base to every method's inputs). So slerp's 2 is "the base and one
@@ -31,7 +31,10 @@ pointing at it and its resolved parameters), which every method here accepts.
 
 Every method reproduces mergekit 0.1.5's arithmetic (parity to 1e-6 in float32 is tested) except where the
 docstrings say otherwise: a zero weight sum in normalised ``linear`` is an error (mergekit writes inf/NaN), and
-DELLA on a one-column tensor uses ``p = density`` (mergekit fails). ``int8_mask`` is accepted for
+DELLA on a one-column tensor uses ``p = density`` (mergekit fails). ``karcher`` averages every input, an
+unlisted base too, as mergekit 0.1.5 does (its base policy is "ignored"). ``arcee_fusion`` is marked random:
+on tensors over 1M entries it estimates quartiles from a sample (drawn from the generator here, from torch's
+global RNG in mergekit); smaller tensors are deterministic. ``int8_mask`` is accepted for
 compatibility; it only changes mergekit's mask storage, never the result, and the masks here are bool.
 """
 
@@ -47,9 +50,14 @@ import torch
 from torch import Tensor
 
 from dam.errors import DamError
+from dam.merge.methods.arcee_fusion import merge_arcee_fusion
+from dam.merge.methods.hypersphere import merge_karcher, merge_multislerp
 from dam.merge.methods.linear import merge_linear
 from dam.merge.methods.model_stock import merge_model_stock
+from dam.merge.methods.nearswap import merge_nearswap
 from dam.merge.methods.passthrough import merge_passthrough
+from dam.merge.methods.ram import merge_ram
+from dam.merge.methods.sce import merge_sce
 from dam.merge.methods.slerp import merge_nuslerp, merge_slerp
 from dam.merge.methods.task_arithmetic import VARIANTS, merge_task_arithmetic
 
@@ -77,7 +85,15 @@ class MergeMethod:
     num_models: int | None = None  # exact number of inputs, counting an unlisted base (slerp: 2); None = any >= 1
 
 
-_BOOL_PARAMS = {"normalize", "rescale", "int8_mask", "filter_wise", "nuslerp_row_wise", "nuslerp_flatten"}
+_BOOL_PARAMS = {
+    "normalize",
+    "rescale",
+    "int8_mask",
+    "filter_wise",
+    "nuslerp_row_wise",
+    "nuslerp_flatten",
+    "normalize_weights",
+}
 _OPTIONAL_NUMBER_PARAMS = {"scale"}  # a number or None
 
 
@@ -216,6 +232,13 @@ METHODS: dict[str, MergeMethod] = {
         *_task_arithmetic_methods(),
         _method("model_stock", merge_model_stock, {}, {"filter_wise": False}, requires_base=True),
         _method("passthrough", merge_passthrough, {"scale": None}, {}, num_models=1, base_has_params=True),
+        _method("multislerp", merge_multislerp, {"weight": REQUIRED}, {"normalize_weights": True, "eps": 1e-8}),
+        _method("karcher", merge_karcher, {}, {"max_iter": 10, "tol": 1e-5}),
+        _method("sce", merge_sce, {}, {"int8_mask": False, "select_topk": 1.0}, requires_base=True),
+        _method("nearswap", merge_nearswap, {}, {"t": REQUIRED}, requires_base=True, num_models=2),
+        _method("arcee_fusion", merge_arcee_fusion, {}, {}, requires_base=True, random=True, num_models=2),
+        _method("ram", merge_ram, {}, {"epsilon": 1e-5}, requires_base=True),
+        _method("ramplus_tl", merge_ram, {}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, requires_base=True),
     ]
 }
 
