@@ -61,6 +61,13 @@ def test_registry_has_mergekit_keys_and_defaults() -> None:
         "della_linear",
         "model_stock",
         "passthrough",
+        "multislerp",
+        "karcher",
+        "sce",
+        "nearswap",
+        "arcee_fusion",
+        "ram",
+        "ramplus_tl",
     }
     normalize = {name: m.global_params["normalize"] for name, m in METHODS.items() if "normalize" in m.global_params}
     assert normalize == {
@@ -75,7 +82,7 @@ def test_registry_has_mergekit_keys_and_defaults() -> None:
         "della_linear": False,
     }
     assert {n for n, m in METHODS.items() if m.global_params.get("rescale")} == set(RANDOM_METHODS)
-    assert {n for n, m in METHODS.items() if m.random} == set(RANDOM_METHODS)
+    assert {n for n, m in METHODS.items() if m.random} == {*RANDOM_METHODS, "arcee_fusion"}  # sampled quantiles
     assert METHODS["breadcrumbs"].model_params["gamma"] == 0.01
     assert METHODS["della"].model_params["epsilon"] == 0.15
     assert METHODS["ties"].model_params == {"weight": REQUIRED, "density": 1.0}
@@ -84,7 +91,8 @@ def test_registry_has_mergekit_keys_and_defaults() -> None:
     assert METHODS["nuslerp"].global_params == {"nuslerp_row_wise": False, "nuslerp_flatten": True}
     assert METHODS["model_stock"].global_params == {"filter_wise": False}
     assert METHODS["passthrough"].model_params == {"scale": None}
-    assert all(m.requires_base for n, m in METHODS.items() if n not in ("linear", "nuslerp", "passthrough"))
+    base_optional = ("linear", "nuslerp", "passthrough", "multislerp", "karcher")
+    assert all(m.requires_base for n, m in METHODS.items() if n not in base_optional)
 
 
 def test_describe_and_get_method() -> None:
@@ -551,3 +559,100 @@ def test_sparsify_helpers_match_mergekit(quantized: bool) -> None:
             close(sparsify(x, "della", density, epsilon=epsilon, rescale=on), expected)
     stacked = torch.stack(family(3, seed=11, quantized=True)[1:]) - family(3, seed=11, quantized=True)[0]
     assert torch.equal(sign_consensus(stacked), gta.get_mask(stacked, method="sum"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mergekit 0.1.5's newer methods: multislerp, karcher, sce, nearswap, arcee_fusion, ram, ramplus_tl
+
+
+def test_multislerp_equal_weights_is_the_spherical_midpoint_with_the_mean_norm() -> None:
+    out = merge("multislerp", [vec(2.0, 0.0), vec(0.0, 4.0)], model_params=[{"weight": 1.0}, {"weight": 1.0}])
+    close(out, vec(3.0, 3.0) / math.sqrt(2), atol=1e-5)  # eps = 1e-8 in the unit vectors moves the result ~1e-8
+
+
+def test_multislerp_with_base_interpolates_task_vectors_and_one_model_is_returned_as_is() -> None:
+    base = vec(1.0, 1.0)
+    params = [{}, {"weight": 0.5}, {"weight": 0.5}]
+    out = merge("multislerp", [base, vec(2.0, 1.0), vec(1.0, 2.0)], base, 0, params)
+    close(out, base + vec(1.0, 1.0) / math.sqrt(2), atol=1e-5)
+    close(merge("multislerp", [base, vec(5.0, 7.0)], base, 0, [{}, {"weight": 0.3}]), vec(5.0, 7.0))
+
+
+def test_multislerp_antipodal_inputs_fall_back_to_lerp_for_two_and_fail_for_three() -> None:
+    a = vec(1.0, 2.0)
+    close(merge("multislerp", [a, -a], model_params=[{"weight": 0.5}] * 2), vec(0.0, 0.0))
+    with pytest.raises(DamError, match="weighted sum of the unit inputs is zero"):
+        merge("multislerp", [a, -a, a, -a], model_params=[{"weight": 0.25}] * 4)
+    with pytest.raises(DamError, match="models\\[1\\]: missing required parameter 'weight'"):
+        merge("multislerp", [a, a], model_params=[{"weight": 1.0}, {}])
+
+
+def test_karcher_mean_of_orthogonal_and_parallel_directions() -> None:
+    out = merge("karcher", [vec(1.0, 0.0), vec(0.0, 3.0)])
+    close(out, vec(2.0, 2.0) / math.sqrt(2), atol=1e-5)  # tol 1e-5 stops the iteration within ~1e-6 of the mean
+    close(merge("karcher", [vec(1.0, 2.0), vec(3.0, 6.0)]), vec(2.0, 4.0), atol=1e-5)
+    close(merge("karcher", [vec(0.0, 0.0), vec(0.0, 0.0)]), vec(0.0, 0.0))
+    with pytest.raises(DamError, match="max_iter must be a non-negative integer"):
+        merge("karcher", [vec(1.0), vec(2.0)], max_iter=2.5)
+
+
+def test_sce_energy_weights_and_sign_erasure_by_hand() -> None:
+    base = vec(0.0, 0.0, 0.0)
+    # task vectors (1, -1, 2) and (3, 2, 0): energies 2 and 13/3, normalised to 6/19 and 13/19;
+    # elected signs (+, +, +): entry 1 drops the first model, entry 2 the second (a zero never agrees).
+    out = merge("sce", [base, vec(1.0, -1.0, 2.0), vec(3.0, 2.0, 0.0)], base, 0)
+    e0, e1 = 6 / 19, 13 / 19
+    close(out, vec((e0 * 1 + e1 * 3) / (e0 + e1), 2.0, 2.0))
+
+
+def test_sce_select_topk_keeps_the_entries_that_vary_most_across_models() -> None:
+    base = vec(0.0, 0.0, 0.0, 0.0)
+    a, b = vec(1.0, 5.0, 2.0, 0.0), vec(1.0, -5.0, 3.0, 0.0)  # variances 0, 25, 0.25, 0
+    out = merge("sce", [base, a, b], base, 0, select_topk=0.5)  # k = int(2 nonzero * 0.5) = 1: entry 1 only
+    assert out[0] == 0 and out[2] == 0 and out[3] == 0 and out[1] != 0
+
+
+def test_nearswap_takes_near_values_and_moves_far_ones_by_t() -> None:
+    base, other = vec(0.0, 0.0, 0.0), vec(0.05, 1.0, -0.2)
+    out = merge("nearswap", [base, other], base, 0, t=0.1)
+    close(out, vec(0.05, 0.1, -0.1))
+    with pytest.raises(DamError, match="missing required parameter 't'"):
+        merge("nearswap", [base, other], base, 0)
+    with pytest.raises(DamError, match="exactly 2 model"):
+        merge("nearswap", [base, other, other], base, 0, t=0.1)
+
+
+def test_arcee_fusion_keeps_only_outlier_importance_changes() -> None:
+    from dam.merge.methods.arcee_fusion import importance
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 16, generator=g)
+    other = base + 1e-3 * torch.randn(8, 16, generator=g)
+    other[3, 5] += 4.0  # one large change: its row's KL and its |delta| make it an outlier
+    out = merge("arcee_fusion", [base, other], base, 0)
+    scores = importance(other, base)
+    q1, median, q3 = torch.quantile(scores.flatten(), torch.tensor([0.25, 0.5, 0.75]), interpolation="lower")
+    kept = scores >= median + 1.5 * (q3 - q1)
+    close(out, torch.where(kept, other, base))
+    assert kept[3, 5] and kept.sum() < 0.25 * kept.numel()
+
+
+def test_arcee_fusion_samples_quartiles_of_large_tensors_from_the_generator() -> None:
+    from dam.merge.methods.arcee_fusion import QUANTILE_SAMPLE_SIZE, approximate_quantiles
+
+    x = torch.rand(QUANTILE_SAMPLE_SIZE + 200_000, generator=torch.Generator().manual_seed(0))
+    q = torch.tensor([0.25, 0.5, 0.75])
+    first = approximate_quantiles(x, q, torch.Generator().manual_seed(1))
+    again = approximate_quantiles(x, q, torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    # 1M samples of a uniform variable: each quartile's standard error is ~sqrt(q(1-q)/1e6) < 5e-4, so 0.003 is 6 sigma
+    close(first, q, atol=3e-3)
+
+
+def test_ram_averages_overlapping_changes_and_keeps_unique_ones() -> None:
+    base = vec(0.0, 0.0, 0.0)
+    a, b = vec(1.0, 1e-6, 2.0), vec(3.0, 0.0, 0.0)  # entry 0: both change it; entry 1: below epsilon; entry 2: a only
+    close(merge("ram", [base, a, b], base, 0), vec(2.0, 0.0, 2.0))
+    # RAM+: a shares 1 entry and owns 1, so rho = 1, clamped to alpha = 0.2: lambda = 1 + 0.1 * 0.2 on its own entry
+    close(merge("ramplus_tl", [base, a, b], base, 0), vec(2.0, 0.0, 2.0 * 1.02))
+    close(merge("ramplus_tl", [base, a, b], base, 0, r=0.0), merge("ram", [base, a, b], base, 0))

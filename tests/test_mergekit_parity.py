@@ -418,3 +418,24 @@ def test_random_methods_same_seed_same_output_other_seed_differs(outputs, case, 
     again, other = (load_file(tmp_path / d / "model.safetensors") for d in ("again", "other"))
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert any(not torch.equal(first[n], other[n]) for n in first)
+
+
+NEWER_METHODS = ["multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]
+
+
+@pytest.mark.parametrize("name", NEWER_METHODS)
+def test_newer_methods_declare_mergekit_parameters_and_defaults(name):
+    from mergekit.merge_methods import registry as mergekit_registry
+    from mergekit.merge_methods.base import BasePolicy, ParameterScope
+
+    from dam.merge.registry import METHODS, REQUIRED
+
+    spec, ours = mergekit_registry.get(name).spec, METHODS[name]
+    theirs = {p.name: (REQUIRED if p.required else p.default, p.scope) for p in spec.parameters}
+    per_model = {k: d for k, (d, scope) in theirs.items() if scope != ParameterScope.SHARED}
+    shared = {k: d for k, (d, scope) in theirs.items() if scope == ParameterScope.SHARED}
+    assert ours.model_params == per_model
+    assert ours.global_params == shared
+    assert ours.requires_base == (spec.contract.base == BasePolicy.REQUIRED)
+    exact = spec.contract.max_inputs if spec.contract.max_inputs == spec.contract.min_inputs else None
+    assert ours.num_models == exact
