@@ -217,6 +217,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.lm_eval is not None:
+        return _eval_lm_eval(args)
+    if not args.tasks:
+        raise DamError("dam eval needs --tasks (dam's exact-match tasks) or --lm-eval (lm-evaluation-harness tasks)")
     from dam.evaluation.evaluate import evaluate_model, format_table, load_tasks, results_to_json
     from dam.io.checkpoint import parse_dtype, resolve_model_path
 
@@ -232,19 +236,45 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_lm_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dam.evaluation.lm_eval import evaluate_lm_eval, format_scores
+
+    tasks = [t for t in args.lm_eval.split(",") if t]
+    results = []
+    for model in args.models:
+        scores = evaluate_lm_eval(
+            model,
+            tasks,
+            include_path=args.lm_eval_include,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        results.append({"model": model, "lm_eval": scores})
+        if not args.json:
+            print(format_scores(model, scores))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
-        help="per-task exact-match accuracy and loss of causal LMs",
+        help="per-task exact-match accuracy and loss of causal LMs, or lm-evaluation-harness tasks",
         description="Evaluate causal-LM folders on prompt/response tasks: exact-match accuracy of greedy "
         "generation (the text before the end token equals the response) and mean NLL per response token, with "
-        "perplexity. Models are rows, tasks columns.",
+        "perplexity. Models are rows, tasks columns. With --lm-eval, run lm-evaluation-harness tasks instead "
+        "(pip install 'dam[lm-eval]').",
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="model folders (or Hub ids)")
     p.add_argument(
         "--tasks",
         nargs="+",
-        required=True,
         metavar="TASK",
         help="task names (DATA_DIR/<task>/<split>.jsonl) or jsonl files with prompt and response fields",
     )
@@ -255,6 +285,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device of the model (default cpu)")
     p.add_argument("--dtype", default="float32", help="dtype the model runs in (default float32)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        default=None,
+        help="comma-separated lm-evaluation-harness task names or task YAML files, e.g. arc_easy,hellaswag",
+    )
+    p.add_argument("--lm-eval-include", metavar="PATH", default=None, help="folder or file of extra lm-eval tasks")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default: the task's)")
     p.set_defaults(func=_eval)
 
 
