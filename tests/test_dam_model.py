@@ -268,6 +268,52 @@ def test_mismatched_vocab_fails_before_weights_load(families, tmp_path, no_weigh
         DAMModel.from_pretrained(str(base), [str(sources[0]), str(other[0])])
 
 
+def _edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if key == "rope_theta":  # transformers 5 keeps it inside rope_parameters
+            config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": value}
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("arch", "change", "shown"),
+    [
+        ("llama", {"rope_theta": 1e6}, r"rope_parameters \{.*'rope_theta': 1000000.0.* but base .* has \{.*10000.0"),
+        ("llama", {"rms_norm_eps": 1e-5}, "rms_norm_eps 1e-05 but base .* has 1e-06"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' but base .* has 'silu'"),
+        ("llama", {"attention_bias": True}, "attention_bias True but base .* has False"),
+        ("llama", {"head_dim": 16}, "head_dim 16 but base .* has 8"),
+        ("qwen2", {"use_sliding_window": True, "sliding_window": 4}, "sliding_window 4 but base .* has None"),
+    ],
+)
+def test_a_config_difference_that_changes_the_forward_is_refused(tmp_path, no_weight_reads, arch, change, shown):
+    """The teachers run under the base's config: a source differing in a forward field must not train silently."""
+    base, sources = make_family(tmp_path, 2, arch=arch)
+    _edit_config(sources[1], **change)
+    with pytest.raises(DamError, match=rf"source '.*source1' has {shown}"):
+        DAMModel.from_pretrained(str(base), [str(s) for s in sources])
+
+
+def test_config_differences_that_do_not_change_the_forward_pass(tmp_path):
+    base, sources = make_family(tmp_path, 2)
+    _edit_config(
+        sources[1],
+        _name_or_path="someone/instruct",
+        dtype="bfloat16",
+        transformers_version="4.56.0",
+        use_cache=False,
+        eos_token_id=[2, 3],
+        max_position_embeddings=4096,  # only sizes caches under the default rotary embedding
+    )
+    model = DAMModel.from_pretrained(str(base), [str(s) for s in sources])
+    original = AutoModelForCausalLM.from_pretrained(sources[1], dtype=torch.float32).eval()
+    with model.select_source(1):
+        assert torch.equal(_logits(model), _logits(original))  # the teacher is still the source exactly
+
+
 def test_mismatched_shape_in_headers_fails_before_weights_load(families, tmp_path, no_weight_reads):
     base, sources = families["llama"]
     _, other = make_family(tmp_path / "s", 1, intermediate_size=48)
