@@ -3,6 +3,7 @@ and restarted ends with the coefficients of an uninterrupted run; resume refusal
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
 
+from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.testing import make_family
 from dam.training.loop import train
@@ -84,11 +86,85 @@ def test_resume_never_refuses_a_folder_with_checkpoints(family: tuple[Path, list
         train(tiny_config(*family, out, "train.max_steps=2", "train.resume=never"))
 
 
-def test_resume_refuses_other_models(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def one_step_run(family: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one_step") / "run"
+    train(tiny_config(*family, out, "train.max_steps=1"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "shown"),
+    [
+        ("dam.targets=[linear]", "'dam.targets' is \\['linear'\\] but \\['linear', 'embedding', 'norm'\\]"),
+        ("train.lr=0.02", "'train.lr' is 0.02 but 0.01"),
+        ("train.betas=[0.8,0.99]", "'train.betas' is \\[0.8, 0.99\\] but \\[0.9, 0.999\\]"),
+        ("train.weight_decay=0.1", "'train.weight_decay' is 0.1 but 0.0"),
+        ("train.schedule=cosine", "'train.schedule' is 'cosine' but 'constant'"),
+        ("data.seed=1", "'data.seed' is 1 but 0"),
+        ("loss.similarity=0.5", "'loss.similarity' is 0.5 but 0.01"),
+        (
+            f"models.1.dataset={ROOT / 'data/examples/counting.jsonl'}",
+            "'models.1.dataset' is '.*counting.jsonl' but '.*reverse.jsonl'",
+        ),
+    ],
+)
+def test_resume_refuses_any_other_change(
+    family: tuple[Path, list[Path]], one_step_run: Path, no_model_loads: None, change: str, shown: str
+) -> None:
+    """Refused before any model loads: the checkpoint's optimizer state, schedule and data order came from its
+    config, so a changed value would be silently ignored or mixed."""
+    with pytest.raises(DamError, match=f"config key {shown} in the run being resumed .* may change only"):
+        train(tiny_config(*family, one_step_run, "train.max_steps=2", change))
+
+
+def test_resume_refuses_data_changed_in_place(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    data = tmp_path / "data.jsonl"
+    rows = (ROOT / "data/examples/reverse.jsonl").read_text().splitlines()
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    train(tiny_config(*family, out, "train.max_steps=1", f"models.1.dataset={data}"))
+    data.write_text("\n".join(rows[::-1]) + "\n")  # same rows, other order: another sample of 16
+    with pytest.raises(DamError, match="the training data differs from the run being resumed"):
+        train(tiny_config(*family, out, "train.max_steps=2", f"models.1.dataset={data}"))
+
+
+def test_resume_accepts_length_cadence_and_tracking_changes(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny_config(*family, out, "train.max_steps=1"))
-    with pytest.raises(DamError, match="config key 'dam' differs from the run being resumed"):
-        train(tiny_config(*family, out, "train.max_steps=2", "dam.targets=[linear]"))
+    changes = ("train.save_every=1", "train.log_every=2", "train.keep_checkpoints=3", "wandb.tags=[resumed]")
+    train(tiny_config(*family, out, "train.max_steps=2", *changes))
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_2"
+
+
+def test_extending_a_finished_decaying_run_follows_the_longer_schedule(
+    family: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A finished linear run (lr decayed to 0) extended from 3 to 6 steps uses, from step 4 on, the rates of a run
+    started with max_steps=6 (not 0, not the old curve); the rates are exact float64 products of the schedule."""
+    common = ("train.schedule=linear", "train.warmup_steps=1")
+    straight = tmp_path / "straight"
+    train(tiny_config(*family, straight, "train.max_steps=6", *common))
+    extended = tmp_path / "extended"
+    train(tiny_config(*family, extended, "train.max_steps=3", *common))
+    train(tiny_config(*family, extended, "train.max_steps=6", *common))
+
+    def rates(run: Path) -> list[float]:
+        return [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rates(straight) == pytest.approx([0.0, 0.01, 0.008, 0.006, 0.004, 0.002], abs=1e-12)
+    assert rates(extended)[:3] == pytest.approx([0.0, 0.01, 0.005], abs=1e-12)  # the 3-step schedule
+    assert rates(extended)[3:] == rates(straight)[3:]
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the wrapper fails the test: refusals must come before any model loads."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr(DAMModel, "from_pretrained", forbidden)
 
 
 def test_resume_from_must_be_a_checkpoint(family: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -50,15 +50,17 @@ from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
 from dam.training.config import DAMConfig, config_to_dict, save_config
-from dam.training.data import IGNORE_INDEX, DataCollator, load_tokenizer
+from dam.training.data import IGNORE_INDEX, DataCollator, dataset_fingerprint, load_tokenizer
 from dam.training.run_dir import (
     CONFIG_FILE,
     MERGED_DIR,
     METRICS_FILE,
+    RESUMABLE_CHANGES,
     TRAINER_STATE_FILE,
     WANDB_ID_FILE,
     checkpoint_root,
     clear_partial_checkpoints,
+    config_changes,
     latest_checkpoint,
     save_checkpoint,
 )
@@ -66,8 +68,6 @@ from dam.training.sharding import average_gradients, shard_sources, source_bytes
 from dam.training.teacher_cache import load_training_dataset, teacher_logprobs
 
 logger = logging.getLogger(__name__)
-
-_RESUME_INVARIANTS = ("base_model", "models", "dtype", "dam")
 
 
 def train(config: DAMConfig) -> Path:
@@ -111,7 +111,7 @@ def train(config: DAMConfig) -> Path:
 
     start_step = 0
     if resume_dir is not None:
-        start_step = _resume(accelerator, resume_dir, config, steps_per_epoch)
+        start_step = _resume(accelerator, resume_dir, dataset, scheduler)
     _setup_tracking(accelerator, config, run_dir)
     accelerator.print(
         f"DAM: {len(config.models)} sources, {len(dataset)} sequences, {steps_per_epoch} steps per epoch, "
@@ -131,6 +131,7 @@ def train(config: DAMConfig) -> Path:
             start_step,
             total_steps,
             steps_per_epoch,
+            dataset_fingerprint(dataset),
         )
         _finish(accelerator, config, run_dir, unwrapped)
     finally:
@@ -273,29 +274,52 @@ def _find_resume_checkpoint(config: DAMConfig, run_dir: Path) -> Path | None:
             f"train.resume is 'never' but {run_dir} already holds checkpoints ({latest.name}); "
             "use another output_dir, remove it, or set train.resume=auto"
         )
-    return latest if config.train.resume == "auto" else None
+    path = latest if config.train.resume == "auto" else None
+    if path is not None:
+        _check_resumable(config, path)
+    return path
 
 
-def _resume(accelerator: Any, checkpoint: Path, config: DAMConfig, steps_per_epoch: int) -> int:
-    """Load ``checkpoint`` into the prepared objects; return the optimizer steps already done."""
+def _check_resumable(config: DAMConfig, checkpoint: Path) -> None:
+    """Refuse, before anything loads, a restart whose config differs from the checkpoint's outside
+    :data:`RESUMABLE_CHANGES` (the checkpoint's optimizer state, schedule and data order were made under it)."""
+    saved = json.loads((checkpoint / TRAINER_STATE_FILE).read_text()).get("config", {})
+    changes = config_changes(saved, config_to_dict(config))
+    if changes:
+        key, before, now = changes[0]
+        more = f" (and {', '.join(c[0] for c in changes[1:])})" if changes[1:] else ""
+        raise DamError(
+            f"config key {key!r} is {now!r} but {before!r} in the run being resumed ({checkpoint}){more}; a restart "
+            f"may change only {', '.join(RESUMABLE_CHANGES)}. Use another output_dir to start a new run"
+        )
+
+
+def _resume(accelerator: Any, checkpoint: Path, dataset: Any, scheduler: Any) -> int:
+    """Load ``checkpoint`` into the prepared objects; return the optimizer steps already done.
+
+    The config was checked by :func:`_check_resumable`; here the data itself (a file changed in place) and the
+    process count (which sets the global batch) must match too. The learning rate is then re-read from the
+    schedule sized for this run's ``max_steps``: extending a finished run continues on the schedule a run started
+    with the new ``max_steps`` would follow (a decayed linear or cosine schedule rises again to that curve)."""
     state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-    saved = state.get("config", {})
-    current = config_to_dict(config)
-    for key in _RESUME_INVARIANTS:
-        if key in saved and saved[key] != current[key]:
-            raise DamError(
-                f"config key {key!r} differs from the run being resumed ({checkpoint}); its coefficients would "
-                "not fit. Use another output_dir or train.resume=never"
-            )
-    if state.get("steps_per_epoch") != steps_per_epoch:
-        logger.warning(
-            "the data or batch settings changed since %s (%s steps per epoch, now %d): the data order differs "
-            "from an uninterrupted run",
-            checkpoint,
-            state.get("steps_per_epoch"),
-            steps_per_epoch,
+    if state.get("data_fingerprint", dataset_fingerprint(dataset)) != dataset_fingerprint(dataset):
+        raise DamError(
+            f"the training data differs from the run being resumed ({checkpoint}): same config, other contents "
+            "(a dataset file changed in place?). Use another output_dir to start a new run"
+        )
+    processes = state.get("num_processes", accelerator.num_processes)
+    if processes != accelerator.num_processes:
+        raise DamError(
+            f"the run being resumed ({checkpoint}) ran on {processes} processes, this one on "
+            f"{accelerator.num_processes}: the global batch and data order would change. Resume with {processes}"
         )
     accelerator.load_state(str(checkpoint))
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper holds the LambdaLR
+    inner._last_lr = [
+        base * rule(inner.last_epoch) for base, rule in zip(inner.base_lrs, inner.lr_lambdas, strict=True)
+    ]
+    for group, lr in zip(inner.optimizer.param_groups, inner._last_lr, strict=True):
+        group["lr"] = lr
     accelerator.print(f"resumed from {checkpoint} at step {state['step']}")
     return int(state["step"])
 
@@ -372,6 +396,7 @@ def _fit(
     start_step: int,
     total_steps: int,
     steps_per_epoch: int,
+    data_fingerprint: str,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -394,6 +419,7 @@ def _fit(
             if not all(math.isfinite(v) for v in metrics.values()):
                 bar.close()
                 _stop_non_finite(metrics, step + 1, run_dir, saved_step)
+            metrics["lr"] = optimizer.param_groups[0]["lr"]  # the rate this step uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -405,7 +431,6 @@ def _fit(
                 elapsed = time.perf_counter() - window_start
                 record = {k: sum(m[k] for m in window_metrics) / len(window_metrics) for k in window_metrics[0]}
                 record |= {
-                    "lr": scheduler.get_last_lr()[0],
                     "epoch": epoch,
                     "tokens_per_second": window_tokens / elapsed,
                 }
@@ -419,6 +444,8 @@ def _fit(
                     "epoch": step // steps_per_epoch,
                     "steps_per_epoch": steps_per_epoch,
                     "total_steps": total_steps,
+                    "num_processes": accelerator.num_processes,
+                    "data_fingerprint": data_fingerprint,
                     "config": config_to_dict(config),
                 }
                 save_checkpoint(accelerator, run_dir, step, state, config.train.keep_checkpoints)

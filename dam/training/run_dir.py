@@ -25,7 +25,43 @@ LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
 MERGED_DIR = "merged"
 WANDB_ID_FILE = "wandb_run_id"
-# config sections that decide what the coefficients mean: a checkpoint cannot be resumed under other values
+
+RESUMABLE_CHANGES = (
+    "output_dir",
+    "train.max_steps",
+    "train.epochs",
+    "train.save_every",
+    "train.log_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.resume_from",
+    "wandb",
+)
+"""Config keys (and sections) a restart may change: the run's length, its save and log cadence, where it resumes
+from and writes, and tracking. Any other difference from the checkpoint's config refuses the restart, since the
+resumed run would silently keep the checkpoint's optimizer state, schedule or data order."""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()} or {
+            prefix[:-1]: {}
+        }
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return {k: v for i, sub in enumerate(value) for k, v in _flatten(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: value}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every config value that differs, outside
+    :data:`RESUMABLE_CHANGES`. Lists of mappings (``models``) are compared entry by entry (``models.1.dataset``)."""
+    old, new = _flatten(saved), _flatten(current)
+    allowed = tuple(RESUMABLE_CHANGES)
+    return [
+        (key, old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and not any(key == a or key.startswith(a + ".") for a in allowed)
+    ]
 
 
 def checkpoint_root(run_dir: Path) -> Path:
