@@ -35,7 +35,7 @@ def minimal() -> dict:
 def test_defaults_are_the_paper_settings(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, minimal()))
     assert (config.train.lr, config.train.max_grad_norm, config.train.batch_size) == (1e-3, 1.0, 1)
-    assert (config.loss.temperature, config.loss.kl, config.loss.similarity) == (2.0, 1.0, 0.01)
+    assert (config.loss.temperature, config.loss.kl, config.loss.similarity) == (2.0, 1.0, 2.9)
     assert config.dam.init == "uniform" and config.dtype == "bfloat16"
     assert config.train.resume == "auto" and config.wandb.entity is None
 

@@ -2,13 +2,19 @@
 
 - :func:`kl_divergence`: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` per token, averaged over non-padding tokens.
 - :func:`topk_kl_divergence`: the same from cached top-K teacher logits and their vocabulary indices.
-- :func:`coefficient_similarity`: mean pairwise cosine of the per-source coefficient vectors, summed over modules.
-- :func:`l1_penalty`, :func:`l2_penalty`: on coefficients, toward zero or toward given targets (the init).
+- :func:`coefficient_similarity`: mean pairwise cosine of the per-source coefficient vectors, averaged over modules.
+- :func:`l1_penalty`, :func:`l2_penalty`: mean over every coefficient of ``|c - target|`` / ``(c - target)^2``,
+  toward zero or toward given targets (the init).
 - :func:`coefficient_losses`: the weighted regularisers as a dict; a term whose weight is 0 is absent (and not
   computed).
 
 The training loop combines them as ``loss = kl_weight * kl + sum(coefficient_losses(...).values())``. All
 arithmetic is in float32 whatever the logits' dtype.
+
+The regularisers are means, not sums: the KL is a token mean, so a regulariser summed over modules and elements
+would weigh more against it the deeper and wider the model. As means, one weight gives the same pull on a small
+and a large model. A weight ``w`` of the former sums equals ``w * modules`` (similarity) and ``w * coefficients``
+(L1, L2; every coefficient of every source counted) here.
 """
 
 from __future__ import annotations
@@ -79,13 +85,14 @@ def topk_kl_divergence(
 
 
 def coefficient_similarity(coefficients: Iterable[Tensor]) -> Tensor:
-    """Sum over modules of the mean over source pairs i < j of ``cos(c_i, c_j)``.
+    """Mean over modules of the mean over source pairs i < j of ``cos(c_i, c_j)``.
 
     Each tensor is (N, ...) with one coefficient vector per source (flattened). Minimising it pushes the sources'
     coefficients apart. Its gradient is exactly zero while all ``c_i`` are equal (e.g. at the uniform init):
     ``d cos(a, b)/da = b/(|a||b|) - cos(a, b) a/|a|^2`` vanishes at ``a = b``.
     """
     total: Tensor | None = None
+    modules = 0
     for c in coefficients:
         n = c.shape[0]
         if n < 2:
@@ -95,30 +102,35 @@ def coefficient_similarity(coefficients: Iterable[Tensor]) -> Tensor:
         i, j = torch.triu_indices(n, n, offset=1, device=c.device)
         term = cos[i, j].mean()
         total = term if total is None else total + term
+        modules += 1
     if total is None:
         raise ValueError("no coefficients given")
-    return total
+    return total / modules
 
 
 def _penalty(coefficients: Iterable[Tensor], targets: Iterable[Tensor] | None, power: int) -> Tensor:
     targets_iter = iter(targets) if targets is not None else None
     total: Tensor | None = None
+    count = 0
     for c in coefficients:
         d = c.float() if targets_iter is None else c.float() - next(targets_iter).to(c.device).float()
         term = d.abs().sum() if power == 1 else d.square().sum()
         total = term if total is None else total + term
+        count += c.numel()
     if total is None:
         raise ValueError("no coefficients given")
-    return total
+    return total / count
 
 
 def l1_penalty(coefficients: Iterable[Tensor], targets: Iterable[Tensor] | None = None) -> Tensor:
-    """``sum_modules sum |c - target|`` (target 0 when ``targets`` is None; else one tensor per coefficient)."""
+    """``mean |c - target|`` over every coefficient of every module (target 0 when ``targets`` is None; else one
+    tensor per coefficient tensor)."""
     return _penalty(coefficients, targets, 1)
 
 
 def l2_penalty(coefficients: Iterable[Tensor], targets: Iterable[Tensor] | None = None) -> Tensor:
-    """``sum_modules sum (c - target)^2`` (target 0 when ``targets`` is None; else one tensor per coefficient)."""
+    """``mean (c - target)^2`` over every coefficient of every module (target 0 when ``targets`` is None; else one
+    tensor per coefficient tensor)."""
     return _penalty(coefficients, targets, 2)
 
 
