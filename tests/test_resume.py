@@ -102,7 +102,7 @@ def one_step_run(family: tuple[Path, list[Path]], tmp_path_factory: pytest.TempP
         ("train.weight_decay=0.1", "'train.weight_decay' is 0.1 but 0.0"),
         ("train.schedule=cosine", "'train.schedule' is 'cosine' but 'constant'"),
         ("data.seed=1", "'data.seed' is 1 but 0"),
-        ("loss.similarity=0.5", "'loss.similarity' is 0.5 but 0.01"),
+        ("loss.similarity=0.5", "'loss.similarity' is 0.5 but 0.21"),
         (
             f"models.1.dataset={ROOT / 'data/examples/counting.jsonl'}",
             "'models.1.dataset' is '.*counting.jsonl' but '.*reverse.jsonl'",
