@@ -434,12 +434,13 @@ def _read_stacked(
     if str(device) == "meta":
         shape = readers[0].shape(name)
         return nn.Parameter(torch.empty((len(readers), *shape), dtype=dtype, device="meta"), requires_grad=False)
-    first = readers[0].get(name, dtype=dtype)
-    stacked = torch.empty((len(readers), *first.shape), dtype=dtype, device=device)
-    stacked[0].copy_(first)
-    del first
-    for i, reader in enumerate(readers[1:], start=1):
-        stacked[i].copy_(reader.get(name, dtype=dtype))
+    stacked = torch.empty((len(readers), *readers[0].shape(name)), dtype=dtype, device=device)
+    for i, reader in enumerate(readers):
+        tensor = reader.get(name, dtype=dtype)
+        if not torch.isfinite(tensor.float().sum()) and not bool(torch.isfinite(tensor).all()):  # as dam merge checks
+            raise DamError(f"source {reader.name!r}: tensor {name!r} contains NaN or Inf")
+        stacked[i].copy_(tensor)
+        del tensor
     return nn.Parameter(stacked, requires_grad=False)
 
 

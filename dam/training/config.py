@@ -296,6 +296,15 @@ class DAMConfig(BaseModel):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"model names must be unique; repeated: {', '.join(repeated)}")
+        seen: dict[str, str] = {}
+        for m in v:
+            local = Path(m.model).expanduser()
+            key = str(local.resolve()) if local.exists() else m.model
+            if key in seen:
+                raise ValueError(
+                    f"models {seen[key]!r} and {m.name!r} are the same model ({m.model!r}); list each source once"
+                )
+            seen[key] = m.name
         return v
 
     @model_validator(mode="after")

@@ -66,6 +66,8 @@ def load_raw_dataset(spec: str | Path, *, split: str = "train", owner: str = "")
     path = Path(spec).expanduser()
     try:
         if path.is_file():
+            if path.stat().st_size == 0:
+                raise DamError(f"{what}: the file is empty")
             builder = _FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
                 raise DamError(

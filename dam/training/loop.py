@@ -78,6 +78,8 @@ def train(config: DAMConfig) -> Path:
     from accelerate.utils import set_seed
 
     run_dir = Path(config.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DamError(f"output_dir {str(run_dir)!r} is a file, not a folder; name a folder for the run")
     accelerator = _setup_accelerator(config, run_dir)
     resume_dir = _find_resume_checkpoint(config, run_dir)
     if accelerator.is_main_process:
