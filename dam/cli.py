@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from dam.errors import DamError
 
@@ -35,6 +36,10 @@ def _merge(args: argparse.Namespace) -> int:
     from dam.io.checkpoint import parse_size
     from dam.merge.engine import run_merge
 
+    if args.push_to_hub:
+        from dam.io.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
     summary = run_merge(
         args.config,
         args.out,
@@ -46,7 +51,20 @@ def _merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(summary.describe())
+    if args.push_to_hub and not args.dry_run:
+        _push(summary.out, args)
     return 0
+
+
+def _push(folder: Path, args: argparse.Namespace) -> None:
+    from dam.io.hub import push_folder
+
+    print(f"pushed to {push_folder(folder, args.push_to_hub, private=args.private)}")
+
+
+def _add_push_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the output folder to this Hub repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +82,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random methods, dare_* and della* (default 0)")
     p.add_argument("--dry-run", action="store_true", help="check the config and the checkpoints' headers only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_push_options(p)
     p.set_defaults(func=_merge)
 
 
@@ -71,10 +90,19 @@ def _train(args: argparse.Namespace) -> int:
     from dam.training.config import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.push_to_hub:
+        from dam.io.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
+    from accelerate import PartialState
+
     from dam.training.loop import train  # heavy imports (accelerate, transformers) only once the config is valid
+    from dam.training.run_dir import MERGED_DIR
 
     run = train(config)
     print(f"DAM run finished in {run}")
+    if args.push_to_hub and PartialState().is_main_process:
+        _push(Path(run) / MERGED_DIR, args)
     return 0
 
 
@@ -94,14 +122,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="dotted config keys with YAML values: train.lr=1e-3 models.math.model=./m (or the --train.lr=1e-3 form "
         "a wandb sweep agent passes)",
     )
+    _add_push_options(p)  # before CONFIG: everything after it is an override
     p.set_defaults(func=_train)
 
 
 def _export(args: argparse.Namespace) -> int:
     from dam.adaptive.export import export_merged
 
+    if args.push_to_hub:
+        from dam.io.hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
     out = export_merged(args.run_or_coeffs, args.out, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
     print(f"exported the DAM merge to {out}")
+    if args.push_to_hub:
+        _push(out, args)
     return 0
 
 
@@ -118,6 +153,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard, e.g. 2GB, 500MB (default 5GB)")
     p.add_argument("--dtype", default=None, help="output dtype, e.g. bfloat16 (default: the training dtype)")
+    _add_push_options(p)
     p.set_defaults(func=_export)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,6 +18,7 @@ from dam.adaptive.model import DAMModel
 from dam.adaptive.options import DAMOptions
 from dam.cli import main
 from dam.errors import DamError
+from dam.io.paths import portable_reference
 from dam.testing import make_family
 
 ARCHS = {"llama": ("llama", False), "qwen2": ("qwen2", False), "tied": ("llama", True)}
@@ -72,7 +74,10 @@ def test_export_reproduces_the_wrapper(families, arch, tmp_path):
     assert names | {COEFFICIENTS_FILE, "dam_coefficients.json"} <= {p.name for p in out.iterdir()}
     AutoTokenizer.from_pretrained(out)
     card = (out / "README.md").read_text()
-    assert "DAM" in card and "lr: 0.001" in card and all(str(s) in card for s in families[arch][1])
+    assert "DAM" in card and "lr: 0.001" in card and str(tmp_path) not in card
+    # sources named relative to the output folder, in the text and in the front matter's base_model
+    relative = [portable_reference(s, out) for s in [families[arch][0], *families[arch][1]]]
+    assert all(f"`{r}`" in card for r in relative[1:]) and ModelCard(card).data.base_model == relative
     config = json.loads((out / "config.json").read_text())
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())

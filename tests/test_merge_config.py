@@ -10,6 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dam.errors import DamError
+from dam.io.paths import portable_reference
 from dam.merge.config import (
     ConditionalParameter,
     evaluate_setting,
@@ -295,4 +296,8 @@ def test_example_config_parses_and_merges(path, example_family, tmp_path):
     assert written["dtype"] == "bfloat16"
     layers = {int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")}
     assert layers == set(range(written["num_hidden_layers"]))
-    assert (out / "mergekit_config.yml").read_text() == local.read_text()
+    # saved with the local models relative to the output folder (no absolute path of this machine)
+    relative = localize(
+        yaml.safe_load(text), Path(portable_reference(base, out)), [Path(portable_reference(s, out)) for s in sources]
+    )
+    assert yaml.safe_load((out / "mergekit_config.yml").read_text()) == relative

@@ -139,7 +139,8 @@ def test_output_folder_contents_and_tokenizer_source(tmp_path):
         + ["tokenizer.json", "tokenizer_config.json"]
     )
     assert (out / "tokenizer_config.json").read_bytes() == (base / "tokenizer_config.json").read_bytes()
-    assert "linear" in (out / "README.md").read_text() and str(s0) in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "linear" in card and "`../fam/source0`" in card and str(tmp_path) not in card  # relative to out
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["merge_method"] == "linear"
     run_merge(
         _config(text + "tokenizer_source: {chat}\n", base=base, s0=s0, chat=chatty),

@@ -21,7 +21,7 @@ from dam.errors import DamError
 from dam.evaluation.evaluate import evaluate_model
 from dam.evaluation.kinship import model_kinship
 from dam.io.checkpoint import CheckpointReader
-from dam.merge.config import parse_merge_config
+from dam.merge.config import load_saved_merge_config, parse_merge_config
 from dam.merge.engine import merged_tensors
 from dam.search.config import EvolveConfig, FitnessConfig, SearchSpace, SoupConfig, load_search_config
 from dam.search.evolve import candidate_config, genes, layer_groups, start_values
@@ -311,8 +311,8 @@ def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monk
     (merge, exploration) = first["merges"]
     assert merge["parents"] == top and exploration["why"] == "exploration"
     assert exploration["parents"][0] == "input1" and exploration["parents"][1] not in top
-    gen1 = yaml.safe_load((out / "models" / merge["name"] / "mergekit_config.yml").read_text())
-    assert gen1["merge_method"] == "slerp" and gen1["base_model"] == by_name[top[0]]["path"]
+    gen1 = load_saved_merge_config(out / "models" / merge["name"])  # models written relative to the folder
+    assert gen1.merge_method == "slerp" and gen1.base_model == str(Path(by_name[top[0]]["path"]).resolve())
     results = json.loads((out / "results.json").read_text())
     assert results["compute"]["evaluations"] == len(members) <= 6
     assert results["stop"] in ("budget", "max_generations", "kinship", "no new pair")

@@ -1,5 +1,10 @@
 """The coefficients file: raw DAM coefficients by checkpoint tensor name, in safetensors, with the run's metadata
 (format, version, base, sources, options, tensor kinds, dtype) in the header and beside it as JSON.
+
+In memory, local models are absolute paths (:func:`model_label`); on disk they are written relative to the file's
+folder and every other absolute path in the metadata (the training config's) likewise, so the file holds no path
+of the machine (:mod:`dam.io.paths`). Reading resolves every ``./x`` / ``../x`` against the file's folder again
+(a relative path the training config held as written, relative to where training ran, is read the same way).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dam.errors import DamError
+from dam.io.paths import portable_paths, portable_reference, resolve_paths
 
 COEFFICIENTS_FILE = "dam_coefficients.safetensors"
 COEFFICIENTS_METADATA_FILE = "dam_coefficients.json"
@@ -40,7 +46,7 @@ def save_coefficients(path: str | Path, tensors: dict[str, Tensor], metadata: di
         path = path / COEFFICIENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    text = json.dumps(metadata, indent=2, sort_keys=True)
+    text = json.dumps(portable_metadata(metadata, path.parent), indent=2, sort_keys=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(data, str(tmp), metadata={"dam": text})
     os.replace(tmp, path)
@@ -49,6 +55,17 @@ def save_coefficients(path: str | Path, tensors: dict[str, Tensor], metadata: di
     tmp.write_text(text + "\n")
     os.replace(tmp, meta_path)
     return path
+
+
+def portable_metadata(metadata: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """``metadata`` as written into ``folder``: models relative to it (Hub ids as given), no absolute paths.
+
+    A file written in :func:`dam.io.writer.atomic_output_dir`'s temporary folder (a sibling of the output) gets
+    the same relative paths as in its final place."""
+    out = portable_paths(metadata, folder)
+    out["base_model"] = portable_reference(metadata["base_model"], folder)
+    out["sources"] = [portable_reference(s, folder) for s in metadata["sources"]]
+    return out
 
 
 def find_coefficients_file(run_or_file: str | Path) -> Path:
@@ -78,7 +95,7 @@ def read_coefficients(path: str | Path) -> tuple[dict[str, Tensor], dict[str, An
     for key in ("base_model", "sources", "options", "tensors", "dtype"):
         if key not in metadata:
             raise DamError(f"coefficients file {path}: metadata lacks {key!r}")
-    return tensors, metadata
+    return tensors, resolve_paths(metadata, path.parent)
 
 
 def check_coefficients(

@@ -28,7 +28,13 @@ import torch
 import yaml
 from torch import Tensor
 
-from dam.adaptive.coefficients import COEFFICIENTS_FILE, check_coefficients, read_coefficients, save_coefficients
+from dam.adaptive.coefficients import (
+    COEFFICIENTS_FILE,
+    check_coefficients,
+    portable_metadata,
+    read_coefficients,
+    save_coefficients,
+)
 from dam.adaptive.layers import apply_transform, fold
 from dam.errors import DamError
 from dam.io.checkpoint import (
@@ -39,7 +45,7 @@ from dam.io.checkpoint import (
     parse_size,
     resolve_model_path,
 )
-from dam.io.model_folder import write_model_files
+from dam.io.model_folder import render_model_card, write_model_files
 from dam.io.writer import ShardedWriter, atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -130,7 +136,8 @@ def write_merged_model(
                 tmp, config, dtype=out_dtype, tokenizer_source=tokenizer_source, generation_config_source=base_path
             )
             save_coefficients(tmp / COEFFICIENTS_FILE, tensors, metadata)
-            (tmp / "README.md").write_text(model_card(metadata, out_dtype))
+            card_metadata = portable_metadata(metadata, Path(out).expanduser().absolute())
+            (tmp / "README.md").write_text(model_card(card_metadata, out_dtype))
     logger.info("exported %d tensors (%s) in %s to %s", len(order), dtype_name(out_dtype), ", ".join(files), out)
     return Path(out)
 
@@ -140,9 +147,9 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:
-    """A Hugging Face model card: front matter, sources, method, options and the training config."""
+    """A Hugging Face model card: front matter (base and sources in ``base_model``), sources, method, options and
+    the training config. ``metadata`` as written beside it (:func:`portable_metadata`)."""
     options = metadata["options"]
-    front = {"base_model": metadata["base_model"], "library_name": "transformers", "tags": ["merge", "dam"]}
     sources = "\n".join(
         f"- `{s}` (init coefficient {w:g})" for s, w in zip(metadata["sources"], metadata["init_weights"], strict=True)
     )
@@ -150,10 +157,7 @@ def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:
     training_text = (
         f"```yaml\n{yaml.safe_dump(training, sort_keys=False).strip()}\n```" if training else "Not recorded."
     )
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-# DAM merge of {len(metadata["sources"])} models
+    body = f"""# DAM merge of {len(metadata["sources"])} models
 
 Merged with DAM (Differentiable Adaptive Merging, [arXiv:2410.08371](https://arxiv.org/abs/2410.08371)): every
 source gets learned per-column coefficients, trained by distillation from the sources themselves, then folded
@@ -179,3 +183,5 @@ The raw coefficients are in `dam_coefficients.safetensors` (metadata in `dam_coe
 
 {training_text}
 """
+    base_models = list(dict.fromkeys([metadata["base_model"], *metadata["sources"]]))
+    return render_model_card(base_models=base_models, tags=["merge", "dam"], body=body)

@@ -145,10 +145,14 @@ def classic_merges(root: str | Path, merges: Path, *, seed: int = 0) -> dict[str
         text = merge_config_text(method, root, seed)
         folder = merges / method
         written = folder / "mergekit_config.yml"
-        if written.is_file() and written.read_text(encoding="utf-8") == text and (folder / "config.json").is_file():
+        config = parse_merge_config(yaml.safe_load(text), text, origin=str(MERGE_CONFIG_DIR / f"{method}.yaml"))
+        if (
+            written.is_file()
+            and written.read_text(encoding="utf-8") == config.portable_text(folder)
+            and (folder / "config.json").is_file()
+        ):
             logger.info("demo: reusing the %s merge in %s", method, folder)
         else:
-            config = parse_merge_config(yaml.safe_load(text), text, origin=str(MERGE_CONFIG_DIR / f"{method}.yaml"))
             run_merge(config, folder, seed=seed, progress=False)  # refuses a non-empty folder of another config
         folders[method] = folder
     return folders

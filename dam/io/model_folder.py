@@ -41,3 +41,13 @@ def write_model_files(
             shutil.copy2(Path(tokenizer_source) / name, folder / name)
         if not copied:
             logger.warning("no tokenizer files found in %s; the output has no tokenizer", tokenizer_source)
+
+
+def render_model_card(*, base_models: list[str], tags: list[str], body: str) -> str:
+    """A Hugging Face model card (``README.md``) through huggingface_hub's ``ModelCard``: front matter with
+    ``base_model`` (the merged models, as written in the output), ``base_model_relation: merge``,
+    ``library_name: transformers`` and ``tags``, then the markdown ``body``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="transformers", base_model=base_models, base_model_relation="merge", tags=tags)
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body.lstrip()}"))

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, TypeAdapter, Validation
 
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
+from dam.io.paths import portable_reference, resolve_reference
 from dam.merge.registry import METHODS, REQUIRED, MergeMethod
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,30 @@ class MergeConfig(_Strict):
             return self._source_text
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
 
+    def with_models(self, rename: Callable[[str], str]) -> MergeConfig:
+        """A copy with every model reference (``base_model``, models, slice sources and bases, a
+        ``tokenizer_source`` naming a model) replaced by ``rename(reference)``; its source text is a YAML dump."""
+        data = self.model_dump(exclude_none=True, mode="json")
+        for key in ("base_model", "tokenizer_source"):
+            if key in data and data[key] not in ("base", "union"):
+                data[key] = rename(data[key])
+        for entry in data.get("models", []):
+            entry["model"] = rename(entry["model"])
+        for sl in data.get("slices", []):
+            if "base_model" in sl:
+                sl["base_model"] = rename(sl["base_model"])
+            for src in sl["sources"]:
+                src["model"] = rename(src["model"])
+        return parse_merge_config(data)
+
+    def portable_text(self, folder: str | Path) -> str:
+        """The config as written into ``folder`` (``mergekit_config.yml``, the model card): :attr:`source_text`
+        when every model reference is a Hub id, else a YAML dump with local paths relative to ``folder``
+        (``./m``, ``../m``; see :mod:`dam.io.paths`), so no absolute path of this machine is written."""
+        portable = self.with_models(lambda ref: portable_reference(ref, folder))
+        same = portable.model_dump(mode="json") == self.model_dump(mode="json")
+        return self.source_text if same else portable.source_text
+
     def referenced_models(self) -> list[str]:
         """Every model the merge reads, base first, then in config order, without repeats."""
         names = [self.base_model] if self.base_model else []
@@ -382,6 +407,13 @@ def parse_merge_config(data: Any, source_text: str | None = None, *, origin: str
     return config
 
 
+def load_saved_merge_config(folder: str | Path) -> MergeConfig:
+    """The ``mergekit_config.yml`` of a dam merge output, its local models (written relative to ``folder``)
+    resolved to absolute paths."""
+    folder = Path(folder)
+    return load_merge_config(folder / "mergekit_config.yml").with_models(lambda ref: resolve_reference(ref, folder))
+
+
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a mergekit YAML file; the text is kept to be saved beside the merged weights."""
     path = Path(path)
@@ -407,6 +439,7 @@ __all__ = [
     "OutputSlice",
     "evaluate_setting",
     "load_merge_config",
+    "load_saved_merge_config",
     "parse_merge_config",
     "resolve_parameters",
 ]

@@ -45,7 +45,8 @@ from torch import Tensor
 
 from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader, dtype_name, parse_dtype, resolve_model_path
-from dam.io.model_folder import write_model_files
+from dam.io.model_folder import render_model_card, write_model_files
+from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, atomic_output_dir
 from dam.merge.config import MergeConfig, OutputSlice, load_merge_config, resolve_parameters
 from dam.merge.registry import MergeMethod
@@ -535,35 +536,26 @@ def _estimate_shards(sizes: list[int], max_shard_size: int) -> int:
     return shards
 
 
-def _model_card(plan: MergePlan, out: Path, seed: int) -> str:
+def _model_card(plan: MergePlan, out: Path, seed: int, config_text: str) -> str:
+    """The output's ``README.md``: every model read in ``base_model`` (as written in ``config_text``: Hub ids as
+    given, local folders relative to ``out``), the method, and the config."""
     config = plan.config
-    models = [m for m in config.referenced_models() if m != config.base_model]
+    models = [portable_reference(m, out) for m in config.referenced_models()]
+    base = portable_reference(config.base_model, out) if config.base_model else None
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- merge",
-        "- dam",
-        "---",
         f"# {out.name}",
         "",
-        "A merge of pre-trained language models made with dam using the "
-        f"`{config.merge_method}` method (mergekit-compatible config"
+        "A merge of pre-trained language models made with [dam](https://arxiv.org/abs/2410.08371)'s classic merges "
+        f"using the `{config.merge_method}` method (mergekit-compatible config"
         + (f", random seed {seed}" if plan.method.random else "")
         + ").",
         "",
     ]
-    if config.base_model:
-        lines += [f"Base model: `{config.base_model}`", ""]
-    lines += ["Models merged:", *[f"- `{m}`" for m in models], ""]
-    lines += [
-        "Configuration (also saved as `mergekit_config.yml`):",
-        "",
-        "```yaml",
-        config.source_text.rstrip(),
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
+    if base:
+        lines += [f"Base model: `{base}`", ""]
+    lines += ["Models merged:", *[f"- `{m}`" for m in models if m != base], ""]
+    lines += ["Configuration (also saved as `mergekit_config.yml`):", "", "```yaml", config_text.rstrip(), "```"]
+    return render_model_card(base_models=models, tags=["merge", "dam", "mergekit"], body="\n".join(lines) + "\n")
 
 
 def run_merge(
@@ -645,8 +637,9 @@ def run_merge(
                 tokenizer_source=plan.tokenizer_source,
                 generation_config_source=plan.donor,
             )
-            (tmp / "mergekit_config.yml").write_text(config.source_text, encoding="utf-8")
-            (tmp / "README.md").write_text(_model_card(plan, out, seed), encoding="utf-8")
+            config_text = config.portable_text(out)
+            (tmp / "mergekit_config.yml").write_text(config_text, encoding="utf-8")
+            (tmp / "README.md").write_text(_model_card(plan, out, seed, config_text), encoding="utf-8")
             summary.files = sorted(p.name for p in tmp.iterdir())
         logger.info("wrote %s (%s)", out, ", ".join(files))
         return summary

@@ -33,7 +33,7 @@ import yaml
 
 from dam.errors import DamError
 from dam.evaluation.kinship import model_kinship
-from dam.merge.config import MergeConfig, parse_merge_config
+from dam.merge.config import MergeConfig, load_saved_merge_config, parse_merge_config
 from dam.merge.engine import run_merge
 from dam.search.config import PAIR_DEFAULTS, EvolveConfig, KinshipGreedy, config_dict
 from dam.search.fitness import CandidateEvaluator, Fitness
@@ -204,7 +204,7 @@ def _finish(
         raise DamError("kinship_greedy: the budget allowed no evaluation")
     best = max(members.values(), key=lambda m: m["score"])
     if best["parents"]:
-        config_text = (Path(best["path"]) / "mergekit_config.yml").read_text(encoding="utf-8")
+        config_text = load_saved_merge_config(best["path"]).source_text  # its models as absolute paths
         (out / "best.yaml").write_text(config_text, encoding="utf-8")
     plot_fitness([m["score"] for m in members.values()], out / "fitness.png", "dam evolve (kinship greedy)", "fitness")
     results = {

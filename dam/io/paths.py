@@ -1,0 +1,66 @@
+"""Model references in written files: Hub ids as given, local paths relative to the file's folder.
+
+No file dam writes (model card, coefficient metadata, saved configs) holds an absolute path of the machine that
+wrote it. A local model folder is written as a path relative to the folder of the file that names it, always
+starting with ``./`` or ``../`` so it cannot be mistaken for a Hub id (``org/name``); reading resolves such a
+reference against the file's folder again. Anything else (a Hub id) is written and read as given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _relative(path: Path, folder: Path) -> str:
+    rel = Path(os.path.relpath(path.expanduser().absolute(), Path(folder).expanduser().absolute())).as_posix()
+    return rel if rel.startswith("../") or rel in (".", "..") else f"./{rel}"
+
+
+def is_relative_reference(reference: str) -> bool:
+    """True for the ``./...`` / ``../...`` form :func:`portable_reference` gives local paths."""
+    return reference in (".", "..") or reference.startswith(("./", "../"))
+
+
+def portable_reference(name_or_path: str | Path, folder: str | Path) -> str:
+    """How a model (or any local path) is written in a file inside ``folder``: an existing local path or an
+    absolute path relative to ``folder`` (``./x``, ``../x``), else the string as given (a Hub id)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_absolute() or path.exists():
+        return _relative(path, Path(folder))
+    return str(name_or_path)
+
+
+def resolve_reference(reference: str, folder: str | Path) -> str:
+    """The inverse of :func:`portable_reference` for a file read from ``folder``: ``./x`` and ``../x`` become
+    absolute paths, the rest (Hub ids, older files' absolute paths) is returned as given."""
+    if is_relative_reference(reference):
+        return str((Path(folder).expanduser().absolute() / reference).resolve())
+    return reference
+
+
+def portable_paths(data: Any, folder: str | Path) -> Any:
+    """``data`` (JSON-like: dicts, lists, strings) with every absolute path string made relative to ``folder``."""
+    if isinstance(data, dict):
+        return {k: portable_paths(v, folder) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [portable_paths(v, folder) for v in data]
+    if isinstance(data, str) and os.path.isabs(os.path.expanduser(data)):
+        return _relative(Path(data), Path(folder))
+    return data
+
+
+def resolve_paths(data: Any, folder: str | Path) -> Any:
+    """The inverse of :func:`portable_paths` for data read from a file in ``folder``: every ``./x`` / ``../x``
+    string resolved against ``folder``."""
+    if isinstance(data, dict):
+        return {k: resolve_paths(v, folder) for k, v in data.items()}
+    if isinstance(data, list):
+        return [resolve_paths(v, folder) for v in data]
+    if isinstance(data, str):
+        return resolve_reference(data, folder)
+    return data
+
+
+__all__ = ["is_relative_reference", "portable_paths", "portable_reference", "resolve_paths", "resolve_reference"]

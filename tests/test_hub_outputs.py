@@ -1,0 +1,189 @@
+"""Hub-ready outputs: model cards through huggingface_hub, no absolute machine path in any written file, and
+``--push-to-hub`` on merge, export and train, tested at huggingface_hub's ``HfApi`` boundary (no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from safetensors.torch import load_file
+
+from dam.adaptive.coefficients import COEFFICIENTS_FILE, read_coefficients
+from dam.adaptive.model import DAMModel
+from dam.cli import main
+from dam.io.paths import portable_paths, portable_reference, resolve_reference
+from dam.testing import make_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    return make_family(tmp_path_factory.mktemp("hub") / "models", 2, num_layers=2)
+
+
+def _machine_paths(root: Path) -> list[str]:
+    """Strings that would betray this machine: the test's folders as given and resolved, the home folder."""
+    return [str(root), str(root.resolve()), str(Path.home())]
+
+
+def assert_no_absolute_paths(folder: Path, root: Path) -> None:
+    """No file under ``folder`` (text, JSON, YAML, safetensors headers: every byte) holds a machine path."""
+    needles = [p.encode() for p in _machine_paths(root)]
+    for file in folder.rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            for needle in needles:
+                assert needle not in data, f"{file.name} holds the machine path {needle.decode()!r}"
+
+
+def test_references_relative_to_the_written_file(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    out = tmp_path / "out"
+    assert portable_reference(model, out) == "../models/m"
+    assert portable_reference(model, tmp_path) == "./models/m"  # never "models/m", which reads as a Hub id
+    assert portable_reference("org/name", out) == "org/name"  # a Hub id as given
+    assert resolve_reference("../models/m", out) == str(model.resolve())
+    assert resolve_reference("org/name", out) == "org/name"
+    data = {"a": [str(model), "org/name", 3], "b": {"c": str(out / "x")}}
+    assert portable_paths(data, out) == {"a": ["../models/m", "org/name", 3], "b": {"c": "./x"}}
+
+
+@pytest.fixture
+def merge_config(family: tuple[Path, list[Path]], tmp_path: Path) -> Path:
+    base, (s0, s1) = family
+    config = tmp_path / "ties.yaml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {base}\nparameters: {{normalize: true}}\n"
+        f"models:\n  - model: {s0}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+        f"  - model: {s1}\n    parameters: {{weight: 0.4, density: 0.7}}\n"
+    )
+    return config
+
+
+def test_merge_card_and_files_hold_no_machine_path(family, merge_config: Path, tmp_path: Path, monkeypatch) -> None:
+    base, (s0, s1) = family
+    out = tmp_path / "deep" / "merged"
+    assert main(["merge", str(merge_config), str(out), "--quiet"]) == 0
+    root = family[0].parent.parent
+    assert_no_absolute_paths(out, root)
+    assert_no_absolute_paths(out, tmp_path)
+    card = ModelCard.load(out / "README.md")
+    relative = [portable_reference(m, out) for m in (base, s0, s1)]
+    assert card.data.base_model == relative
+    assert card.data.base_model_relation == "merge" and card.data.library_name == "transformers"
+    assert {"merge", "dam"} <= set(card.data.tags)
+    assert "merge_method: ties" in card.text and f"`{relative[1]}`" in card.text
+    # the saved config runs again from the output folder (its paths are relative to it) and gives the same merge
+    monkeypatch.chdir(out)
+    assert main(["merge", "mergekit_config.yml", str(tmp_path / "again"), "--quiet"]) == 0
+    first, again = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_dam_export_files_hold_no_machine_path_and_export_again(family, tmp_path: Path, monkeypatch) -> None:
+    base, sources = family
+    model = DAMModel.from_pretrained(str(base), [str(s) for s in sources])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_coefficients"):
+                p.add_(0.1)
+    run = tmp_path / "run"
+    training = {"output_dir": str(run), "base_model": str(base), "lr": 1e-3}
+    model.save_coefficients(run / COEFFICIENTS_FILE, training_config=training)
+    assert_no_absolute_paths(run, tmp_path)
+    out = tmp_path / "exported"
+    assert main(["export", str(run), str(out)]) == 0
+    assert_no_absolute_paths(out, tmp_path)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == [portable_reference(m, out) for m in (base, *sources)]
+    assert card.data.base_model_relation == "merge"
+    assert "output_dir: ../run" in card.text  # the training config too, relative to the card
+    # the exported coefficients name the sources relative to their own folder: exporting them again works from
+    # any working directory and gives the same weights
+    _, metadata = read_coefficients(out)
+    assert metadata["sources"] == [str(s.resolve()) for s in sources]
+    assert json.loads((out / "dam_coefficients.json").read_text())["base_model"] == portable_reference(base, out)
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["export", str(out / COEFFICIENTS_FILE), str(tmp_path / "again")]) == 0
+    first, again = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+class FakeHub:
+    """Records ``HfApi.create_repo`` / ``upload_folder`` calls and what the folder held at upload time."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False):
+        self.calls: list[tuple[str, dict]] = []
+        self.uploaded: list[str] = []
+        hub = self
+
+        def create_repo(self, repo_id, **kwargs):
+            hub.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            hub.calls.append(("upload_folder", kwargs))
+            if fail:
+                raise OSError("401 Unauthorized")
+            hub.uploaded = sorted(os.listdir(kwargs["folder_path"]))
+            return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"})()
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+
+def test_merge_push_to_hub(merge_config: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "merged"
+    assert main(["merge", str(merge_config), str(out), "--quiet", "--push-to-hub", "me/tiny-ties", "--private"]) == 0
+    (_, create), (_, upload) = hub.calls
+    assert create == {"repo_id": "me/tiny-ties", "private": True, "repo_type": "model", "exist_ok": True}
+    assert upload["repo_id"] == "me/tiny-ties" and Path(upload["folder_path"]) == out
+    assert hub.uploaded == sorted(os.listdir(out)) and "model.safetensors" in hub.uploaded  # the finished folder
+    assert "me/tiny-ties/commit/abc" in capsys.readouterr().out
+
+
+def test_push_errors(merge_config: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    hub = FakeHub(monkeypatch, fail=True)
+    # an invalid repo id is refused before any merge work: nothing written, nothing called
+    assert main(["merge", str(merge_config), str(tmp_path / "a"), "--push-to-hub", "not a repo//id"]) == 1
+    assert "--push-to-hub 'not a repo//id': not a valid Hub repo id" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and hub.calls == []
+    # an upload failure is one error line; the merged folder stays complete
+    assert main(["merge", str(merge_config), str(tmp_path / "b"), "--quiet", "--push-to-hub", "me/x"]) == 1
+    err = capsys.readouterr().err
+    assert "upload failed (401 Unauthorized)" in err and "is complete" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+
+
+def test_export_and_train_push_to_hub(family, tmp_path: Path, monkeypatch) -> None:
+    base, sources = family
+    run = tmp_path / "run"
+    DAMModel.from_pretrained(str(base), [str(s) for s in sources]).save_coefficients(run / COEFFICIENTS_FILE)
+    hub = FakeHub(monkeypatch)
+    assert main(["export", str(run), str(tmp_path / "out"), "--push-to-hub", "me/dam"]) == 0
+    assert [c[1]["repo_id"] for c in hub.calls] == ["me/dam", "me/dam"] and hub.calls[0][1]["private"] is False
+    assert "dam_coefficients.safetensors" in hub.uploaded
+
+    # dam train pushes the run's merged/ folder once training returns (the loop itself is tested elsewhere)
+    import dam.training.loop
+
+    def fake_train(config):
+        (Path(config.output_dir) / "merged").mkdir(parents=True)
+        (Path(config.output_dir) / "merged" / "model.safetensors").write_bytes(b"")
+        return Path(config.output_dir)
+
+    monkeypatch.setattr(dam.training.loop, "train", fake_train)
+    config = tmp_path / "dam.yaml"
+    config.write_text(
+        f"base_model: {base}\noutput_dir: {tmp_path / 'trained'}\n"
+        f"models:\n  - {{name: a, model: {sources[0]}, dataset: {tmp_path / 'a.jsonl'}}}\n"
+        f"  - {{name: b, model: {sources[1]}, dataset: {tmp_path / 'b.jsonl'}}}\n"
+    )
+    hub.calls.clear()
+    assert main(["train", "--push-to-hub", "me/trained", "--private", str(config)]) == 0
+    assert hub.calls[1][1]["folder_path"] == tmp_path / "trained" / "merged" and hub.calls[0][1]["private"] is True
