@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from dam.errors import DamError
+from dam.io.lora import LoraAdapter, split_reference
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,13 @@ def parse_size(size: str | int | float) -> int:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A local model folder as given, or a Hugging Face Hub id downloaded (weights, config, tokenizer) to the cache."""
+    """A local model folder as given, or a Hugging Face Hub id downloaded (weights, config, tokenizer) to the cache.
+    For ``MODEL+LORA`` (:mod:`dam.io.lora`), MODEL's folder: its config and tokenizer are the merged model's."""
+    return resolve_folder(split_reference(name_or_path)[0])
+
+
+def resolve_folder(name_or_path: str | Path) -> Path:
+    """A local folder as given, or a Hub repo's files (weights, configs, tokenizer) downloaded to the cache."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -147,7 +154,9 @@ class CheckpointReader:
 
     def __init__(self, name_or_path: str | Path):
         self.name = str(name_or_path)
-        self.path = resolve_model_path(name_or_path)
+        model, adapter = split_reference(name_or_path)
+        self.path = resolve_folder(model)
+        self.adapter = LoraAdapter(adapter, resolve_folder(adapter)) if adapter is not None else None
         config_file = self.path / "config.json"
         self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
         self._entries: dict[str, tuple[Path, dict[str, Any], int]] = {}  # name -> (file, header entry, data start)
@@ -164,6 +173,12 @@ class CheckpointReader:
             self._index_bin_files()
         if not self._entries and not self._bin_files:
             raise DamError(f"model {self.name!r}: no weights found in {self.path} (*.safetensors or *.bin)")
+        if self.adapter is not None:
+            unknown = [n for n in self.adapter.tensor_names if n not in self]
+            if unknown:
+                raise DamError(
+                    f"model {self.name!r}: the adapter changes tensor {unknown[0]!r}, which {model!r} lacks"
+                )
 
     def _safetensors_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -237,6 +252,8 @@ class CheckpointReader:
                     raise DamError(f"model {self.name!r}: {file.name} is truncated at tensor {name!r}")
         else:
             tensor = self._load_bin(self._bin_files[name])[name].clone()
+        if self.adapter is not None:
+            tensor = self.adapter.apply(name, tensor)
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor.to(device) if str(device) != "cpu" else tensor
@@ -248,6 +265,8 @@ class CheckpointReader:
         shape = self.shape(name)
         if not shape or not 0 <= start <= end <= shape[0]:
             raise ValueError(f"model {self.name!r}: rows {start}:{end} of tensor {name!r} with shape {shape}")
+        if self.adapter is not None and name in self.adapter.tensor_names:  # the update spans every row
+            return self.get(name, dtype=dtype)[start:end].clone()
         if name in self._entries:
             file, entry, data_start = self._entries[name]
             rows = torch.empty((end - start, *shape[1:]), dtype=self.dtype(name))

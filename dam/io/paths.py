@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dam.io.lora import split_reference
+
 
 def _relative(path: Path, folder: Path) -> str:
     rel = Path(os.path.relpath(path.expanduser().absolute(), Path(folder).expanduser().absolute())).as_posix()
@@ -26,6 +28,9 @@ def is_relative_reference(reference: str) -> bool:
 def portable_reference(name_or_path: str | Path, folder: str | Path) -> str:
     """How a model (or any local path) is written in a file inside ``folder``: an existing local path or an
     absolute path relative to ``folder`` (``./x``, ``../x``), else the string as given (a Hub id)."""
+    model, adapter = split_reference(name_or_path)
+    if adapter is not None:  # MODEL+LORA: each part on its own
+        return f"{portable_reference(model, folder)}+{portable_reference(adapter, folder)}"
     path = Path(name_or_path).expanduser()
     if path.is_absolute() or path.exists():
         return _relative(path, Path(folder))
@@ -35,6 +40,9 @@ def portable_reference(name_or_path: str | Path, folder: str | Path) -> str:
 def resolve_reference(reference: str, folder: str | Path) -> str:
     """The inverse of :func:`portable_reference` for a file read from ``folder``: ``./x`` and ``../x`` become
     absolute paths, the rest (Hub ids, older files' absolute paths) is returned as given."""
+    model, adapter = split_reference(reference)
+    if adapter is not None:
+        return f"{resolve_reference(model, folder)}+{resolve_reference(adapter, folder)}"
     if is_relative_reference(reference):
         return str((Path(folder).expanduser().absolute() / reference).resolve())
     return reference

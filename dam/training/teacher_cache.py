@@ -34,7 +34,8 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 
 from dam.errors import DamError
-from dam.io.checkpoint import resolve_model_path
+from dam.io.checkpoint import resolve_folder
+from dam.io.lora import split_reference
 from dam.io.writer import atomic_output_dir
 from dam.training.data import ALL_SOURCES, DataCollator, build_train_dataset, load_tokenizer
 
@@ -68,14 +69,18 @@ def model_identity(name_or_path: str | Path) -> dict[str, Any]:
     weight file. Rewriting weights changes the mtime (and usually the size), so this catches changed sources
     without reading any weights; copying a folder also changes mtimes, which only costs a recomputation.
     """
-    path = resolve_model_path(name_or_path).resolve()
+    model, adapter = split_reference(name_or_path)
+    path = resolve_folder(model).resolve()
     config = path / "config.json"
     weights = sorted({f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern)})
-    return {
+    identity = {
         "path": str(path),
         "config": _sha256(config.read_bytes()) if config.exists() else None,
         "weights": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weights},
     }
+    if adapter is not None:  # a LoRA source (MODEL+ADAPTER): the adapter's files too
+        identity["adapter"] = model_identity(resolve_folder(adapter))
+    return identity
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
