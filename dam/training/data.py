@@ -319,25 +319,6 @@ def build_train_dataset(
     return combined.shuffle(seed=config.seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
 
 
-def dataset_fingerprint(dataset: datasets.Dataset) -> str:
-    """SHA-256 of the training examples (token ids, labels, teacher and dataset indices, in order): a resumed run
-    checks it against its checkpoint, so data changed in place under the same config is caught."""
-    import hashlib
-
-    table = dataset.data if dataset._indices is None else dataset.flatten_indices(keep_in_memory=True).data
-    digest = hashlib.sha256()
-    for column in ("input_ids", "labels", "source", "dataset_index"):
-        if column not in table.column_names:
-            continue
-        array = table.column(column).combine_chunks()
-        if column in ("input_ids", "labels"):
-            offsets = array.offsets.to_numpy()
-            digest.update((offsets - offsets[0]).astype(np.int64).tobytes())
-            array = array.flatten()
-        digest.update(column.encode() + array.to_numpy().astype(np.int64).tobytes())
-    return digest.hexdigest()
-
-
 def _as_tensor(value: Any, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(dtype)

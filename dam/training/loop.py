@@ -50,7 +50,7 @@ from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
 from dam.training.config import DAMConfig, config_to_dict, save_config
-from dam.training.data import IGNORE_INDEX, DataCollator, dataset_fingerprint, load_tokenizer
+from dam.training.data import IGNORE_INDEX, DataCollator, load_tokenizer
 from dam.training.run_dir import (
     CONFIG_FILE,
     MERGED_DIR,
@@ -65,7 +65,7 @@ from dam.training.run_dir import (
     save_checkpoint,
 )
 from dam.training.sharding import average_gradients, shard_sources, source_bytes
-from dam.training.teacher_cache import load_training_dataset, teacher_logprobs
+from dam.training.teacher_cache import data_fingerprint, load_training_dataset, teacher_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +111,10 @@ def train(config: DAMConfig) -> Path:
     if math.ceil(len(dataloader) / config.train.grad_accum) != steps_per_epoch:  # the schedule was sized on it
         raise RuntimeError(f"sharded dataloader has {len(dataloader)} batches, expected {steps_per_epoch} steps")
 
+    data_hash = data_fingerprint(dataset)
     start_step = 0
     if resume_dir is not None:
-        start_step = _resume(accelerator, resume_dir, dataset, scheduler)
+        start_step = _resume(accelerator, resume_dir, data_hash, scheduler)
     _setup_tracking(accelerator, config, run_dir)
     accelerator.print(
         f"DAM: {len(config.models)} sources, {len(dataset)} sequences, {steps_per_epoch} steps per epoch, "
@@ -133,7 +134,7 @@ def train(config: DAMConfig) -> Path:
             start_step,
             total_steps,
             steps_per_epoch,
-            dataset_fingerprint(dataset),
+            data_hash,
         )
         _finish(accelerator, config, run_dir, unwrapped)
     finally:
@@ -296,7 +297,7 @@ def _check_resumable(config: DAMConfig, checkpoint: Path) -> None:
         )
 
 
-def _resume(accelerator: Any, checkpoint: Path, dataset: Any, scheduler: Any) -> int:
+def _resume(accelerator: Any, checkpoint: Path, data_hash: str, scheduler: Any) -> int:
     """Load ``checkpoint`` into the prepared objects; return the optimizer steps already done.
 
     The config was checked by :func:`_check_resumable`; here the data itself (a file changed in place) and the
@@ -304,7 +305,7 @@ def _resume(accelerator: Any, checkpoint: Path, dataset: Any, scheduler: Any) ->
     schedule sized for this run's ``max_steps``: extending a finished run continues on the schedule a run started
     with the new ``max_steps`` would follow (a decayed linear or cosine schedule rises again to that curve)."""
     state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-    if state.get("data_fingerprint", dataset_fingerprint(dataset)) != dataset_fingerprint(dataset):
+    if state.get("data_fingerprint", data_hash) != data_hash:
         raise DamError(
             f"the training data differs from the run being resumed ({checkpoint}): same config, other contents "
             "(a dataset file changed in place?). Use another output_dir to start a new run"
@@ -398,7 +399,7 @@ def _fit(
     start_step: int,
     total_steps: int,
     steps_per_epoch: int,
-    data_fingerprint: str,
+    data_hash: str,
 ) -> None:
     from tqdm.auto import tqdm
 
@@ -447,7 +448,7 @@ def _fit(
                     "steps_per_epoch": steps_per_epoch,
                     "total_steps": total_steps,
                     "num_processes": accelerator.num_processes,
-                    "data_fingerprint": data_fingerprint,
+                    "data_fingerprint": data_hash,
                     "config": config_to_dict(config),
                 }
                 save_checkpoint(accelerator, run_dir, step, state, config.train.keep_checkpoints)
