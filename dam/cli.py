@@ -133,7 +133,15 @@ def _export(args: argparse.Namespace) -> int:
         from dam.io.hub import check_repo_id
 
         check_repo_id(args.push_to_hub)
-    out = export_merged(args.run_or_coeffs, args.out, dtype=args.dtype, shard_size=args.shard_size, force=args.force)
+    out = export_merged(
+        args.run_or_coeffs,
+        args.out,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        force=args.force,
+        tokenizer_source=args.tokenizer_source,
+        chat_template=args.chat_template,
+    )
     print(f"exported the DAM merge to {out}")
     if args.push_to_hub:
         _push(out, args)
@@ -153,6 +161,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
     p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard, e.g. 2GB, 500MB (default 5GB)")
     p.add_argument("--dtype", default=None, help="output dtype, e.g. bfloat16 (default: the training dtype)")
+    p.add_argument(
+        "--tokenizer-source",
+        default="base",
+        help="'base' or a source's name: whose tokenizer and generation config are copied (default: base)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="'base', a source's name (its chat template, its EOS ids added to the generation config) or a Jinja "
+        "template (default: the tokenizer source's own)",
+    )
     _add_push_options(p)
     p.set_defaults(func=_export)
 

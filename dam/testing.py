@@ -8,6 +8,7 @@ is a base model plus sources that are perturbed copies of it, the shape of real 
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,6 +21,12 @@ SIMPLE_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+OTHER_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}|{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+)
+"""A second chat format, whose turns end with ``|``: an instruct model would list that end-of-turn token among its
+EOS ids (``make_family(..., eos_token_ids=...)``)."""
 
 
 def build_char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
@@ -101,21 +108,30 @@ def make_family(
     scale: float = 0.02,
     dtype: torch.dtype = torch.float32,
     chat_template: str | None = None,
+    chat_templates: Sequence[str | None] | None = None,
+    eos_token_ids: Sequence[int | list[int]] | None = None,
     **config_kwargs,
 ) -> tuple[Path, list[Path]]:
     """Save a base model and ``n_sources`` perturbed fine-tunes of it under ``root``.
 
     Returns ``(base_path, [source_paths])``; every folder holds ``config.json``, ``model.safetensors``,
-    ``generation_config.json`` and the character tokenizer.
+    ``generation_config.json`` and the character tokenizer (one vocabulary). ``chat_template`` goes to every
+    folder; ``chat_templates`` and ``eos_token_ids`` give one per folder, base first (an instruct family: a base
+    without a chat template, experts with their own formats and end-of-turn ids in their generation configs).
     """
     root = Path(root)
-    tokenizer = build_char_tokenizer(chat_template)
+    templates = list(chat_templates) if chat_templates is not None else [chat_template] * (n_sources + 1)
+    eos = list(eos_token_ids) if eos_token_ids is not None else [None] * (n_sources + 1)
+    if len(templates) != n_sources + 1 or len(eos) != n_sources + 1:
+        raise ValueError(f"chat_templates and eos_token_ids need one entry per folder ({n_sources + 1}), base first")
     config = tiny_config(arch, tied=tied, **config_kwargs)
     base = random_model(config, seed=seed)
     paths = []
     for i, model in enumerate([base] + [perturbed_copy(base, seed * 1000 + i + 1, scale) for i in range(n_sources)]):
         path = root / ("base" if i == 0 else f"source{i - 1}")
+        if eos[i] is not None:
+            model.generation_config.eos_token_id = eos[i]
         model.to(dtype).save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        build_char_tokenizer(templates[i]).save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1:]

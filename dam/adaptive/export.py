@@ -8,8 +8,11 @@ copies of one tensor. The output folder (written atomically) holds:
 
 - ``model*.safetensors`` (+ index when sharded) through :class:`dam.io.writer.ShardedWriter`; tied tensors are written
   once under the owner's name (``model.embed_tokens.weight``), and the config keeps ``tie_word_embeddings``;
-- ``config.json`` (the base's, dtype updated), tokenizer and ``generation_config.json`` from the base (tokenizer
-  from the first source when the base has none);
+- ``config.json`` (the base's, dtype updated);
+- the tokenizer of ``tokenizer_source`` (``base``, the default, or a source by name; the first source when the
+  base has no tokenizer files) with the chat template ``chat_template`` picks (the tokenizer's own by default, a
+  named model's, or a Jinja string), and that tokenizer source's ``generation_config.json`` whose EOS ids are its
+  own plus those of the model the chat template comes from (e.g. an instruct model's end-of-turn token);
 - ``README.md``: a model card naming the sources, the method and the training config;
 - ``dam_coefficients.safetensors`` + ``dam_coefficients.json``: the raw coefficients and their metadata.
 
@@ -45,7 +48,13 @@ from dam.io.checkpoint import (
     parse_size,
     resolve_model_path,
 )
-from dam.io.model_folder import render_model_card, write_model_files
+from dam.io.model_folder import (
+    eos_token_ids,
+    render_model_card,
+    set_chat_template,
+    set_generation_eos,
+    write_model_files,
+)
 from dam.io.writer import ShardedWriter, atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -58,10 +67,21 @@ def export_merged(
     dtype: torch.dtype | str | None = None,
     shard_size: int | str = "5GB",
     force: bool = False,
+    tokenizer_source: str = "base",
+    chat_template: str | None = None,
 ) -> Path:
     """Export from a coefficients file or a run folder containing ``dam_coefficients.safetensors``."""
     tensors, metadata = read_coefficients(run_or_coefficients)
-    return write_merged_model(tensors, metadata, out, dtype=dtype, shard_size=shard_size, force=force)
+    return write_merged_model(
+        tensors,
+        metadata,
+        out,
+        dtype=dtype,
+        shard_size=shard_size,
+        force=force,
+        tokenizer_source=tokenizer_source,
+        chat_template=chat_template,
+    )
 
 
 def _expected_shape(name: str, tensor_shape: tuple[int, ...], bias_mode: str, n: int) -> tuple[int, ...]:
@@ -101,11 +121,15 @@ def write_merged_model(
     dtype: torch.dtype | str | None = None,
     shard_size: int | str = "5GB",
     force: bool = False,
+    tokenizer_source: str = "base",
+    chat_template: str | None = None,
 ) -> Path:
     """Fold raw ``tensors`` (coefficients by tensor name) with ``metadata`` into a checkpoint at ``out``.
 
     ``dtype`` defaults to the dtype the wrapper ran in. Every coefficient tensor is checked against the source
     checkpoints' headers (present, right shape) before anything is written; a mismatch is a DamError naming it.
+    ``tokenizer_source`` and ``chat_template`` name ``base`` or a source (by its run-config name; by its model path
+    when the metadata has no training config); ``chat_template`` may also be a Jinja template.
     """
     sources: list[str] = metadata["sources"]
     options: dict[str, Any] = metadata["options"]
@@ -118,6 +142,8 @@ def write_merged_model(
         raise DamError(f"base {metadata['base_model']!r}: no config.json in {base_path}")
     transform = options["transform"]
     coefficient_dtype = parse_dtype(options["coefficient_dtype"])
+    models = _named_models(metadata)
+    tokenizer_path, template, eos_ids = _tokenizer_choice(models, tokenizer_source, chat_template)
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(CheckpointReader(s)) for s in sources]
         order = _check_fits(tensors, metadata, readers)
@@ -130,11 +156,14 @@ def write_merged_model(
                 if (i + 1) % 50 == 0:
                     logger.info("folded %d/%d tensors", i + 1, len(order))
             files = writer.finalize()
-            tokenizer_source = base_path if _has_tokenizer(base_path) else readers[0].path
             config = json.loads(config_file.read_text())
             write_model_files(
-                tmp, config, dtype=out_dtype, tokenizer_source=tokenizer_source, generation_config_source=base_path
+                tmp, config, dtype=out_dtype, tokenizer_source=tokenizer_path, generation_config_source=tokenizer_path
             )
+            if template is not None:
+                set_chat_template(tmp, template)
+            if eos_ids:
+                set_generation_eos(tmp, eos_ids)
             save_coefficients(tmp / COEFFICIENTS_FILE, tensors, metadata)
             card_metadata = portable_metadata(metadata, Path(out).expanduser().absolute())
             (tmp / "README.md").write_text(model_card(card_metadata, out_dtype))
@@ -144,6 +173,57 @@ def write_merged_model(
 
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).exists() for f in TOKENIZER_FILES)
+
+
+def _named_models(metadata: dict[str, Any]) -> dict[str, Path]:
+    """``base`` and every source by its run-config name (by its model path without a training config) -> folder."""
+    training = metadata.get("training") or {}
+    names = [m["name"] for m in training.get("models", [])] or list(metadata["sources"])
+    models = {"base": resolve_model_path(metadata["base_model"])}
+    for name, source in zip(names, metadata["sources"], strict=True):
+        models[name] = resolve_model_path(source)
+    return models
+
+
+def _tokenizer_choice(
+    models: dict[str, Path], tokenizer_source: str, chat_template: str | None
+) -> tuple[Path, str | None, list[int]]:
+    """(folder whose tokenizer and generation config are copied, chat template to write or None to keep the
+    copied one, EOS ids for the generation config: the tokenizer source's, then the template model's)."""
+    valid = ", ".join(models)
+    if tokenizer_source not in models:
+        raise DamError(f"tokenizer_source {tokenizer_source!r} is not one of the merge's models: {valid}")
+    path = models[tokenizer_source]
+    if tokenizer_source == "base" and not _has_tokenizer(path):
+        path = next((p for name, p in models.items() if name != "base" and _has_tokenizer(p)), path)
+    eos = eos_token_ids(path)
+    if chat_template is None:
+        return path, None, eos
+    if chat_template in models:
+        template = _chat_template_of(models[chat_template])
+        if template is None:
+            raise DamError(f"chat_template {chat_template!r}: that model has no chat template")
+        eos += [i for i in eos_token_ids(models[chat_template]) if i not in eos]
+        return path, template, eos
+    if "{{" in chat_template or "{%" in chat_template:
+        return path, chat_template, eos
+    raise DamError(
+        f"chat_template {chat_template!r} is neither one of the merge's models ({valid}) nor a Jinja template"
+    )
+
+
+def _chat_template_of(folder: Path) -> str | None:
+    """A model folder's chat template: ``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        file = folder / name
+        template = json.loads(file.read_text()).get("chat_template") if file.is_file() else None
+        if isinstance(template, list):  # named templates: the default one renders conversations
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if template:
+            return template
+    return None
 
 
 def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:

@@ -51,3 +51,36 @@ def render_model_card(*, base_models: list[str], tags: list[str], body: str) -> 
 
     data = ModelCardData(library_name="transformers", base_model=base_models, base_model_relation="merge", tags=tags)
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body.lstrip()}"))
+
+
+def eos_token_ids(folder: str | Path) -> list[int]:
+    """A model folder's end-of-sequence ids: ``generation_config.json``'s ``eos_token_id`` (an int or a list, e.g.
+    EOS and an end-of-turn token), else ``config.json``'s; empty when neither names one."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(folder) / name
+        value = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+        if value is not None:
+            return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return []
+
+
+def set_generation_eos(folder: str | Path, eos_ids: list[int]) -> None:
+    """Write ``eos_token_id`` (an int for one id, else the list) into the folder's ``generation_config.json``,
+    creating a minimal one when the folder has none."""
+    file = Path(folder) / "generation_config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    config["eos_token_id"] = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def set_chat_template(folder: str | Path, template: str) -> None:
+    """Make ``template`` the folder's chat template: stored under ``chat_template`` in ``tokenizer_config.json``
+    (read by every transformers version), and the separate ``chat_template.jinja``/``.json`` files removed, since
+    newer transformers versions prefer those."""
+    folder = Path(folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    file = folder / "tokenizer_config.json"
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    config["chat_template"] = template
+    file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

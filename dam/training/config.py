@@ -69,8 +69,8 @@ class DataConfig(BaseModel):
     """Column of the assistant response."""
 
     use_chat_template: bool = True
-    """Render prompt/response as a user/assistant conversation with the base tokenizer's chat template when it has
-    one; without one (or when false) use ``template``."""
+    """Render prompt/response data as a user/assistant conversation through a chat template, as each source's
+    ``render`` says; false renders every source whose ``render`` is ``auto`` with the plain ``template``."""
 
     template: str = "{prompt}\n{response}"
     """Plain template for prompt/response data when no chat template is used: ``{prompt}`` then ``{response}``
@@ -142,6 +142,12 @@ class SourceModel(BaseModel):
 
     dataset: str = Field(min_length=1)
     """This source's training data: a local file (jsonl/json/parquet/csv/txt) or folder, or a Hub dataset id."""
+
+    render: Literal["auto", "own", "base", "plain"] = "auto"
+    """How this source's prompt/response data is rendered: ``own``, with the source's own chat template (and
+    tokenizer), the format it was tuned on; ``base``, with the base tokenizer's chat template; ``plain``, with
+    ``data.template``. ``auto``: ``own`` when the source has a chat template, else ``base`` when the base has one,
+    else ``plain`` (and ``plain`` whenever ``data.use_chat_template`` is false). Text data is never rendered."""
 
 
 class TrainConfig(BaseModel):
@@ -244,6 +250,22 @@ class WandbConfig(BaseModel):
     off entirely."""
 
 
+class ExportConfig(BaseModel):
+    """What the exported merge (``merged/``) carries besides the weights, as mergekit's ``tokenizer_source`` and
+    ``chat_template`` (see :mod:`dam.adaptive.export`)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    tokenizer_source: str = "base"
+    """``base`` or a source's ``name``: whose tokenizer files are copied (the base's when it has none: the first
+    source's). The sources share one vocabulary (checked), so this picks special tokens and settings, not ids."""
+
+    chat_template: str | None = None
+    """``None`` keeps the tokenizer source's own; ``base`` or a source's ``name`` takes that model's chat template;
+    any other value containing ``{{`` or ``{%`` is a Jinja template written as is. The generation config's EOS ids
+    are the tokenizer source's plus those of the model the template comes from (its end-of-turn tokens)."""
+
+
 class DAMConfig(BaseModel):
     """One DAM training run: ``accelerate launch train_dam.py CONFIG.yaml [key=value ...]``."""
 
@@ -278,6 +300,9 @@ class DAMConfig(BaseModel):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     """Tracking."""
 
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    """Tokenizer and chat template of the exported merge."""
+
     @field_validator("output_dir")
     @classmethod
     def _expand_environment(cls, v: str) -> str:
@@ -306,6 +331,16 @@ class DAMConfig(BaseModel):
                 )
             seen[key] = m.name
         return v
+
+    @model_validator(mode="after")
+    def _export_names_a_model(self) -> DAMConfig:
+        names = ["base", *(m.name for m in self.models)]
+        template = self.export.chat_template
+        if self.export.tokenizer_source not in names:
+            raise ValueError(f"export.tokenizer_source must be one of {', '.join(names)}")
+        if template is not None and template not in names and "{{" not in template and "{%" not in template:
+            raise ValueError(f"export.chat_template must be one of {', '.join(names)} or a Jinja template")
+        return self
 
     @model_validator(mode="after")
     def _cached_logits_need_top_k(self) -> DAMConfig:

@@ -6,8 +6,10 @@
    ``.parquet``/``.csv``/``.txt`` file, a folder (data files, or one written by ``save_to_disk``), or a Hub id.
 2. **Sample**: seeded shuffle (``data.seed``), then the first ``data.num_examples`` rows of each dataset.
 3. **Render**: the ``data.text_field`` column as is, or ``data.prompt_field``/``data.response_field`` as a
-   user/assistant conversation through the base tokenizer's chat template when it has one (and
-   ``data.use_chat_template``), else through the plain ``data.template`` (default ``"{prompt}\\n{response}"``).
+   user/assistant conversation through a chat template, else through the plain ``data.template`` (default
+   ``"{prompt}\\n{response}"``). Which one, per source (:func:`source_renderings`, the source's ``render``):
+   the source's own chat template and tokenizer, the base's, or the plain template. All sources must share the
+   base's vocabulary (:func:`check_vocabularies`), so every source's ids mean the same tokens to every teacher.
    Prompt/response fields win when a dataset has both kinds of column.
 4. **Tokenize**: plain and text examples get the tokenizer's special tokens (BOS for most) and an EOS at the end;
    chat-rendered examples are tokenized as rendered (the template writes its own BOS and end-of-turn tokens).
@@ -41,7 +43,7 @@ from dam.io.checkpoint import resolve_model_path
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from dam.training.config import DataConfig
+    from dam.training.config import DataConfig, SourceModel
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +94,71 @@ def load_raw_dataset(spec: str | Path, *, split: str = "train", owner: str = "")
         raise DamError(f"{what}: cannot load it: {e}") from e
 
 
-def load_tokenizer(base_model: str | Path) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer (its chat template, if any, renders the prompt/response data)."""
+def load_tokenizer(model: str | Path, role: str = "base model") -> PreTrainedTokenizerBase:
+    """The tokenizer of ``model`` (the base's by default; a source's for its own chat template)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(base_model)
+    path = resolve_model_path(model)
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # a missing or broken tokenizer becomes one line naming the model
-        raise DamError(f"base model {str(base_model)!r}: cannot load its tokenizer from {path}: {e}") from e
+        raise DamError(f"{role} {str(model)!r}: cannot load its tokenizer from {path}: {e}") from e
+
+
+def check_vocabularies(base: PreTrainedTokenizerBase, sources: Mapping[str, PreTrainedTokenizerBase]) -> None:
+    """Every source tokenizer maps the same tokens to the same ids as the base's (added tokens included); else a
+    DamError naming the source and the first (lowest id) token that differs."""
+    expected = {i: t for t, i in base.get_vocab().items()}
+    for name, tokenizer in sources.items():
+        found = {i: t for t, i in tokenizer.get_vocab().items()}
+        if found == expected:
+            continue
+        first = min(i for i in expected.keys() | found.keys() if expected.get(i) != found.get(i))
+        raise DamError(
+            f"model {name!r}: its tokenizer has {found.get(first)!r} at id {first} but the base's has "
+            f"{expected.get(first)!r}; DAM needs one vocabulary (the same ids for the same tokens)"
+        )
+
+
+def source_renderings(
+    base_tokenizer: PreTrainedTokenizerBase, models: Sequence[SourceModel], config: DataConfig
+) -> dict[str, tuple[PreTrainedTokenizerBase, bool]]:
+    """Per source name, the tokenizer that renders and tokenizes its data and whether through its chat template.
+
+    ``render: own`` uses the source's tokenizer and chat template, ``base`` the base's, ``plain`` the base
+    tokenizer with ``data.template``; ``auto`` is ``own`` if the source has a chat template, else ``base`` if the
+    base has one, else ``plain`` (``plain`` when ``data.use_chat_template`` is false). A source folder without
+    tokenizer files uses the base's. Every source tokenizer must share the base's vocabulary.
+    """
+    from dam.io.checkpoint import TOKENIZER_FILES
+
+    own: dict[str, PreTrainedTokenizerBase] = {}
+    for m in models:
+        path = resolve_model_path(m.model)
+        if any((path / f).exists() for f in TOKENIZER_FILES):
+            own[m.name] = load_tokenizer(m.model, f"model {m.name!r}")
+    check_vocabularies(base_tokenizer, own)
+    base_chat = bool(getattr(base_tokenizer, "chat_template", None))
+    out = {}
+    for m in models:
+        tokenizer = own.get(m.name)
+        source_chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+        mode = m.render
+        if mode == "auto":
+            mode = (
+                "plain" if not config.use_chat_template else "own" if source_chat else "base" if base_chat else "plain"
+            )
+        if mode == "own" and not source_chat:
+            raise DamError(f"models.{m.name}.render is 'own' but model {m.name!r} has no chat template")
+        if mode == "base" and not base_chat:
+            raise DamError(f"models.{m.name}.render is 'base' but the base tokenizer has no chat template")
+        out[m.name] = (tokenizer, True) if mode == "own" else (base_tokenizer, mode == "base")
+        logger.info(
+            "model %r: data rendered with %s",
+            m.name,
+            {"own": "its own chat template", "base": "the base's chat template", "plain": "data.template"}[mode],
+        )
+    return out
 
 
 def _render(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, chat: bool, template: str) -> str:
@@ -110,8 +168,8 @@ def _render(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, chat
             return tokenizer.apply_chat_template(messages, tokenize=False)
         except Exception as e:  # e.g. a template that insists on a system turn
             raise DamError(
-                f"the base tokenizer's chat template fails on a user/assistant pair ({e}); "
-                "set data.use_chat_template=false to use data.template"
+                f"the chat template of {tokenizer.name_or_path!r} fails on a user/assistant pair ({e}); "
+                "set that model's render to plain to use data.template"
             ) from e
     return template.format(prompt=prompt, response=response)
 
@@ -132,7 +190,14 @@ def _response_start(prompt: str, tokenizer: PreTrainedTokenizerBase, chat: bool,
 class _Encoder:
     """Renders and tokenizes batches of rows of one source's dataset (a ``datasets.map`` function)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: DataConfig, columns: list[str], name: str):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        config: DataConfig,
+        columns: list[str],
+        name: str,
+        chat: bool | None = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.name = name
@@ -144,12 +209,14 @@ class _Encoder:
                 f"(data.text_field={config.text_field!r}) or prompt/response columns "
                 f"(data.prompt_field={config.prompt_field!r}, data.response_field={config.response_field!r})"
             )
-        self.chat = self.pair and config.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        if chat is None:  # the tokenizer's chat template when it has one and data.use_chat_template
+            chat = config.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
+        self.chat = self.pair and chat
         if config.response_only_loss and self.pair and not tokenizer.is_fast:
             raise DamError("data.response_only_loss needs a fast tokenizer (character offsets of tokens)")
         self.eos = tokenizer.eos_token_id
         if self.eos is None and not self.chat:
-            raise DamError(f"the tokenizer of the base model has no EOS token (needed to end {name!r} examples)")
+            raise DamError(f"the tokenizer rendering {name!r} has no EOS token (needed to end its examples)")
         self.dropped = 0
 
     def _text(self, row: dict[str, Any], field: str, index: int) -> str:
@@ -196,14 +263,21 @@ class _Encoder:
 
 
 def tokenize_dataset(
-    dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, config: DataConfig, name: str = ""
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DataConfig,
+    name: str = "",
+    chat: bool | None = None,
 ) -> datasets.Dataset:
     """Render and tokenize one source's raw rows into ``input_ids``/``labels`` (truncated unless packing).
+
+    ``chat``: render prompt/response pairs through ``tokenizer``'s chat template (True) or ``config.template``
+    (False); ``None``: the chat template when the tokenizer has one and ``config.use_chat_template``.
 
     Examples left with no loss token (a prompt longer than ``max_length`` under ``response_only_loss``, or an
     empty text) are dropped, with a warning.
     """
-    encoder = _Encoder(tokenizer, config, dataset.column_names, name)
+    encoder = _Encoder(tokenizer, config, dataset.column_names, name, chat)
     features = datasets.Features(
         {"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32"))}
     )
@@ -279,8 +353,12 @@ def build_train_dataset(
     source_names: Sequence[str],
     tokenizer: PreTrainedTokenizerBase,
     config: DataConfig,
+    renderings: Mapping[str, tuple[PreTrainedTokenizerBase, bool]] | None = None,
 ) -> datasets.Dataset:
     """The tokenized, sampled, paired training set for sources ``source_names`` (in the wrapper's source order).
+
+    ``renderings`` (from :func:`source_renderings`) gives each source's tokenizer and whether its chat template
+    renders it; without it every source is rendered by ``tokenizer`` as :func:`tokenize_dataset` decides.
 
     ``dataset_specs`` maps each source *name* to its dataset (a path, a Hub id, or a loaded ``Dataset``), so the
     order of the models list never decides which data a source gets. Every source must have a dataset, and every
@@ -306,9 +384,10 @@ def build_train_dataset(
     parts = []
     for k, name in enumerate(names):
         sampled = sample_dataset(raw[name], config.num_examples, config.seed, name)
-        tokenized = tokenize_dataset(sampled, tokenizer, config, name)
+        source_tokenizer, chat = renderings[name] if renderings is not None else (tokenizer, None)
+        tokenized = tokenize_dataset(sampled, source_tokenizer, config, name, chat)
         if config.packing:
-            tokenized = pack_dataset(tokenized, config.max_length, tokenizer.eos_token_id)
+            tokenized = pack_dataset(tokenized, config.max_length, source_tokenizer.eos_token_id)
         n = len(tokenized)
         source = k if config.pairing == "own" else ALL_SOURCES
         tokenized = tokenized.add_column("source", [source] * n, feature=datasets.Value("int32"))

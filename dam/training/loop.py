@@ -559,5 +559,13 @@ def _finish(accelerator: Any, config: DAMConfig, run_dir: Path, wrapper: DAMMode
         save_coefficients(run_dir, tensors, metadata)
         from dam.adaptive.export import write_merged_model
 
-        write_merged_model(tensors, metadata, run_dir / MERGED_DIR, dtype=config.dtype, force=True)
+        write_merged_model(
+            tensors,
+            metadata,
+            run_dir / MERGED_DIR,
+            dtype=config.dtype,
+            force=True,
+            tokenizer_source=config.export.tokenizer_source,
+            chat_template=config.export.chat_template,
+        )
     accelerator.wait_for_everyone()

@@ -36,10 +36,12 @@ RESUMABLE_CHANGES = (
     "train.resume",
     "train.resume_from",
     "wandb",
+    "export",
 )
 """Config keys (and sections) a restart may change: the run's length, its save and log cadence, where it resumes
-from and writes, and tracking. Any other difference from the checkpoint's config refuses the restart, since the
-resumed run would silently keep the checkpoint's optimizer state, schedule or data order."""
+from and writes, tracking, and the export's tokenizer and chat template. Any other difference from the
+checkpoint's config refuses the restart, since the resumed run would silently keep the checkpoint's optimizer
+state, schedule or data order."""
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -37,7 +37,7 @@ from dam.errors import DamError
 from dam.io.checkpoint import resolve_folder
 from dam.io.lora import split_reference
 from dam.io.writer import atomic_output_dir
-from dam.training.data import ALL_SOURCES, DataCollator, build_train_dataset, load_tokenizer
+from dam.training.data import ALL_SOURCES, DataCollator, build_train_dataset, load_tokenizer, source_renderings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -393,11 +393,16 @@ def cache_teacher_logits(
 # ------------------------------------------------------------------------------------------- whole-run helpers
 
 
+def _build_run_dataset(config: DAMConfig, tokenizer: PreTrainedTokenizerBase) -> datasets.Dataset:
+    """The run's training rows, each source's data rendered as its ``render`` setting says."""
+    renderings = source_renderings(tokenizer, config.models, config.data)
+    specs = {m.name: m.dataset for m in config.models}
+    return build_train_dataset(specs, [m.name for m in config.models], tokenizer, config.data, renderings)
+
+
 def _run_data(config: DAMConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, dict[str, Any]]:
     """The run's tokenized training set and the cache key it would have (``loss.top_k`` must be set)."""
-    dataset = build_train_dataset(
-        {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
-    )
+    dataset = _build_run_dataset(config, tokenizer)
     sources = [(m.name, m.model) for m in config.models]
     key = teacher_cache_key(config.base_model, sources, tokenizer, dataset, config.data, config.loss.top_k)
     return dataset, key
@@ -412,9 +417,7 @@ def load_training_dataset(config: DAMConfig, tokenizer: PreTrainedTokenizerBase)
     (DamError naming what changed otherwise). Either way :class:`dam.training.data.DataCollator` batches the rows.
     """
     if config.data.teacher_logits == "on_the_fly":
-        return build_train_dataset(
-            {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
-        )
+        return _build_run_dataset(config, tokenizer)
     _, key = _run_data(config, tokenizer)
     return load_teacher_cache(config.data.cache_dir, key)
 
