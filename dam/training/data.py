@@ -169,7 +169,7 @@ def _render(prompt: str, response: str, tokenizer: PreTrainedTokenizerBase, chat
         except Exception as e:  # e.g. a template that insists on a system turn
             raise DamError(
                 f"the chat template of {tokenizer.name_or_path!r} fails on a user/assistant pair ({e}); "
-                "set that model's render to plain to use data.template"
+                "set that model's render to plain (or data.use_chat_template=false) to use data.template"
             ) from e
     return template.format(prompt=prompt, response=response)
 

@@ -95,7 +95,8 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def data_fingerprint(dataset: datasets.Dataset) -> str:
     """Hash of the training rows themselves: token ids, labels, sequence boundaries, teacher and dataset indices."""
-    table = dataset.flatten_indices(keep_in_memory=True).data
+    rows = dataset.select_columns(["input_ids", "labels", "source", "dataset_index"])  # a cache's rows carry more
+    table = (rows if rows._indices is None else rows.flatten_indices(keep_in_memory=True)).data
     h = hashlib.sha256()
     for column in ("input_ids", "labels"):
         array = table.column(column).combine_chunks()
