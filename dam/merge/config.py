@@ -1,8 +1,9 @@
 """mergekit-compatible merge configs: pydantic models, loading, and per-tensor parameter resolution.
 
 A config is mergekit 0.1.5's YAML (``merge_method``, ``models`` or ``slices``, ``base_model``, ``parameters``,
-``dtype``, ``out_dtype``, ``tokenizer_source``). Unknown keys, methods and parameters fail with the valid ones
-listed.
+``dtype``, ``out_dtype``, ``tokenizer_source``, ``chat_template``: see :mod:`dam.merge.chat_template`). A model
+is a folder, a Hub id or ``MODEL+LORA`` (:mod:`dam.io.lora`). Unknown keys, methods and parameters fail with the
+valid ones listed.
 
 How a parameter gets its value for one tensor (mergekit's rules, reproduced exactly):
 
@@ -108,6 +109,7 @@ class MergeConfig(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    chat_template: str | None = None
 
     _source_text: str | None = PrivateAttr(default=None)
 

@@ -44,10 +44,11 @@ import torch
 from torch import Tensor
 
 from dam.errors import DamError
-from dam.io.checkpoint import CheckpointReader, dtype_name, parse_dtype, resolve_model_path
+from dam.io.checkpoint import TOKENIZER_FILES, CheckpointReader, dtype_name, parse_dtype, resolve_model_path
 from dam.io.model_folder import render_model_card, write_model_files
 from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, atomic_output_dir
+from dam.merge.chat_template import resolve_chat_template, write_chat_template
 from dam.merge.config import MergeConfig, OutputSlice, load_merge_config, resolve_parameters
 from dam.merge.registry import MergeMethod
 
@@ -90,6 +91,7 @@ class MergePlan:
     tokenizer_source: Path
     load_dtype: torch.dtype | None
     config_dtype: torch.dtype | None  # dtype written to config.json (None: keep the donor's)
+    chat_template: str | None = None  # written as chat_template.jinja (dam.merge.chat_template)
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -422,6 +424,11 @@ def plan_merge(config: MergeConfig) -> MergePlan:
                 tokenizer_source = resolve_model_path(config.tokenizer_source)
             except DamError as e:
                 raise DamError(f"tokenizer_source: {e}") from None
+        chat_template = resolve_chat_template(config.chat_template, [readers[m].path for m in models])
+        if chat_template is not None and not any((tokenizer_source / f).exists() for f in TOKENIZER_FILES):
+            raise DamError(
+                f"chat_template: the tokenizer source {str(tokenizer_source)!r} has no tokenizer to set it on"
+            )
     except BaseException:
         for reader in readers.values():
             reader.close()
@@ -437,6 +444,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         tokenizer_source=tokenizer_source,
         load_dtype=parse_dtype(config.dtype) if config.dtype else None,
         config_dtype=parse_dtype(out_name) if out_name else None,
+        chat_template=chat_template,
     )
 
 
@@ -637,6 +645,8 @@ def run_merge(
                 tokenizer_source=plan.tokenizer_source,
                 generation_config_source=plan.donor,
             )
+            if plan.chat_template is not None:
+                write_chat_template(tmp, plan.chat_template)
             config_text = config.portable_text(out)
             (tmp / "mergekit_config.yml").write_text(config_text, encoding="utf-8")
             (tmp / "README.md").write_text(_model_card(plan, out, seed, config_text), encoding="utf-8")
