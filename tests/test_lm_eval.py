@@ -14,7 +14,7 @@ from dam.evaluation.lm_eval import evaluate_lm_eval, scores_from_results
 
 pytest.importorskip("lm_eval")
 
-from test_evaluate import chain_model, right_nll  # noqa: E402  (the bigram model with known log-likelihoods)
+from test_evaluate import MARGIN, chain_model, right_nll  # noqa: E402  (the bigram model with known log-likelihoods)
 
 # Multiple choice: after "=" the model predicts "x" with a known margin, so it picks choice "x" over "y" every time;
 # three documents label "x" right, one labels "y" right: accuracy exactly 3/4.
@@ -113,3 +113,35 @@ def test_cli_eval_needs_tasks_or_lm_eval(setup: tuple[Path, Path], capsys: pytes
     model, _ = setup
     assert main(["eval", str(model)]) == 1
     assert "needs --tasks" in capsys.readouterr().err
+
+
+def test_a_lora_reference_is_evaluated_with_its_adapter(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    """MODEL+LORA goes to lm-eval's PEFT loading: an adapter on lm_head that halves the logit of "x" after "="
+    gives the perplexity of that margin in closed form (and "x" stays the greedy choice)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dam.demo.family import demo_tokenizer
+
+    model, tasks = setup
+    tok = demo_tokenizer()
+    eq, x = tok.convert_tokens_to_ids("="), tok.convert_tokens_to_ids("x")
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    hidden = lm.config.hidden_size
+    peft_model = get_peft_model(lm, LoraConfig(r=1, lora_alpha=1, target_modules=["lm_head"]))
+    with torch.no_grad():  # the final hidden state after "=" is sqrt(H) * one-hot(=): delta logit of x = -MARGIN / 2
+        for name, p in peft_model.named_parameters():
+            if name.endswith("lora_A.default.weight"):  # (1, H)
+                p.zero_()
+                p[0, eq] = 1.0
+            elif name.endswith("lora_B.default.weight"):  # (V, 1)
+                p.zero_()
+                p[x, 0] = -MARGIN / 2 / math.sqrt(hidden)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    scores = evaluate_lm_eval(f"{model}+{tmp_path / 'adapter'}", ["damtiny_ll"], include_path=tasks, batch_size=2)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    assert scores["damtiny_ll"]["acc"] == 1.0
+    # same float32 rounding argument as the test above: 1e-5 relative
+    expected = 1 + (vocab - 1) * math.exp(-MARGIN / 2)  # exp(NLL) with NLL = log(1 + (V - 1) exp(-MARGIN / 2))
+    assert scores["damtiny_ll"]["perplexity"] == pytest.approx(expected, rel=1e-5)

@@ -170,3 +170,13 @@ def test_unsupported_and_mismatched_adapters_are_refused(family: dict[str, Path]
     other = make_family(tmp_path / "wide", 0, num_layers=2, hidden_size=48, num_heads=4)[0]
     with CheckpointReader(f"{other}+{family['plain']}") as reader, pytest.raises(DamError, match="another model"):
         reader.get("model.layers.0.self_attn.q_proj.weight")
+
+
+def test_dam_eval_loads_a_lora_reference_merged(family: dict[str, Path]) -> None:
+    from dam.evaluation.evaluate import load_model
+
+    model, _ = load_model(f"{family['s0']}+{family['plain']}")
+    expected = peft_merged(family["s0"], family["plain"])
+    state = model.state_dict()
+    for name in expected:
+        torch.testing.assert_close(state[name], expected[name], atol=ATOL, rtol=0)

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from dam.errors import DamError
-from dam.io.checkpoint import resolve_model_path
+from dam.io.checkpoint import CheckpointReader, resolve_model_path
+from dam.io.lora import split_reference
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -293,6 +294,13 @@ def load_model(
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:  # missing config or weights, unknown architecture
         raise DamError(f"model {str(model)!r}: cannot load a causal LM from {path}: {e}") from e
+    if split_reference(model)[1] is not None:  # MODEL+LORA: the tensors the adapter changes, as dam reads them
+        with CheckpointReader(model) as reader:
+            assert reader.adapter is not None
+            changed = {name: reader.get(name, dtype=dtype) for name in reader.adapter.tensor_names}
+        unexpected = lm.load_state_dict(changed, strict=False).unexpected_keys
+        if unexpected:
+            raise DamError(f"model {str(model)!r}: the adapter changes {unexpected[0]!r}, which the model lacks")
     return lm.to(device).eval(), tokenizer
 
 

@@ -1,9 +1,10 @@
 """Evaluate a model folder with EleutherAI's lm-evaluation-harness (``pip install 'dam[lm-eval]'``).
 
 :func:`evaluate_lm_eval` runs ``lm_eval.simple_evaluate`` with its Hugging Face backend (``HFLM``) on a model
-folder (or Hub id) and returns the scores as ``{task: {metric: value}}``. Tasks are lm-eval's own names
-(``hellaswag``, ``arc_easy``, ...), task YAML files, or names defined by YAML files under ``include_path`` (a
-folder or file of task configs, lm-eval's ``--include_path``), so a task over a local jsonl runs offline.
+folder (or Hub id, or ``MODEL+LORA``: lm-eval applies the adapter through PEFT) and returns the scores as
+``{task: {metric: value}}``. Tasks are lm-eval's own names (``hellaswag``, ``arc_easy``, ...), task YAML files, or
+names defined by YAML files under ``include_path`` (a folder or file of task configs, lm-eval's
+``--include_path``), so a task over a local jsonl runs offline.
 
 Metric keys drop lm-eval's filter suffix when the filter is ``none`` (``"acc,none"`` -> ``"acc"``, and
 ``"acc_stderr,none"`` -> ``"acc_stderr"``) and keep it otherwise (``"exact_match,strict-match"``).
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dam.errors import DamError
-from dam.io.checkpoint import resolve_model_path
+from dam.io.checkpoint import resolve_folder, resolve_model_path
+from dam.io.lora import split_reference
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +88,10 @@ def evaluate_lm_eval(
     from lm_eval.tasks import TaskManager
 
     path = resolve_model_path(model)
+    model_args = {"pretrained": str(path), "dtype": dtype}
+    adapter = split_reference(model)[1]
+    if adapter is not None:  # MODEL+LORA: lm-eval's own PEFT loading
+        model_args["peft"] = str(resolve_folder(adapter))
     manager = _task_manager(TaskManager, tasks, include_path)
     unknown = [t for t in tasks if not Path(t).is_file() and not manager.match_tasks([t])]
     if unknown:
@@ -93,7 +99,7 @@ def evaluate_lm_eval(
         raise DamError(f"lm-eval task {unknown[0]!r} is unknown to lm-eval{where}")
     output = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(path), "dtype": dtype},
+        model_args=model_args,
         tasks=list(tasks),
         num_fewshot=num_fewshot,
         batch_size=batch_size,
