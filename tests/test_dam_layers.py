@@ -1,4 +1,4 @@
-"""DAM modules: folding, transforms, custom autograd, memory, teacher mode, dtypes, state dicts."""
+"""DAM modules: folding, transforms, custom autograd, granularities, memory, teacher mode, dtypes, state dicts."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from dam.adaptive.layers import (
     apply_transform,
     fold,
     inverse_transform,
+    row_count,
+    transform_coefficients,
 )
 
 N, OUT, IN = 3, 6, 5
@@ -222,3 +224,84 @@ def test_constructor_rejects_bad_shapes_and_low_precision_coefficients():
         DAMLinear(torch.randn(N, OUT, IN), torch.zeros(N, IN, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="same"):
         DAMLinear(torch.randn(N, OUT, IN), torch.zeros(N + 1, IN))
+
+
+# ----------------------------------------------------------------------------------- granularity (dam.granularity)
+
+# coefficient width per granularity for a (OUT, IN) weight: column (IN), row_column (OUT + IN), tensor (1)
+WIDTHS = {"column": IN, "row_column": OUT + IN, "tensor": 1}
+
+
+def _explicit_weight(ws: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``sum_i diag(r_i) W_i diag(c_i)`` written out with broadcasting, for sources (N, out, in)."""
+    out = ws.shape[1]
+    if c.shape[1] == out + ws.shape[2]:
+        return (c[:, :out, None] * ws * c[:, None, out:]).sum(0)
+    return (ws * c[:, None, :]).sum(0)
+
+
+@pytest.mark.parametrize("granularity", list(WIDTHS))
+def test_linear_granularity_passes_gradcheck_float64(granularity):
+    ws = torch.randn(N, OUT, IN, dtype=torch.float64)
+    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(N, WIDTHS[granularity], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(OUT, dtype=torch.float64, requires_grad=True)
+    assert row_count(ws.shape, c.shape) == (OUT if granularity == "row_column" else 0)
+    torch.testing.assert_close(_DAMLinearFunction.apply(x, ws, c, b), F.linear(x, _explicit_weight(ws, c), b))
+    assert torch.autograd.gradcheck(lambda x, c, b: _DAMLinearFunction.apply(x, ws, c, b), (x, c, b))
+
+
+@pytest.mark.parametrize("granularity", list(WIDTHS))
+def test_coefficient_gradients_are_exact_over_row_chunks(granularity, monkeypatch):
+    """The chunked reduction (here 2 rows a chunk, 3 chunks) gives autograd's gradients through the explicit
+    weight."""
+    monkeypatch.setattr("dam.adaptive.layers._CHUNK_ELEMENTS", 2 * IN)
+    ws = torch.randn(N, OUT, IN, dtype=torch.float64)
+    c = torch.randn(N, WIDTHS[granularity], dtype=torch.float64, requires_grad=True)
+    x, gy = torch.randn(4, IN, dtype=torch.float64), torch.randn(4, OUT, dtype=torch.float64)
+    (_DAMLinearFunction.apply(x, ws, c, None) * gy).sum().backward()
+    c2 = c.detach().clone().requires_grad_()
+    (F.linear(x, _explicit_weight(ws, c2)) * gy).sum().backward()
+    torch.testing.assert_close(c.grad, c2.grad)
+
+
+@pytest.mark.parametrize("granularity", list(WIDTHS))
+def test_embedding_granularity_passes_gradcheck_and_matches_the_merged_table(granularity):
+    vocab, hidden = 11, 4
+    width = {"column": hidden, "row_column": vocab + hidden, "tensor": 1}[granularity]
+    ws = torch.randn(N, vocab, hidden, dtype=torch.float64)
+    c = torch.rand(N, width, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 3, 3, 10, 5], [5, 5, 1, 0, 3]])  # repeated ids: the row gradients sum over them
+    emb = DAMEmbedding(ws, nn.Parameter(c.detach().clone()))
+    table = _explicit_weight(ws, c.detach())
+    torch.testing.assert_close(emb(ids), F.embedding(ids, table))
+    torch.testing.assert_close(emb.merged("weight"), table)
+    assert torch.autograd.gradcheck(lambda c: _DAMEmbeddingFunction.apply(ids, ws, c), (c,))
+
+
+@pytest.mark.parametrize("granularity", list(WIDTHS))
+def test_granularity_transforms_spare_the_row_scales(granularity):
+    lin = DAMLinear(torch.randn(N, OUT, IN), nn.Parameter(torch.rand(N, WIDTHS[granularity])), transform="sigmoid")
+    rows = lin.rows()
+    raw = lin.weight_coefficients.detach()
+    expected = torch.cat([raw[:, :rows], torch.sigmoid(raw[:, rows:])], dim=1)
+    torch.testing.assert_close(lin.coefficients(), expected)
+    torch.testing.assert_close(lin.merged("weight"), _explicit_weight(lin.weight_sources, expected))
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.merged("weight")))
+    assert transform_coefficients(raw, "sigmoid", rows).shape == raw.shape
+
+
+def test_tensor_granularity_norm_scales_the_whole_vector():
+    hidden = 8
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    ref = LlamaRMSNorm(hidden, eps=1e-5)
+    del norm.weight
+    ws, c = 1 + 0.1 * torch.randn(N, hidden), torch.rand(N, 1)
+    dam = DAMNorm(norm, ws, nn.Parameter(c.clone()))
+    with torch.no_grad():
+        ref.weight.copy_((ws * c).sum(0))
+    x = torch.randn(2, 3, hidden)
+    torch.testing.assert_close(dam(x), ref(x))
+    dam(x).pow(2).sum().backward()
+    assert dam.weight_coefficients.grad.shape == (N, 1)

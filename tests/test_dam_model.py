@@ -463,3 +463,34 @@ def test_unsupported_layers_are_named(tmp_path):
     family = _other_family(tmp_path, "gpt2", n_embd=32, n_layer=1, n_head=4, bos_token_id=1)
     with pytest.raises(DamError, match=r"transformer.h.0.attn.c_attn.weight.* belong to Conv1D"):
         _build(family)
+
+
+@pytest.mark.parametrize("granularity", ["row_column", "tensor"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_granularities_start_at_the_average_and_save_load(families, arch, granularity, tmp_path):
+    options = DAMOptions(granularity=granularity, transform="sigmoid")
+    model = _build(families[arch], options)
+    _close(_logits(model), _logits(_weighted_model(families[arch], [1 / 3] * 3)))
+    for name, c in model.coefficients().items():
+        torch.testing.assert_close(c, model.initial_coefficients()[name])
+    q = model.model.model.layers[0].self_attn.q_proj
+    out, inp = q.weight_sources.shape[1:]
+    width = {"row_column": out + inp, "tensor": 1}[granularity]
+    assert q.weight_coefficients.shape == (3, width)
+    if granularity == "row_column":  # row scales start at 1 (raw, untransformed); columns at sigmoid^-1(1/3)
+        assert torch.equal(q.weight_coefficients[:, :out], torch.ones(3, out))
+        norm = model.model.model.norm
+        assert norm.weight_coefficients.shape == (3, norm.weight_sources.shape[1])  # a vector stays elementwise
+    _perturb(model)
+    path = model.save_coefficients(tmp_path / "run")
+    fresh = _build(families[arch], options)
+    fresh.load_coefficients(path)
+    assert torch.equal(_logits(fresh), _logits(model))
+    with pytest.raises(DamError, match="shape"):
+        _build(families[arch], DAMOptions(transform="sigmoid")).load_coefficients(path)
+    with model.select_source(2):  # teacher mode ignores the coefficients, whatever their shape
+        teacher = _logits(model)
+    original = AutoModelForCausalLM.from_pretrained(families[arch][1][2], dtype=torch.float32).eval()
+    assert torch.equal(teacher, _logits(original))
+    model(input_ids=IDS, attention_mask=MASK).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_coefficients())

@@ -158,3 +158,13 @@ def test_export_rejects_sources_that_changed(families, tmp_path):
     with pytest.raises(DamError, match="tensor 'model.layers.0.mlp.gate_proj.weight' has different shapes"):
         export_merged(tmp_path / "moved.safetensors", tmp_path / "out")
     assert path.is_file()
+
+
+@pytest.mark.parametrize("granularity", ["row_column", "tensor"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_reproduces_every_granularity(families, arch, granularity, tmp_path):
+    model = _trained(families[arch], DAMOptions(granularity=granularity, transform="tanh"))
+    out = model.export(tmp_path / "out")
+    _assert_same(out, model)
+    again = export_merged(out / COEFFICIENTS_FILE, tmp_path / "again")  # from the file alone
+    _assert_same(again, model)

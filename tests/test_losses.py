@@ -147,3 +147,21 @@ def test_coefficient_losses_weights_and_zero_disables():
     assert c["a"].grad is not None
     with pytest.raises(ValueError, match="keys"):
         coefficient_losses(c, l1=1.0, init={"b": torch.zeros(2, 2)})
+
+
+def test_prediction_entropy_bounds_mask_and_gradient() -> None:
+    from dam.adaptive.losses import prediction_entropy
+
+    v = 7
+    uniform = torch.zeros(2, 3, v)
+    assert float(prediction_entropy(uniform)) == pytest.approx(math.log(v))  # the maximum, log V
+    peaked = torch.full((2, 3, v), -1e4)
+    peaked[..., 0] = 0
+    assert float(prediction_entropy(peaked)) == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(2, 3, v, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    p = torch.softmax(logits, -1)
+    per_token = -(p * p.log()).sum(-1)
+    expected = (per_token * mask).sum() / mask.sum()
+    # float32 arithmetic inside (as for every loss here) against a float64 reference: float32 rounding
+    torch.testing.assert_close(prediction_entropy(logits, mask).double(), expected, rtol=1e-6, atol=1e-6)

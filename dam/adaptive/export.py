@@ -38,7 +38,7 @@ from dam.adaptive.coefficients import (
     read_coefficients,
     save_coefficients,
 )
-from dam.adaptive.layers import apply_transform, fold
+from dam.adaptive.layers import coefficient_shape, merge, row_count, transform_coefficients
 from dam.errors import DamError
 from dam.io.checkpoint import (
     TOKENIZER_FILES,
@@ -84,12 +84,14 @@ def export_merged(
     )
 
 
-def _expected_shape(name: str, tensor_shape: tuple[int, ...], bias_mode: str, n: int) -> tuple[int, ...]:
-    """Coefficient shape for a merged tensor: (N, in) for linear/embedding weights, (N, size) for norm weights,
-    (N, out) or (N, 1) for biases."""
+def _expected_shape(
+    name: str, tensor_shape: tuple[int, ...], options: dict[str, Any], kind: str, n: int
+) -> tuple[int, ...]:
+    """Coefficient shape for a merged tensor: weights by ``dam.granularity`` (:func:`coefficient_shape`; files
+    written before it existed are ``column``), biases (N, out) or (N, 1)."""
     if name.endswith(".bias"):
-        return (n, 1) if bias_mode == "scalar" else (n, *tensor_shape)
-    return (n, tensor_shape[-1])
+        return (n, 1) if options["bias"] == "scalar" else (n, *tensor_shape)
+    return (n, *coefficient_shape(tensor_shape, kind, options.get("granularity", "column")))
 
 
 def _check_fits(tensors: dict[str, Tensor], metadata: dict[str, Any], readers: list[CheckpointReader]) -> list[str]:
@@ -105,7 +107,8 @@ def _check_fits(tensors: dict[str, Tensor], metadata: dict[str, Any], readers: l
             shapes.append(tuple(reader.shape(name)))
         if len(set(shapes)) > 1:
             raise DamError(f"tensor {name!r} has different shapes in the sources: {shapes}")
-        expected[name] = _expected_shape(name, shapes[0], metadata["options"]["bias"], n)
+        kind = metadata["tensors"][name]["kind"]
+        expected[name] = _expected_shape(name, shapes[0], metadata["options"], kind, n)
     check_coefficients(tensors, expected, "coefficients", n)
     skipped = [k for k in readers[0].names if k not in expected and k not in metadata.get("tied", {})]
     if skipped:
@@ -150,9 +153,10 @@ def write_merged_model(
         with atomic_output_dir(out, force=force) as tmp:
             writer = ShardedWriter(tmp, max_shard_size=max_shard, dtype=out_dtype)
             for i, name in enumerate(order):
-                coefficients = apply_transform(tensors[name].to(coefficient_dtype), transform)
+                rows = row_count((len(readers), *readers[0].shape(name)), tensors[name].shape)
+                coefficients = transform_coefficients(tensors[name].to(coefficient_dtype), transform, rows)
                 weights = (reader.get(name, dtype=wrapper_dtype) for reader in readers)
-                writer.add(name, fold(weights, coefficients).to(wrapper_dtype))
+                writer.add(name, merge(weights, coefficients, rows).to(wrapper_dtype))
                 if (i + 1) % 50 == 0:
                     logger.info("folded %d/%d tensors", i + 1, len(order))
             files = writer.finalize()

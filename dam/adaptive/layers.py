@@ -1,25 +1,35 @@
 """DAM modules: N frozen source weights stacked in one tensor, plus learnable per-source coefficients.
 
-Every merged tensor is ``fold(sources, coefficients) = sum_i sources[i] * coefficients[i]``, the coefficient
-broadcasting over the tensor's leading dimensions:
+Every merged tensor is ``merge(sources, coefficients)``; its granularity is read from the coefficients' shape
+(:data:`GRANULARITIES`, chosen by ``dam.granularity``):
 
-- linear ``W`` (out, in), coefficients (N, in): ``W = sum_i W_i diag(c_i)`` (one value per input column);
-- embedding ``E`` (vocab, hidden), coefficients (N, hidden): ``E = sum_i E_i diag(c_i)``; a tied ``lm_head``
-  is a :class:`DAMLinear` sharing the embedding's sources *and* coefficients, so it stays tied;
-- norm weight ``w`` (hidden,), coefficients (N, hidden): elementwise;
+- ``column`` (the paper's): linear ``W`` (out, in), coefficients (N, in): ``W = sum_i W_i diag(c_i)``;
+  embedding ``E`` (vocab, hidden), coefficients (N, hidden): ``E = sum_i E_i diag(c_i)``; norm weight ``w``
+  (hidden,), coefficients (N, hidden): elementwise;
+- ``row_column``: a 2-D weight (out, in) gets coefficients (N, out + in), a row scale ``r_i`` (the first out
+  values) and a column scale ``c_i`` (the last in values): ``W = sum_i diag(r_i) W_i diag(c_i)``; 1-D norm
+  weights stay elementwise;
+- ``tensor``: coefficients (N, 1), one scalar per source and tensor: ``W = sum_i c_i W_i`` (layer-wise
+  AdaMerging's parameterisation);
 - bias ``b`` (out,), coefficients (N, out) (per output) or (N, 1) (one scalar per source).
 
+A tied ``lm_head`` is a :class:`DAMLinear` sharing the embedding's sources *and* coefficients, so it stays tied
+(for ``row_column`` the embedding's rows are the vocabulary, the ``lm_head``'s outputs: the same layout).
+
 The stored (raw) coefficients pass through a transform (:func:`apply_transform`: none, tanh, sigmoid, softmax
-across sources) before they multiply; :func:`inverse_transform` gives the raw init for wanted coefficients.
+across sources) before they multiply; :func:`inverse_transform` gives the raw init for wanted coefficients. Row
+scales are not transformed (:func:`transform_coefficients`): they are free factors that start at 1.
 Folds accumulate in the coefficients' dtype (float32) whatever the sources' dtype, and the result is cast to the
 sources' dtype: exactly what an exported checkpoint of that dtype holds.
 
 Memory and speed (see "The physics of a DAM step" in DAM_NOTES.md): :class:`DAMLinear` runs a custom autograd
 function that keeps only the layer input for backward (as ``nn.Linear`` does). The merged weight is rebuilt in
-backward for ``dL/dx``; coefficient gradients take the one weight-gradient GEMM ``G = dL/dW = g^T x`` plus a
-column reduction per source, ``dL/dc_i[j] = sum_k G[k, j] W_i[k, j]``. :class:`DAMEmbedding` saves only the
-token ids. Sources are ``nn.Parameter(requires_grad=False)`` (DDP ignores them in its all-reduce and FSDP can
-shard them) and are left out of ``state_dict()``, which therefore holds the coefficients only.
+backward for ``dL/dx``; coefficient gradients take the one weight-gradient GEMM ``G = dL/dW = g^T x`` plus one
+reduction per source over row chunks of ``P_i = G * W_i`` (never a whole per-source product):
+``dL/dc_i[j] = sum_k P_i[k, j] r_i[k]`` and ``dL/dr_i[k] = sum_j P_i[k, j] c_i[j]`` (``r_i = 1`` for
+``column``; the sum of the column gradients for ``tensor``). :class:`DAMEmbedding` saves only the token ids.
+Sources are ``nn.Parameter(requires_grad=False)`` (DDP ignores them in its all-reduce and FSDP can shard them)
+and are left out of ``state_dict()``, which therefore holds the coefficients only.
 
 Teacher mode: setting ``module.selected = k`` makes a module compute with source k's own weights, bit for bit
 what the original layer computes (:meth:`dam.adaptive.model.DAMModel.select_source` sets it on every module).
@@ -37,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 TRANSFORMS = ("none", "tanh", "sigmoid", "softmax")
+GRANULARITIES = ("column", "row_column", "tensor")
 SOURCE_SUFFIXES = ("weight_sources", "bias_sources")
 _CHUNK_ELEMENTS = 2**22  # rows per chunk in the coefficient-gradient reduction: ~16 MB float32 temporaries
 
@@ -95,18 +106,71 @@ def fold(sources: Tensor | Iterable[Tensor], coefficients: Tensor) -> Tensor:
     return merged
 
 
-def _column_dots(rows: Tensor, sources: Tensor, dtype: torch.dtype) -> Tensor:
-    """``out[i, j] = sum_k rows[k, j] * sources[i, k, j]`` for rows (K, J), sources (N, K, J) -> (N, J) in ``dtype``.
+def row_count(source_shape: tuple[int, ...] | torch.Size, coefficient_shape: tuple[int, ...] | torch.Size) -> int:
+    """How many leading coefficients per source are row scales: ``out`` for a ``row_column`` layout (sources
+    (N, out, in), coefficients (N, out + in)), else 0."""
+    if len(source_shape) == 3 and len(coefficient_shape) == 2:
+        out, inp = source_shape[1:]
+        if coefficient_shape[1] == out + inp:
+            return out
+    return 0
 
-    Accumulates in ``dtype`` over row chunks so that temporaries stay small whatever the layer size.
+
+def coefficient_shape(tensor_shape: tuple[int, ...], kind: str, granularity: str) -> tuple[int, ...]:
+    """Per-source coefficient shape of a merged weight of ``tensor_shape`` under ``dam.granularity``: column
+    ``(in,)`` (a norm weight's own size), row_column ``(out + in,)`` for 2-D weights, tensor ``(1,)``."""
+    if granularity == "tensor":
+        return (1,)
+    if granularity == "row_column" and kind != "norm" and len(tensor_shape) == 2:
+        return (tensor_shape[0] + tensor_shape[1],)
+    return tuple(tensor_shape[-1:])
+
+
+def transform_coefficients(raw: Tensor, transform: str, rows: int = 0) -> Tensor:
+    """Raw coefficients (N, C) -> merge coefficients: :func:`apply_transform` on all but the first ``rows``
+    values per source, which are row scales and pass unchanged."""
+    if not rows:
+        return apply_transform(raw, transform)
+    return torch.cat([raw[:, :rows], apply_transform(raw[:, rows:], transform)], dim=1)
+
+
+def merge(sources: Tensor | Iterable[Tensor], coefficients: Tensor, rows: int = 0) -> Tensor:
+    """The merged tensor in ``coefficients.dtype``: :func:`fold` when ``rows`` is 0 (column, elementwise or scalar
+    coefficients), else ``sum_i diag(r_i) W_i diag(c_i)`` with ``r_i = coefficients[i, :rows]`` (out,) and
+    ``c_i = coefficients[i, rows:]`` (in,) for sources (N, out, in). Differentiable in ``coefficients``."""
+    if not rows:
+        return fold(sources, coefficients)
+    scaled = (src * c[rows:] for src, c in zip(sources, coefficients, strict=False))  # (out, in) each, one at a time
+    return fold(scaled, coefficients[:, :rows, None])  # the row scales r_i (out, 1) broadcast over the columns
+
+
+def _coefficient_grads(grad_w: Tensor, sources: Tensor, coefficients: Tensor) -> Tensor:
+    """``dL/dcoefficients`` (N, C) in ``coefficients.dtype`` from ``grad_w = dL/dW`` (K, J) for sources (N, K, J).
+
+    With ``P_i = grad_w * W_i``: column layout (C = J) ``sum_k P_i[k, j]``; scalar (C = 1) ``sum_{k,j} P_i``;
+    row_column (C = K + J) ``[sum_j P_i[k, j] c_i[j] | sum_k P_i[k, j] r_i[k]]``. Accumulates over row chunks
+    so that temporaries stay small whatever the layer size; no per-source product is kept whole.
     """
     n, k, j = sources.shape
-    out = torch.zeros(n, j, dtype=dtype, device=rows.device)
+    dtype = coefficients.dtype
+    rows = row_count(sources.shape, coefficients.shape)
+    out = torch.zeros(n, j, dtype=dtype, device=grad_w.device)  # the column part
+    row_grads = torch.zeros(n, rows, dtype=dtype, device=grad_w.device)
     step = max(1, _CHUNK_ELEMENTS // max(j, 1))
     for start in range(0, k, step):
-        block = rows[start : start + step].to(dtype)
+        end = min(start + step, k)
+        block = grad_w[start:end].to(dtype)  # (k', J)
         for i in range(n):
-            out[i] += (block * sources[i, start : start + step]).sum(0)
+            product = block * sources[i, start:end]  # (k', J) in dtype
+            if rows:
+                row_grads[i, start:end] = product @ coefficients[i, rows:]
+                out[i] += coefficients[i, start:end] @ product
+            else:
+                out[i] += product.sum(0)
+    if rows:
+        return torch.cat([row_grads, out], dim=1)
+    if coefficients.shape[1] == 1 and j != 1:
+        return out.sum(1, keepdim=True)
     return out
 
 
@@ -119,9 +183,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class _DAMLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` with ``W = fold(weight_sources, coefficients)``, saving x but never W.
+    """``y = x W^T + b`` with ``W = merge(weight_sources, coefficients)``, saving x but never W.
 
-    Shapes: x (..., in), weight_sources (N, out, in), coefficients (N, in), bias (out,) or None -> y (..., out).
+    Shapes: x (..., in), weight_sources (N, out, in), coefficients (N, in), (N, out + in) or (N, 1), bias (out,)
+    or None -> y (..., out).
     """
 
     @staticmethod
@@ -129,7 +194,8 @@ class _DAMLinearFunction(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            weight = fold(weight_sources, coefficients).to(weight_sources.dtype).to(dtype)  # (out, in)
+            rows = row_count(weight_sources.shape, coefficients.shape)
+            weight = merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(dtype)  # (out, in)
             out = F.linear(xc, weight, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(xc, weight_sources, coefficients)
         ctx.x_dtype = x.dtype
@@ -142,13 +208,14 @@ class _DAMLinearFunction(torch.autograd.Function):
         g = grad_out.to(x.dtype)  # (..., out)
         grad_x = grad_c = grad_b = None
         if ctx.needs_input_grad[0]:
-            weight = fold(weight_sources, coefficients).to(weight_sources.dtype).to(x.dtype)  # (out, in), transient
+            rows = row_count(weight_sources.shape, coefficients.shape)
+            weight = merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(x.dtype)  # (out, in)
             grad_x = (g @ weight).to(ctx.x_dtype)  # (..., in)
             del weight
         if ctx.needs_input_grad[2]:
             g2 = g.reshape(-1, g.shape[-1])  # (T, out)
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, in): the weight-gradient GEMM
-            grad_c = _column_dots(grad_w, weight_sources, coefficients.dtype)  # (N, in)
+            grad_c = _coefficient_grads(grad_w, weight_sources, coefficients)  # (N, C)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             acc = torch.promote_types(g.dtype, torch.float32)
             grad_b = g.reshape(-1, g.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)  # (out,)
@@ -156,26 +223,43 @@ class _DAMLinearFunction(torch.autograd.Function):
 
 
 class _DAMEmbeddingFunction(torch.autograd.Function):
-    """Rows of ``E = fold(weight_sources, coefficients)`` for ``ids``, gathering per source; saves the ids only.
+    """Rows of ``E = merge(weight_sources, coefficients)`` for ``ids``, gathering per source; saves the ids only.
 
-    Shapes: ids (...,) integer, weight_sources (N, vocab, hidden), coefficients (N, hidden) -> (..., hidden) in
-    the sources' dtype.
+    Shapes: ids (...,) integer, weight_sources (N, vocab, hidden), coefficients (N, hidden), (N, vocab + hidden)
+    or (N, 1) -> (..., hidden) in the sources' dtype.
     """
 
     @staticmethod
     def forward(ctx: Any, ids: Tensor, weight_sources: Tensor, coefficients: Tensor) -> Tensor:
         ctx.save_for_backward(ids, weight_sources, coefficients)
-        rows = (F.embedding(ids, w) for w in weight_sources)
-        return fold(rows, coefficients).to(weight_sources.dtype)
+        rows = row_count(weight_sources.shape, coefficients.shape)
+        looked_up = (F.embedding(ids, w) for w in weight_sources)  # (..., hidden) per source
+        if not rows:
+            return fold(looked_up, coefficients).to(weight_sources.dtype)
+        # the same arithmetic as ``merge`` on the whole table, on the looked-up rows only: (E_i[ids] c_i) r_i[ids]
+        scaled = (e * c[rows:] for e, c in zip(looked_up, coefficients, strict=False))
+        return fold(scaled, coefficients[:, :rows][:, ids].unsqueeze(-1)).to(weight_sources.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[None, None, Tensor | None]:
         ids, weight_sources, coefficients = ctx.saved_tensors
         if not ctx.needs_input_grad[2]:
             return None, None, None
+        rows = row_count(weight_sources.shape, coefficients.shape)
         flat = ids.reshape(-1)
         g = grad_out.reshape(flat.numel(), -1).to(coefficients.dtype)  # (T, hidden)
-        grad_c = torch.stack([(g * F.embedding(flat, w)).sum(0) for w in weight_sources])  # (N, hidden)
+        grads = []
+        for w, c in zip(weight_sources, coefficients, strict=True):
+            product = g * F.embedding(flat, w).to(coefficients.dtype)  # (T, hidden): dL/dc_i per token, row scale 1
+            if not rows:
+                grads.append(product.sum(0))  # (hidden,)
+                continue
+            row_grad = torch.zeros(rows, dtype=coefficients.dtype, device=g.device)
+            row_grad.index_add_(0, flat, product @ c[rows:])  # (vocab,): sum over the tokens of each id
+            grads.append(torch.cat([row_grad, (product * c[:rows][flat, None]).sum(0)]))  # r_i[ids] (T, 1)
+        grad_c = torch.stack(grads)  # (N, hidden) or (N, vocab + hidden)
+        if coefficients.shape[1] == 1 and grad_c.shape[1] != 1:
+            grad_c = grad_c.sum(1, keepdim=True)  # one scalar per source
         return None, None, grad_c
 
 
@@ -238,9 +322,14 @@ class DAMModule(nn.Module):
     def num_sources(self) -> int:
         return self.weight_sources.shape[0]
 
+    def rows(self, name: str = "weight") -> int:
+        """Leading row scales per source in ``name``'s coefficients (:func:`row_count`): out for row_column."""
+        sources = getattr(self, f"{name}_sources")
+        return 0 if sources is None else row_count(sources.shape, getattr(self, f"{name}_coefficients").shape)
+
     def coefficients(self, name: str = "weight") -> Tensor:
         """Merge coefficients of ``name`` ("weight" or "bias") after the transform (differentiable)."""
-        return apply_transform(getattr(self, f"{name}_coefficients"), self.transform)
+        return transform_coefficients(getattr(self, f"{name}_coefficients"), self.transform, self.rows(name))
 
     def merged(self, name: str = "weight") -> Tensor | None:
         """The merged ``name`` tensor in the sources' dtype (no grad): what an exported checkpoint holds."""
@@ -248,7 +337,7 @@ class DAMModule(nn.Module):
         if sources is None:
             return None
         with torch.no_grad():
-            return fold(sources, self.coefficients(name)).to(sources.dtype)
+            return merge(sources, self.coefficients(name), self.rows(name)).to(sources.dtype)
 
     def _merged_bias(self) -> Tensor | None:
         if self.bias_sources is None:
@@ -266,6 +355,12 @@ def _as_parameter(t: Tensor) -> nn.Parameter:
     return t if isinstance(t, nn.Parameter) else nn.Parameter(t)
 
 
+def _matrix_layout(sources: Tensor, coefficients: Tensor) -> bool:
+    """Coefficients (N, in), (N, out + in) or (N, 1) for 2-D sources (N, out, in): column, row_column, tensor."""
+    out, inp = sources.shape[1:]
+    return coefficients.dim() == 2 and coefficients.shape[1] in (inp, out + inp, 1)
+
+
 def _check_pair(name: str, sources: Tensor, coefficients: Tensor) -> None:
     if sources.dim() < 2 or coefficients.dim() < 2 or coefficients.shape[0] != sources.shape[0]:
         raise ValueError(
@@ -273,7 +368,8 @@ def _check_pair(name: str, sources: Tensor, coefficients: Tensor) -> None:
             "leading number of sources"
         )
     try:
-        torch.broadcast_shapes(sources.shape[1:], coefficients.shape[1:])
+        if not row_count(sources.shape, coefficients.shape):
+            torch.broadcast_shapes(sources.shape[1:], coefficients.shape[1:])
     except RuntimeError as e:
         raise ValueError(
             f"{name}: coefficients {tuple(coefficients.shape)} do not broadcast to sources {tuple(sources.shape)}"
@@ -283,17 +379,18 @@ def _check_pair(name: str, sources: Tensor, coefficients: Tensor) -> None:
 
 
 class DAMLinear(DAMModule):
-    """Replaces ``nn.Linear``: ``y = x (sum_i W_i diag(c_i))^T + sum_i b_i * beta_i``.
+    """Replaces ``nn.Linear``: ``y = x (sum_i diag(r_i) W_i diag(c_i))^T + sum_i b_i * beta_i``.
 
-    weight_sources (N, out, in), weight_coefficients (N, in); optional bias_sources (N, out) with
-    bias_coefficients (N, out) or (N, 1).
+    weight_sources (N, out, in), weight_coefficients (N, in) (``r_i = 1``), (N, out + in) (``[r_i | c_i]``) or
+    (N, 1) (a scalar ``c_i``, ``r_i = 1``); optional bias_sources (N, out) with bias_coefficients (N, out) or
+    (N, 1).
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.weight_sources.dim() != 3 or self.weight_coefficients.shape[1:] != self.weight_sources.shape[2:]:
+        if self.weight_sources.dim() != 3 or not _matrix_layout(self.weight_sources, self.weight_coefficients):
             raise ValueError(
-                f"linear: expected sources (N, out, in) and coefficients (N, in), got "
+                f"linear: expected sources (N, out, in) and coefficients (N, in), (N, out + in) or (N, 1), got "
                 f"{tuple(self.weight_sources.shape)} and {tuple(self.weight_coefficients.shape)}"
             )
         self.out_features, self.in_features = self.weight_sources.shape[1:]
@@ -319,9 +416,10 @@ class DAMEmbedding(DAMModule):
 
     def __init__(self, *args: Any, padding_idx: int | None = None, embedding: nn.Module | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.weight_sources.dim() != 3 or self.weight_coefficients.shape[1:] != self.weight_sources.shape[2:]:
+        if self.weight_sources.dim() != 3 or not _matrix_layout(self.weight_sources, self.weight_coefficients):
             raise ValueError(
-                f"embedding: expected sources (N, vocab, hidden) and coefficients (N, hidden), got "
+                f"embedding: expected sources (N, vocab, hidden) and coefficients (N, hidden), (N, vocab + hidden) "
+                "or (N, 1), got "
                 f"{tuple(self.weight_sources.shape)} and {tuple(self.weight_coefficients.shape)}"
             )
         if self.bias_sources is not None:
@@ -337,7 +435,8 @@ class DAMEmbedding(DAMModule):
             if self.selected is not None:
                 weight = self.weight_sources[self.selected]
             else:
-                weight = fold(self.weight_sources, self.coefficients("weight")).to(self.weight_sources.dtype)
+                weight = merge(self.weight_sources, self.coefficients("weight"), self.rows())
+                weight = weight.to(self.weight_sources.dtype)
             return torch.func.functional_call(self.embedding, {"weight": weight}, (ids,), strict=False)
         if self.selected is not None:
             return F.embedding(ids, self.weight_sources[self.selected], self.padding_idx)
@@ -362,7 +461,7 @@ class DAMNorm(DAMModule):
         if self.selected is not None:
             weight = self.weight_sources[self.selected]
         else:
-            weight = fold(self.weight_sources, self.coefficients("weight")).to(self.weight_sources.dtype)
+            weight = merge(self.weight_sources, self.coefficients("weight")).to(self.weight_sources.dtype)
         tensors = {"weight": weight}
         if self.bias_sources is not None:
             tensors["bias"] = self._merged_bias()

@@ -2,6 +2,8 @@
 
 - :func:`kl_divergence`: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` per token, averaged over non-padding tokens.
 - :func:`topk_kl_divergence`: the same from cached top-K teacher logits and their vocabulary indices.
+- :func:`prediction_entropy`: the entropy of the model's own predictive distribution per token, averaged over
+  non-padding tokens (AdaMerging's label-free, teacher-free objective).
 - :func:`coefficient_similarity`: mean pairwise cosine of the per-source coefficient vectors, averaged over modules.
 - :func:`l1_penalty`, :func:`l2_penalty`: mean over every coefficient of ``|c - target|`` / ``(c - target)^2``,
   toward zero or toward given targets (the init).
@@ -82,6 +84,17 @@ def topk_kl_divergence(
     log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1)  # (..., K)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...)
     return temperature**2 * _masked_mean(kl, mask)
+
+
+def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``mean_tokens H(softmax(logits)) = -sum_v p_v log p_v`` in nats.
+
+    logits: (..., V); mask as in :func:`kl_divergence`. Returns a scalar. Minimising it over merge coefficients on
+    unlabeled inputs is AdaMerging (Yang et al., 2024): confident predictions correlate with low loss.
+    """
+    log_p = F.log_softmax(logits.float(), dim=-1)  # (..., V)
+    entropy = -(log_p.exp() * log_p).sum(-1)  # (...)
+    return _masked_mean(entropy, mask)
 
 
 def coefficient_similarity(coefficients: Iterable[Tensor]) -> Tensor:

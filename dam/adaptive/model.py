@@ -54,7 +54,15 @@ from dam.adaptive.coefficients import (
     save_coefficients,
 )
 from dam.adaptive.init import resolve_init_weights
-from dam.adaptive.layers import DAMEmbedding, DAMLinear, DAMModule, DAMNorm, inverse_transform
+from dam.adaptive.layers import (
+    DAMEmbedding,
+    DAMLinear,
+    DAMModule,
+    DAMNorm,
+    coefficient_shape,
+    inverse_transform,
+    row_count,
+)
 from dam.adaptive.options import DAMOptions
 from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader, dtype_name, parse_dtype
@@ -136,15 +144,23 @@ def _plan(model: nn.Module, base_model: str) -> list[_Slot]:
 
 
 def _coefficient_parameter(
-    weights: Tensor, shape: tuple[int, ...], options: DAMOptions, trainable: bool, device: torch.device | str
+    weights: Tensor,
+    shape: tuple[int, ...],
+    options: DAMOptions,
+    trainable: bool,
+    device: torch.device | str,
+    rows: int = 0,
 ) -> nn.Parameter:
-    """Raw coefficients (N, *shape) whose transform equals ``weights[i]`` everywhere for source i."""
+    """Raw coefficients (N, *shape) whose transform equals ``weights[i]`` everywhere for source i; with ``rows``,
+    the first ``rows`` values per source are row scales (untransformed) and start at 1."""
     dtype = parse_dtype(options.coefficient_dtype)
     wanted = weights.to(dtype).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
     try:
-        raw = inverse_transform(wanted, options.transform)
+        raw = inverse_transform(wanted[:, rows:], options.transform)
     except ValueError as e:
         raise DamError(f"dam.init: coefficients {weights.tolist()} with dam.transform={options.transform}: {e}") from e
+    if rows:
+        raw = torch.cat([torch.ones(len(weights), rows, dtype=dtype), raw], dim=1)
     return nn.Parameter(raw.contiguous().to(device), requires_grad=trainable)
 
 
@@ -320,13 +336,15 @@ class DAMModel(nn.Module):
         return {name: m.coefficients(attr) for name, m, attr in self._coefficient_items(trainable_only)}
 
     def initial_coefficients(self, trainable_only: bool = True) -> dict[str, Tensor]:
-        """The init's merge coefficients, same keys and shapes as :meth:`coefficients` (constants)."""
+        """The init's merge coefficients, same keys and shapes as :meth:`coefficients` (constants; row scales 1)."""
         weights = torch.tensor(self.init_weights, dtype=parse_dtype(self.options.coefficient_dtype))
         out = {}
         for name, m, attr in self._coefficient_items(trainable_only):
             raw = getattr(m, f"{attr}_coefficients")
             shape = raw.shape[1:]
-            out[name] = weights.to(raw.device).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
+            init = weights.to(raw.device).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
+            rows = m.rows(attr)
+            out[name] = torch.cat([torch.ones_like(init[:, :rows]), init[:, rows:]], dim=1) if rows else init
         return out
 
     def reset_coefficients(self) -> None:
@@ -462,8 +480,9 @@ def _build_module(
         weight_sources, weight_coefficients = owner.weight_sources, owner.weight_coefficients
     else:
         weight_sources = _read_stacked(f"{slot.name}.weight", readers, dtype, device)
-        cshape = tuple(module.weight.shape[-1:])
-        weight_coefficients = _coefficient_parameter(weights, cshape, options, trainable, device)
+        cshape = coefficient_shape(tuple(module.weight.shape), slot.kind, options.granularity)
+        rows = row_count(weight_sources.shape, (len(readers), *cshape))
+        weight_coefficients = _coefficient_parameter(weights, cshape, options, trainable, device, rows)
     bias_sources = bias_coefficients = None
     if isinstance(getattr(module, "bias", None), nn.Parameter):
         bias_sources = _read_stacked(f"{slot.name}.bias", readers, dtype, device)

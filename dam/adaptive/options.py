@@ -1,4 +1,4 @@
-"""``DAMOptions``: what the DAM wrapper learns (targets, init, transform, coefficient dtype, biases).
+"""``DAMOptions``: what the DAM wrapper learns (targets, granularity, init, transform, coefficient dtype, biases).
 
 A pydantic v2 model with ``extra="forbid"``; the docstring under each field is its description.
 """
@@ -22,6 +22,15 @@ class DAMOptions(BaseModel):
     ``embedding`` (token embeddings; a tied ``lm_head`` is the embedding, so it follows this entry) and ``norm``
     (RMSNorm/LayerNorm weights). Modules of other kinds are still merged, with their coefficients frozen at the
     init."""
+
+    granularity: Literal["column", "row_column", "tensor"] = "column"
+    """Shape of each source's coefficients on a tensor (:mod:`dam.adaptive.layers` has the equations).
+    ``column`` (the paper's): one per input column of a linear weight ``W = sum_i W_i diag(c_i)``, per hidden
+    dimension of the embedding, per element of a norm weight. ``row_column``: also one per output row,
+    ``W = sum_i diag(r_i) W_i diag(c_i)`` with the row scales starting at 1 and left out of the transform (norm
+    weights stay per element); twice the coefficients of ``column`` on square layers, still kilobytes per layer.
+    ``tensor``: one scalar per source and tensor, ``W = sum_i c_i W_i`` (with ``loss.objective: entropy``,
+    layer-wise AdaMerging). Biases follow ``bias``."""
 
     init: str | list[float] = "uniform"
     """Starting coefficients. ``"uniform"``: 1/N for each of the N sources, so the wrapper starts as the plain

@@ -26,6 +26,13 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
+    objective: Literal["kl", "entropy"] = "kl"
+    """What the merged model minimises besides the regularisers. ``kl``: distillation from each source's teacher
+    (DAM), weighted by ``kl``. ``entropy``: the entropy of the merged model's own predictions (weight 1, no
+    temperature) on the tokens the KL would use, the sources' data as unlabeled input: no teacher runs and no
+    label or teacher output enters the loss. With ``dam.granularity: tensor`` this is layer-wise AdaMerging
+    (Yang et al., 2024), here per tensor and over all sources (the base included when it is a source)."""
+
     temperature: float = Field(2.0, gt=0)
     """Softmax temperature T of the distillation KL; the KL is multiplied by T^2 to keep gradient scales."""
 
@@ -340,6 +347,15 @@ class DAMConfig(BaseModel):
             raise ValueError(f"export.tokenizer_source must be one of {', '.join(names)}")
         if template is not None and template not in names and "{{" not in template and "{%" not in template:
             raise ValueError(f"export.chat_template must be one of {', '.join(names)} or a Jinja template")
+        return self
+
+    @model_validator(mode="after")
+    def _entropy_needs_no_teachers(self) -> DAMConfig:
+        if self.loss.objective == "entropy" and self.data.teacher_logits == "cached":
+            raise ValueError(
+                "loss.objective: entropy runs no teacher; data.teacher_logits: cached would read a cache it never "
+                "uses: set data.teacher_logits: on_the_fly"
+            )
         return self
 
     @model_validator(mode="after")

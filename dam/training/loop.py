@@ -11,6 +11,8 @@ save and export. One optimizer step:
 3. per micro-batch: teacher targets (cached top-K log-probabilities from ``dam cache-logits``, or teacher k run on
    the fly as the wrapper with source k selected, under no_grad), the student forward, backward; gradients are
    all-reduced only on the last micro-batch (``accelerator.no_sync`` before it);
+   With ``loss.objective: entropy`` (AdaMerging) no teacher runs: the term is the student's prediction entropy,
+   token-summed and scaled the same way;
 4. the coefficient regularisers (``loss.similarity``, ``loss.l1``, ``loss.l2``) once per step;
 5. a NaN/Inf loss or gradient norm stops the run before the optimizer step (DamError naming the last good
    checkpoint); else clip, AdamW step on the coefficients (the only trainable parameters), scheduler step.
@@ -45,7 +47,7 @@ from typing import Any
 import torch
 
 from dam.adaptive.coefficients import save_coefficients
-from dam.adaptive.losses import coefficient_losses, kl_divergence, topk_kl_divergence
+from dam.adaptive.losses import coefficient_losses, kl_divergence, prediction_entropy, topk_kl_divergence
 from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
@@ -473,16 +475,21 @@ def _step(
     )
     loss_tokens, input_tokens = accelerator.reduce(counts, "sum").tolist()
     scale = accelerator.num_processes / max(loss_tokens, 1.0)
-    kl_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    weight = config.loss.kl if config.loss.objective == "kl" else 1.0
+    objective_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     regularisers: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            kl = distillation_sum(
-                logits, batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
-            )
-            loss = config.loss.kl * kl * scale
+            if config.loss.objective == "entropy":  # AdaMerging: no teachers
+                mask = loss_mask(batch["labels"])
+                term = prediction_entropy(logits, mask) * mask.sum()  # the token sum, like distillation_sum
+            else:
+                term = distillation_sum(
+                    logits, batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
+                )
+            loss = weight * term * scale
             if last:
                 regularisers = coefficient_losses(
                     wrapper.coefficients(),
@@ -493,12 +500,14 @@ def _step(
                 )
                 loss = loss + sum(regularisers.values())
             accelerator.backward(loss)
-        kl_sum += kl.detach().double()
+        objective_sum += term.detach().double()
     if config.train.shard_sources:
         average_gradients(params)
-    kl_mean = float(accelerator.reduce(kl_sum, "sum")) / max(loss_tokens, 1.0)
-    metrics = {"loss/kl": kl_mean} | {f"loss/{k}": float(v.detach()) for k, v in regularisers.items()}
-    metrics["loss"] = config.loss.kl * kl_mean + sum(float(v.detach()) for v in regularisers.values())
+    objective_mean = float(accelerator.reduce(objective_sum, "sum")) / max(loss_tokens, 1.0)
+    metrics = {f"loss/{config.loss.objective}": objective_mean} | {
+        f"loss/{k}": float(v.detach()) for k, v in regularisers.items()
+    }
+    metrics["loss"] = weight * objective_mean + sum(float(v.detach()) for v in regularisers.values())
     # the norm is computed even without clipping: a NaN gradient must stop the run before it reaches the weights
     grad_norm = float(accelerator.clip_grad_norm_(params, config.train.max_grad_norm or math.inf))
     if accelerator.mixed_precision != "fp16":  # under fp16 the scaler skips overflowing steps by itself
