@@ -233,6 +233,39 @@ def _demo_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _regmean(args: argparse.Namespace) -> int:
+    from dam.training.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    from dam.training.regmean import REGMEAN_FILE, run_regmean  # heavy imports only once the config is valid
+
+    summary = run_regmean(config, args.out, alpha=args.alpha, batch_size=args.batch_size, force=args.force)
+    print(
+        f"RegMean of {len(summary['sources'])} sources (alpha {summary['alpha']:g}): "
+        f"{len(summary['regmean_tensors'])} linear weights by RegMean, {len(summary['averaged_tensors'])} tensors "
+        f"averaged, in {summary['seconds']:.0f} s; written to {args.out} ({REGMEAN_FILE} records it)"
+    )
+    return 0
+
+
+def _add_regmean(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "regmean",
+        help="RegMean merge (closed form per linear layer from the sources' input Grams), no training",
+        description="Merge the sources of a DAM run config with RegMean: each source runs forward over its own "
+        "dataset to accumulate its linear layers' input Gram matrices, then every linear weight is "
+        "(sum_i G_i)^-1 sum_i G_i W_i with off-diagonals scaled by --alpha; other tensors are averaged. Writes an "
+        "ordinary checkpoint at OUT. The config's dam/loss/train sections are not used.",
+    )
+    p.add_argument("config", help="DAM run config YAML (base_model, models with datasets, data, dtype)")
+    p.add_argument("out", help="output folder for the merged Hugging Face checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.num_examples=500")
+    p.add_argument("--alpha", type=float, default=0.9, help="scale of the Grams' off-diagonal entries (default 0.9)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.set_defaults(func=_regmean)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
@@ -430,6 +463,7 @@ _COMMANDS: list = [
     _add_train,
     _add_export,
     _add_cache_logits,
+    _add_regmean,
     _add_demo,
     _add_eval,
     _add_kinship,
