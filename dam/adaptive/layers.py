@@ -134,6 +134,14 @@ def transform_coefficients(raw: Tensor, transform: str, rows: int = 0) -> Tensor
     return torch.cat([raw[:, :rows], apply_transform(raw[:, rows:], transform)], dim=1)
 
 
+def inverse_transform_coefficients(coefficients: Tensor, transform: str, rows: int = 0) -> Tensor:
+    """Raw values whose :func:`transform_coefficients` is ``coefficients`` (N, C): the row scales as they are, the
+    rest through :func:`inverse_transform`."""
+    if not rows:
+        return inverse_transform(coefficients, transform)
+    return torch.cat([coefficients[:, :rows], inverse_transform(coefficients[:, rows:], transform)], dim=1)
+
+
 def merge(sources: Tensor | Iterable[Tensor], coefficients: Tensor, rows: int = 0) -> Tensor:
     """The merged tensor in ``coefficients.dtype``: :func:`fold` when ``rows`` is 0 (column, elementwise or scalar
     coefficients), else ``sum_i diag(r_i) W_i diag(c_i)`` with ``r_i = coefficients[i, :rows]`` (out,) and

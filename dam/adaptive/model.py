@@ -60,7 +60,7 @@ from dam.adaptive.layers import (
     DAMModule,
     DAMNorm,
     coefficient_shape,
-    inverse_transform,
+    inverse_transform_coefficients,
     row_count,
 )
 from dam.adaptive.options import DAMOptions
@@ -155,12 +155,12 @@ def _coefficient_parameter(
     the first ``rows`` values per source are row scales (untransformed) and start at 1."""
     dtype = parse_dtype(options.coefficient_dtype)
     wanted = weights.to(dtype).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
+    if rows:
+        wanted = torch.cat([torch.ones(len(weights), rows, dtype=dtype), wanted[:, rows:]], dim=1)
     try:
-        raw = inverse_transform(wanted[:, rows:], options.transform)
+        raw = inverse_transform_coefficients(wanted, options.transform, rows)
     except ValueError as e:
         raise DamError(f"dam.init: coefficients {weights.tolist()} with dam.transform={options.transform}: {e}") from e
-    if rows:
-        raw = torch.cat([torch.ones(len(weights), rows, dtype=dtype), raw], dim=1)
     return nn.Parameter(raw.contiguous().to(device), requires_grad=trainable)
 
 
@@ -353,7 +353,8 @@ class DAMModel(nn.Module):
         with torch.no_grad():
             for name, m, attr in self._coefficient_items(False):
                 raw = getattr(m, f"{attr}_coefficients")
-                raw.copy_(inverse_transform(initial[name].to(raw.device), self.options.transform))
+                wanted = initial[name].to(raw.device)
+                raw.copy_(inverse_transform_coefficients(wanted, self.options.transform, m.rows(attr)))
 
     def raw_coefficients(self) -> dict[str, Tensor]:
         """Every coefficient tensor (raw, before the transform) by tensor name, detached on CPU: what is saved."""
