@@ -57,7 +57,7 @@ def run_regmean(
     holds (method, alpha, sources, linear layers, tokens per source, seconds)."""
     from transformers import AutoModelForCausalLM
 
-    from dam.training.data import DataCollator, build_train_dataset, load_tokenizer
+    from dam.training.data import DataCollator, build_train_dataset, load_tokenizer, source_renderings
 
     try:
         scale_off_diagonal(torch.zeros(1, 1), alpha)
@@ -72,9 +72,9 @@ def run_regmean(
     base_config = load_source_config(config.base_model, "base")
     check_configs(config.base_model, base_config, sources, [load_source_config(s, "source") for s in sources])
     tokenizer = load_tokenizer(config.base_model)
-    dataset = build_train_dataset(
-        {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
-    )
+    renderings = source_renderings(tokenizer, config.models, config.data)  # each source's data as DAM renders it
+    specs = {m.name: m.dataset for m in config.models}
+    dataset = build_train_dataset(specs, [m.name for m in config.models], tokenizer, config.data, renderings)
     collate = DataCollator(pad_token_id=tokenizer.pad_token_id)
     dtype = parse_dtype(config.dtype)
 
