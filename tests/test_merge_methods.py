@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -229,6 +230,34 @@ def test_ties_trims_by_magnitude() -> None:
     out = merge("ties", [x], base=base, model_params=[{"weight": 1.0, "density": 0.5}])
     close(out, vec(0.0, -5.0, 3.0, 0.0))
     assert magnitude_mask(x, 0.1).tolist() == [False, True, False, False]  # k = max(1, int(0.4)) = 1
+
+
+def _sorted_top_k(x: Tensor, density: float, stable: bool) -> Tensor:
+    """mergekit 0.1.5's selection (``stable=False``: its exact call) or the stable-sort order of ties."""
+    k = max(1, int(density * x.numel()))
+    order = torch.sort(x.abs().flatten(), descending=True, stable=stable).indices
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask.view(x.shape)
+
+
+@pytest.mark.parametrize("shape", [(7,), (64, 48), (300, 257)])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.9])
+def test_magnitude_mask_by_threshold_picks_what_a_sort_picks(shape, density) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    # bf16-rounded deltas take few distinct values, so many magnitudes tie at the threshold
+    x = (0.01 * torch.randn(shape, generator=g)).bfloat16().float()
+    mask = magnitude_mask(x, density)
+    assert torch.equal(mask, _sorted_top_k(x, density, stable=True))  # ties: lowest index first
+    mergekit = _sorted_top_k(x, density, stable=False)
+    assert int(mask.sum()) == int(mergekit.sum()) == max(1, int(density * x.numel()))
+    # Everything strictly above the threshold magnitude is kept by both, and both keep the same magnitudes:
+    # only which of the entries tied at the threshold survive may differ.
+    threshold = x.abs()[mask].min()
+    assert torch.equal(mask & (x.abs() > threshold), mergekit & (x.abs() > threshold))
+    assert torch.equal(x.abs()[mask].sort().values, x.abs()[mergekit].sort().values)
+    distinct = torch.randn(shape, generator=g)  # no ties: exactly mergekit's selection
+    assert torch.equal(magnitude_mask(distinct, density), _sorted_top_k(distinct, density, stable=False))
 
 
 def test_breadcrumbs_drops_outliers_and_keeps_the_next_density() -> None:
@@ -459,9 +488,13 @@ PARITY_CASES: list[tuple[str, dict[str, list[Any]], dict[str, Any]]] = [
 @pytest.mark.parametrize("quantized", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize(("name", "per_model", "params"), PARITY_CASES)
 def test_task_arithmetic_family_matches_mergekit(
-    name: str, per_model: dict[str, list[Any]], params: dict[str, Any], quantized: bool
+    name: str, per_model: dict[str, list[Any]], params: dict[str, Any], quantized: bool, monkeypatch
 ) -> None:
     tensors = family(3, quantized=quantized)
+    if quantized and name == "ties":
+        # dam's TIES keeps the lowest-index entries among magnitudes tied at the threshold (a stable sort's
+        # order); mergekit's unstable argsort keeps others. With a stable argsort, mergekit must agree exactly.
+        monkeypatch.setattr(torch, "argsort", functools.partial(torch.argsort, stable=True))
     close(ours(name, tensors, 0, per_model, params), mergekit_merge(name, tensors, 0, per_model, params))
 
 

@@ -73,15 +73,17 @@ def combine_task_vectors(
     weighted = deltas * w  # (N, *shape)
     if consensus:
         mask = sign_consensus(weighted)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        mixed = weighted.mul_(mask).sum(dim=0)
+        if normalize:
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed = mixed / divisor
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed = mixed / divisor
+        if normalize:
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            mixed = mixed / divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
