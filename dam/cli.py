@@ -141,6 +141,7 @@ def _export(args: argparse.Namespace) -> int:
         force=args.force,
         tokenizer_source=args.tokenizer_source,
         chat_template=args.chat_template,
+        progress=not args.quiet,
     )
     print(f"exported the DAM merge to {out}")
     if args.push_to_hub:
@@ -172,6 +173,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="'base', a source's name (its chat template, its EOS ids added to the generation config) or a Jinja "
         "template (default: the tokenizer source's own)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_push_options(p)
     p.set_defaults(func=_export)
 
@@ -181,7 +183,9 @@ def _cache_logits(args: argparse.Namespace) -> int:
     from dam.training.teacher_cache import cache_logits_for_config
 
     config = load_config(args.config, args.overrides)
-    folder = cache_logits_for_config(config, force=args.force, batch_size=args.batch_size, device=args.device)
+    folder = cache_logits_for_config(
+        config, force=args.force, batch_size=args.batch_size, device=args.device, progress=not args.quiet
+    )
     print(f"teacher-logit cache ready at {folder}")
     return 0
 
@@ -200,6 +204,7 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="recompute, replacing a cache made for other inputs")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward (default 8)")
     p.add_argument("--device", default=None, help="device of the teachers (default: cuda if available, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cache_logits)
 
 

@@ -1,4 +1,6 @@
 import json
+import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +36,7 @@ def test_reader_formats_round_trip(tmp_path, layout):
     if layout == "single":
         save_file(tensors, tmp_path / "model.safetensors")
     elif layout == "sharded":
-        writer = ShardedWriter(tmp_path, max_shard_size=100)
+        writer = ShardedWriter(tmp_path, layout_of(tensors), max_shard_size=100)
         for k, v in tensors.items():
             writer.add(k, v)
         files = writer.finalize()
@@ -63,7 +65,8 @@ def test_sharded_equals_unsharded_and_loads_in_transformers(family, tmp_path):
     base, _ = family
     reader = CheckpointReader(base)
     for folder, size in [(tmp_path / "one", 10**9), (tmp_path / "many", 20_000)]:
-        writer = ShardedWriter(folder, max_shard_size=size)
+        layout = [(name, reader.shape(name), reader.dtype(name)) for name in reader.names]
+        writer = ShardedWriter(folder, layout, max_shard_size=size)
         for name in reader.names:
             writer.add(name, reader.get(name))
         writer.finalize()
@@ -82,15 +85,61 @@ def test_sharded_equals_unsharded_and_loads_in_transformers(family, tmp_path):
     assert torch.equal(original(ids).logits, reloaded(ids).logits)
 
 
-def test_writer_casts_dtype_and_rejects_duplicates(tmp_path):
-    writer = ShardedWriter(tmp_path, dtype=torch.bfloat16)
+def layout_of(tensors: dict[str, torch.Tensor]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+
+
+def test_writer_casts_floats_to_the_declared_dtype_and_enforces_the_layout(tmp_path):
+    layout = [("x", (3,), torch.bfloat16), ("ids", (3,), torch.int64), ("y", (2,), torch.float32)]
+    writer = ShardedWriter(tmp_path, layout)
     writer.add("x", torch.ones(3))
-    writer.add("ids", torch.arange(3))
     with pytest.raises(DamError, match="'x' written twice"):
         writer.add("x", torch.ones(3))
-    writer.finalize()
+    with pytest.raises(DamError, match="'y' written out of order \\(expected 'ids'\\)"):
+        writer.add("y", torch.ones(2))
+    with pytest.raises(DamError, match="'ids' has dtype torch.int32, declared torch.int64"):
+        writer.add("ids", torch.arange(3, dtype=torch.int32))
+    writer.add("ids", torch.arange(3))
+    with pytest.raises(DamError, match="'y' has shape \\[3\\], declared \\[2\\]"):
+        writer.add("y", torch.ones(3))
+    with pytest.raises(DamError, match="'y' was declared but never written"):
+        writer.finalize()
+    writer.add("y", torch.ones(2))
+    with pytest.raises(DamError, match="'z' is not in the declared layout"):
+        writer.add("z", torch.ones(1))
+    assert writer.finalize() == ["model.safetensors"]
     loaded = load_file(tmp_path / "model.safetensors")
     assert loaded["x"].dtype == torch.bfloat16 and loaded["ids"].dtype == torch.int64
+    with pytest.raises(DamError, match="'a' written twice"):
+        ShardedWriter(tmp_path / "dup", [("a", (1,), torch.float32), ("a", (1,), torch.float32)])
+
+
+def test_writer_writes_each_shard_once_header_first(tmp_path, monkeypatch):
+    """Every byte goes to its final file once: no temporary body file, no copy."""
+    tensors = _tensors()
+    opened: list[tuple[str, str]] = []
+    real_open = open
+
+    def spy(file, mode="r", *args, **kwargs):
+        opened.append((Path(file).name, mode))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    writer = ShardedWriter(tmp_path, layout_of(tensors), max_shard_size=100)
+    for k, v in tensors.items():
+        writer.add(k, v)
+    files = writer.finalize()
+    monkeypatch.undo()
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 1
+    assert sorted(opened) == sorted((f, "wb") for f in shards)  # each shard opened once, for writing
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
+    for shard in shards:  # each file is exactly its header plus its tensors' bytes
+        data = (tmp_path / shard).read_bytes()
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + header_len])
+        size = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        assert len(data) == 8 + header_len + size
 
 
 def test_truncated_and_corrupt_files_are_named(tmp_path):

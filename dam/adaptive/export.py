@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import yaml
 from torch import Tensor
+from tqdm import tqdm
 
 from dam.adaptive.coefficients import (
     COEFFICIENTS_FILE,
@@ -69,8 +70,10 @@ def export_merged(
     force: bool = False,
     tokenizer_source: str = "base",
     chat_template: str | None = None,
+    progress: bool = False,
 ) -> Path:
-    """Export from a coefficients file or a run folder containing ``dam_coefficients.safetensors``."""
+    """Export from a coefficients file or a run folder containing ``dam_coefficients.safetensors``.
+    ``progress``: a tqdm bar over tensors (shown on a terminal only)."""
     tensors, metadata = read_coefficients(run_or_coefficients)
     return write_merged_model(
         tensors,
@@ -81,6 +84,7 @@ def export_merged(
         force=force,
         tokenizer_source=tokenizer_source,
         chat_template=chat_template,
+        progress=progress,
     )
 
 
@@ -126,11 +130,13 @@ def write_merged_model(
     force: bool = False,
     tokenizer_source: str = "base",
     chat_template: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Fold raw ``tensors`` (coefficients by tensor name) with ``metadata`` into a checkpoint at ``out``.
 
-    ``dtype`` defaults to the dtype the wrapper ran in. Every coefficient tensor is checked against the source
-    checkpoints' headers (present, right shape) before anything is written; a mismatch is a DamError naming it.
+    ``dtype`` defaults to the dtype the wrapper ran in. ``progress``: a tqdm bar over tensors (terminal only).
+    Every coefficient tensor is checked against the source checkpoints' headers (present, right shape) before
+    anything is written; a mismatch is a DamError naming it.
     ``tokenizer_source`` and ``chat_template`` name ``base`` or a source (by its run-config name; by its model path
     when the metadata has no training config); ``chat_template`` may also be a Jinja template.
     """
@@ -151,15 +157,18 @@ def write_merged_model(
         readers = [stack.enter_context(CheckpointReader(s)) for s in sources]
         order = _check_fits(tensors, metadata, readers)
         with atomic_output_dir(out, force=force) as tmp:
-            writer = ShardedWriter(tmp, max_shard_size=max_shard, dtype=out_dtype)
-            for i, name in enumerate(order):
-                rows = row_count((len(readers), *readers[0].shape(name)), tensors[name].shape)
-                coefficients = transform_coefficients(tensors[name].to(coefficient_dtype), transform, rows)
-                weights = (reader.get(name, dtype=wrapper_dtype) for reader in readers)
-                writer.add(name, merge(weights, coefficients, rows).to(wrapper_dtype))
-                if (i + 1) % 50 == 0:
-                    logger.info("folded %d/%d tensors", i + 1, len(order))
-            files = writer.finalize()
+            layout = [(name, readers[0].shape(name), out_dtype) for name in order]  # every folded tensor is a float
+            writer = ShardedWriter(tmp, layout, max_shard_size=max_shard)
+            try:
+                for name in tqdm(order, unit="tensor", desc="dam export", disable=None if progress else True):
+                    rows = row_count((len(readers), *readers[0].shape(name)), tensors[name].shape)
+                    coefficients = transform_coefficients(tensors[name].to(coefficient_dtype), transform, rows)
+                    weights = (reader.get(name, dtype=wrapper_dtype) for reader in readers)
+                    writer.add(name, merge(weights, coefficients, rows).to(wrapper_dtype))
+                files = writer.finalize()
+            except BaseException:
+                writer.abort()
+                raise
             config = json.loads(config_file.read_text())
             write_model_files(
                 tmp, config, dtype=out_dtype, tokenizer_source=tokenizer_path, generation_config_source=tokenizer_path

@@ -1,7 +1,8 @@
 """Writing checkpoints: streaming sharded safetensors and atomic output folders.
 
-Writing streams each tensor's bytes to disk as it arrives; a shard's header is written when the shard closes.
-Output goes to a temporary folder beside the target and is renamed in only when complete.
+The caller declares every tensor (name, shape, dtype, in order) before the first is written, so each shard's
+header is known up front: a shard file is its header followed by its tensors' bytes, streamed as they arrive and
+written once. Output goes to a temporary folder beside the target and is renamed in only when complete.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,79 +27,120 @@ from dam.io.checkpoint import SAFETENSORS_CODES
 logger = logging.getLogger(__name__)
 
 
+def assign_shards(sizes: Sequence[int], max_shard_size: int) -> list[int]:
+    """The shard index of each tensor, in order: a shard is closed when the next tensor would take it past
+    ``max_shard_size`` bytes (a tensor larger than that gets a shard of its own)."""
+    shards, shard, current = [], 0, 0
+    for size in sizes:
+        if current > 0 and current + size > max_shard_size:
+            shard, current = shard + 1, 0
+        shards.append(shard)
+        current += size
+    return shards
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    shard: int
+    start: int  # byte offset in the shard's data block
+    end: int
+
+
 class ShardedWriter:
     """Stream tensors into safetensors shards of at most ``max_shard_size`` bytes, with an index.
 
-    Each tensor's bytes go straight to a temporary body file; when a shard fills up (or at :meth:`finalize`)
-    its header is written and the body appended, so memory holds one tensor at a time. Output names follow
-    Hugging Face: ``model.safetensors`` for one shard, else ``model-00001-of-0000N.safetensors`` plus
+    ``layout`` lists every tensor to be written as ``(name, shape, dtype)``, in the order :meth:`add` will be
+    called. Each shard's header is written when its first tensor arrives and every tensor's bytes go straight
+    behind it, so each byte is written once and memory holds one tensor. A floating tensor is cast to its declared
+    dtype; anything else that differs from the layout is an error. Output names follow Hugging Face:
+    ``model.safetensors`` for one shard, else ``model-00001-of-0000N.safetensors`` plus
     ``model.safetensors.index.json``.
     """
 
-    def __init__(self, folder: str | Path, max_shard_size: int = 5 * 10**9, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        layout: Sequence[tuple[str, Sequence[int], torch.dtype]],
+        max_shard_size: int = 5 * 10**9,
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.max_shard_size = max_shard_size
-        self.dtype = dtype
-        self._shards: list[Path] = []
-        self._weight_map: dict[str, int] = {}
-        self._header: dict[str, Any] = {}
-        self._body: Any = None
-        self._offset = 0
-        self._total = 0
+        if not layout:
+            raise DamError("no tensors to write")
+        names = [name for name, _, _ in layout]
+        if len(set(names)) != len(names):
+            duplicate = next(n for n in names if names.count(n) > 1)
+            raise DamError(f"tensor {duplicate!r} written twice")
+        for name, _, dtype in layout:
+            if dtype not in SAFETENSORS_CODES:
+                raise DamError(f"tensor {name!r}: dtype {dtype} cannot be saved as safetensors")
+        sizes = [math.prod(shape) * dtype.itemsize for _, shape, dtype in layout]
+        shards = assign_shards(sizes, max_shard_size)
+        n = shards[-1] + 1
+        self.files = (
+            ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        offsets = [0] * n  # bytes declared so far in each shard's data block
+        self._entries: list[_Entry] = []
+        for (name, shape, dtype), size, shard in zip(layout, sizes, shards, strict=True):
+            self._entries.append(_Entry(name, tuple(shape), dtype, shard, offsets[shard], offsets[shard] + size))
+            offsets[shard] += size
+        self._total = sum(sizes)
+        self._next = 0
+        self._file: Any = None
+        self._shard = -1  # the shard open in self._file
+
+    def _header(self, shard: int) -> bytes:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        for e in self._entries:
+            if e.shard == shard:
+                header[e.name] = {
+                    "dtype": SAFETENSORS_CODES[e.dtype],
+                    "shape": list(e.shape),
+                    "data_offsets": [e.start, e.end],
+                }
+        data = json.dumps(header, separators=(",", ":")).encode()
+        return data + b" " * (-len(data) % 8)  # align the data block to 8 bytes
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._weight_map:
-            raise DamError(f"tensor {name!r} written twice")
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.dtype not in SAFETENSORS_CODES:
-            raise DamError(f"tensor {name!r}: dtype {tensor.dtype} cannot be saved as safetensors")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._body is not None and self._offset > 0 and self._offset + nbytes > self.max_shard_size:
-            self._close_shard()
-        if self._body is None:
-            self._body = open(self.folder / f".shard-{len(self._shards):05d}.body", "wb")
-        if nbytes:
-            self._body.write(tensor.view(-1).view(torch.uint8).numpy().data)
-        self._header[name] = {
-            "dtype": SAFETENSORS_CODES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [self._offset, self._offset + nbytes],
-        }
-        self._offset += nbytes
-        self._total += nbytes
-        self._weight_map[name] = len(self._shards)
-
-    def _close_shard(self) -> None:
-        body_path = Path(self._body.name)
-        self._body.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # align the data block to 8 bytes
-        shard = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        with open(shard, "wb") as out, open(body_path, "rb") as body:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(body, out, 16 * 2**20)
-        body_path.unlink()
-        self._shards.append(shard)
-        self._header, self._body, self._offset = {}, None, 0
+        """Write the next tensor of the layout (its name, shape and dtype must be the declared ones)."""
+        if self._next >= len(self._entries):
+            raise DamError(f"tensor {name!r} is not in the declared layout (all {len(self._entries)} were written)")
+        entry = self._entries[self._next]
+        if name != entry.name:
+            written = {e.name for e in self._entries[: self._next]}
+            what = "written twice" if name in written else f"written out of order (expected {entry.name!r})"
+            raise DamError(f"tensor {name!r} {what}")
+        if tuple(tensor.shape) != entry.shape:
+            raise DamError(f"tensor {name!r} has shape {list(tensor.shape)}, declared {list(entry.shape)}")
+        if tensor.dtype != entry.dtype:
+            if not (tensor.is_floating_point() and entry.dtype.is_floating_point):
+                raise DamError(f"tensor {name!r} has dtype {tensor.dtype}, declared {entry.dtype}")
+            tensor = tensor.to(entry.dtype)
+        if entry.shard != self._shard:
+            if self._file is not None:
+                self._file.close()
+            self._file, self._shard = open(self.folder / self.files[entry.shard], "wb"), entry.shard
+            header = self._header(entry.shard)
+            self._file.write(struct.pack("<Q", len(header)))
+            self._file.write(header)
+        if entry.end > entry.start:
+            self._file.write(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().data)
+        self._next += 1
 
     def finalize(self) -> list[str]:
-        """Close the last shard, give shards their final names, write the index. Returns the file names."""
-        if self._body is not None:
-            self._close_shard()
-        n = len(self._shards)
-        if n == 0:
-            raise DamError("no tensors were written")
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for shard, final in zip(self._shards, names, strict=True):
-            shard.rename(self.folder / final)
-        if n > 1:
+        """Close the last shard and write the index (when sharded). Returns the file names."""
+        if self._next < len(self._entries):
+            raise DamError(f"tensor {self._entries[self._next].name!r} was declared but never written")
+        self._file.close()
+        names = list(self.files)
+        if len(names) > 1:
             index = {
                 "metadata": {"total_size": self._total},
-                "weight_map": {k: names[i] for k, i in sorted(self._weight_map.items())},
+                "weight_map": {e.name: names[e.shard] for e in sorted(self._entries, key=lambda e: e.name)},
             }
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             names.append("model.safetensors.index.json")
@@ -104,11 +148,10 @@ class ShardedWriter:
 
     def abort(self) -> None:
         """Remove every file this writer created (used when a merge fails part-way)."""
-        if self._body is not None:
-            self._body.close()
-            Path(self._body.name).unlink(missing_ok=True)
-        for shard in self._shards:
-            shard.unlink(missing_ok=True)
+        if self._file is not None:
+            self._file.close()
+        for name in self.files:
+            (self.folder / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

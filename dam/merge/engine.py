@@ -47,7 +47,7 @@ from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, CheckpointReader, dtype_name, parse_dtype, resolve_model_path
 from dam.io.model_folder import render_model_card, write_model_files
 from dam.io.paths import portable_reference
-from dam.io.writer import ShardedWriter, atomic_output_dir
+from dam.io.writer import ShardedWriter, assign_shards, atomic_output_dir
 from dam.merge.chat_template import resolve_chat_template, write_chat_template
 from dam.merge.config import MergeConfig, OutputSlice, load_merge_config, resolve_parameters
 from dam.merge.registry import MergeMethod
@@ -534,16 +534,6 @@ def merged_tensors(
         plan.close()
 
 
-def _estimate_shards(sizes: list[int], max_shard_size: int) -> int:
-    """How many shards :class:`~dam.io.writer.ShardedWriter` will write for these tensor sizes, in order."""
-    shards, current = 1, 0
-    for size in sizes:
-        if current > 0 and current + size > max_shard_size:
-            shards, current = shards + 1, 0
-        current += size
-    return shards
-
-
 def _model_card(plan: MergePlan, out: Path, seed: int, config_text: str) -> str:
     """The output's ``README.md``: every model read in ``base_model`` (as written in ``config_text``: Hub ids as
     given, local folders relative to ``out``), the method, and the config."""
@@ -609,7 +599,7 @@ def run_merge(
             num_parameters=sum(math.prod(t.shape) for t in plan.tasks),
             out_dtype="/".join(dtypes) or "n/a",
             total_bytes=sum(sizes),
-            num_shards=_estimate_shards(sizes, shard_size),
+            num_shards=assign_shards(sizes, shard_size)[-1] + 1 if sizes else 0,
             out=out,
             dry_run=dry_run,
             seed=seed,
@@ -624,7 +614,8 @@ def run_merge(
                 len(plan.readers),
                 out,
             )
-            writer = ShardedWriter(tmp, max_shard_size=shard_size)
+            layout = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
+            writer = ShardedWriter(tmp, layout, max_shard_size=shard_size)
             try:
                 from tqdm import tqdm
 

@@ -118,7 +118,8 @@ def run_regmean(
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(CheckpointReader(s)) for s in sources]
         with atomic_output_dir(out, force=force) as tmp:
-            writer = ShardedWriter(tmp, dtype=dtype)
+            layout = [(name, readers[0].shape(name), dtype) for name in readers[0].names]  # all written as floats
+            writer = ShardedWriter(tmp, layout)
             for name in readers[0].names:
                 if name in weights:
                     writer.add(name, weights[name].result().to(torch.float32))

@@ -32,6 +32,7 @@ import datasets
 import numpy as np
 import torch
 from datasets.arrow_writer import ArrowWriter
+from tqdm import tqdm
 
 from dam.errors import DamError
 from dam.io.checkpoint import resolve_folder
@@ -288,12 +289,14 @@ def compute_teacher_cache(
     num_sources: int,
     top_k: int,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> datasets.Dataset:
     """Run the teachers over ``dataset`` and write it, with ``teacher_logprobs``/``teacher_indices``, as one arrow
     file at ``path``; returns that dataset (memory-mapped).
 
     Rows keep their order; inside windows of ``32 * batch_size`` rows they are batched by length to waste little
-    on padding. Inputs go to the device of the model's first parameter.
+    on padding. Inputs go to the device of the model's first parameter. ``progress``: a tqdm bar over sequences
+    (shown on a terminal only).
     """
     every = set(dataset.unique("source")) == {ALL_SOURCES}
     slots = num_sources if every else 1
@@ -309,7 +312,8 @@ def compute_teacher_cache(
     rows = dataset.with_format("numpy")
     window = 32 * batch_size
     finite = torch.finfo(torch.float16)
-    with ArrowWriter(features=features, path=str(path)) as writer:
+    bar = tqdm(total=len(dataset), unit="seq", desc="teacher logits", disable=None if progress else True)
+    with bar, ArrowWriter(features=features, path=str(path)) as writer:
         for start in range(0, len(dataset), window):
             chunk = rows[start : start + window]
             n = len(chunk["input_ids"])
@@ -338,6 +342,7 @@ def compute_teacher_cache(
             columns["teacher_logprobs"] = [t[0] for t in targets]
             columns["teacher_indices"] = [t[1] for t in targets]
             writer.write_batch(columns)
+            bar.update(n)
             logger.info("teacher logits: %d/%d sequences", start + n, len(dataset))
         writer.finalize()
     return datasets.Dataset.from_file(str(path))
@@ -366,6 +371,7 @@ def cache_teacher_logits(
     *,
     batch_size: int = 8,
     force: bool = False,
+    progress: bool = False,
 ) -> datasets.Dataset:
     """Reuse the cache at ``cache_dir`` when its key equals ``key``; otherwise compute it and write it there.
 
@@ -381,7 +387,7 @@ def cache_teacher_logits(
     with atomic_output_dir(cache_dir, force=True) as tmp:
         raw = tmp / "teacher_logits.arrow"
         computed = compute_teacher_cache(
-            model, dataset, raw, num_sources=num_sources, top_k=key["top_k"], batch_size=batch_size
+            model, dataset, raw, num_sources=num_sources, top_k=key["top_k"], batch_size=batch_size, progress=progress
         )
         computed.save_to_disk(str(tmp / DATASET_DIR))
         del computed
@@ -424,7 +430,7 @@ def load_training_dataset(config: DAMConfig, tokenizer: PreTrainedTokenizerBase)
 
 
 def cache_logits_for_config(
-    config: DAMConfig, *, force: bool = False, batch_size: int = 8, device: str | None = None
+    config: DAMConfig, *, force: bool = False, batch_size: int = 8, device: str | None = None, progress: bool = False
 ) -> Path:
     """``dam cache-logits``: compute (or find up to date) the teacher-logit cache of a run config; returns its folder.
 
@@ -448,5 +454,5 @@ def cache_logits_for_config(
     model = DAMModel.from_pretrained(
         config.base_model, [m.model for m in config.models], config.dam, dtype=config.dtype, device=device
     )
-    cache_teacher_logits(model, dataset, key, cache_dir, batch_size=batch_size, force=True)
+    cache_teacher_logits(model, dataset, key, cache_dir, batch_size=batch_size, force=True, progress=progress)
     return cache_dir
