@@ -34,15 +34,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from dam.io.checkpoint import parse_size
-    from dam.merge.engine import run_merge
+    from dam.merge.multi import run_merge_file
 
     if args.push_to_hub:
         from dam.io.hub import check_repo_id
 
         check_repo_id(args.push_to_hub)
-    summary = run_merge(
+    summaries = run_merge_file(
         args.config,
         args.out,
+        intermediate_dir=args.intermediate_dir,
         force=args.force,
         shard_size=parse_size(args.shard_size),
         device=args.device,
@@ -50,9 +51,9 @@ def _merge(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         progress=not args.quiet,
     )
-    print(summary.describe())
+    print("\n\n".join(s.describe() for s in summaries))
     if args.push_to_hub and not args.dry_run:
-        _push(summary.out, args)
+        _push(summaries[-1].out, args)  # the final merge (OUT); a recipe's intermediates stay local
     return 0
 
 
@@ -77,6 +78,12 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="mergekit-style YAML config (merge_method, models or slices, parameters, ...)")
     p.add_argument("out", help="output folder for the merged Hugging Face checkpoint")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument(
+        "--intermediate-dir",
+        default=None,
+        help="multi-document configs: folder for the outputs of named documents (DIR/NAME); a later document "
+        "uses an earlier one by its name, and up-to-date outputs there are reused",
+    )
     p.add_argument("--shard-size", default="5GB", help="maximum bytes per output shard, e.g. 2GB, 500MB (default 5GB)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the math runs (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random methods, dare_* and della* (default 0)")
