@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dam.merge.engine import run_merge
+from dam.merge.multi import run_merge_file
 from dam.testing import make_family
 
 pytest.importorskip("mergekit")
@@ -439,3 +440,28 @@ def test_newer_methods_declare_mergekit_parameters_and_defaults(name):
     assert ours.requires_base == (spec.contract.base == BasePolicy.REQUIRED)
     exact = spec.contract.max_inputs if spec.contract.max_inputs == spec.contract.min_inputs else None
     assert ours.num_models == exact
+
+
+def test_multi_document_recipe_matches_mergekit_multimerge(tmp_path):
+    """The same three-document recipe through `mergekit-multimerge` and `dam merge --intermediate-dir`."""
+    from test_merge_multi import RECIPE
+
+    base, sources = make_family(tmp_path / "family", 3, seed=3)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(base=base, s0=sources[0], s1=sources[1], s2=sources[2]))
+    mergekit = [sys.executable, "-m", "mergekit.scripts.multimerge", str(recipe), "--intermediate-dir"]
+    mergekit += [str(tmp_path / "mk_mid"), "--out-path", str(tmp_path / "mk_out"), "--no-write-model-card"]
+    result = subprocess.run(mergekit, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_merge_file(recipe, tmp_path / "dam_out", intermediate_dir=tmp_path / "dam_mid", progress=False)
+    for theirs_dir, ours_dir in [
+        ("mk_mid/pair", "dam_mid/pair"),
+        ("mk_mid/soup", "dam_mid/soup"),
+        ("mk_out", "dam_out"),
+    ]:
+        theirs = load_file(tmp_path / theirs_dir / "model.safetensors")
+        ours = load_file(tmp_path / ours_dir / "model.safetensors")
+        assert sorted(ours) == sorted(theirs)
+        for name, expected in theirs.items():
+            diff = (ours[name] - expected).abs().max().item()
+            assert diff <= 1e-6, f"{ours_dir}: {name} differs by {diff}"  # float32 parity, as for single merges
