@@ -51,37 +51,6 @@ def _read_documents(path: Path) -> list[Any]:
         raise DamError(f"config {str(path)!r}: invalid YAML{at}: {str(e).splitlines()[0]}") from None
 
 
-def _resolve_names(data: dict[str, Any], outputs: dict[str, str], used: set[str]) -> dict[str, Any]:
-    """A copy of ``data`` with every model reference that names a document replaced by that document's output."""
-
-    def ref(value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        model, plus, lora = value.partition("+")
-        if model not in outputs:
-            return value
-        used.add(model)
-        return outputs[model] + plus + lora
-
-    def source(entry: Any) -> Any:
-        return {**entry, "model": ref(entry["model"])} if isinstance(entry, dict) and "model" in entry else entry
-
-    def slice_(entry: Any) -> Any:
-        if isinstance(entry, dict) and isinstance(entry.get("sources"), list):
-            return {**entry, "sources": [source(s) for s in entry["sources"]]}
-        return entry
-
-    out = dict(data)
-    for key in ("base_model", "tokenizer_source"):
-        if key in out:
-            out[key] = ref(out[key])
-    if isinstance(out.get("models"), list):
-        out["models"] = [source(m) for m in out["models"]]
-    if isinstance(out.get("slices"), list):
-        out["slices"] = [slice_(s) for s in out["slices"]]
-    return out
-
-
 def plan_merge_steps(path: str | Path, out: str | Path, intermediate_dir: str | Path | None) -> list[MergeStep]:
     """The documents of ``path`` as merge steps in dependency order (every check done, nothing read or written)."""
     path = Path(path)
@@ -110,14 +79,24 @@ def plan_merge_steps(path: str | Path, out: str | Path, intermediate_dir: str | 
     outputs = {n: str(Path(intermediate_dir) / n) for n in named}  # type: ignore[arg-type]
     steps: dict[str | None, MergeStep] = {}
     for i, (doc, name) in enumerate(zip(documents, names, strict=True)):
+        data = {k: v for k, v in doc.items() if k != "name"}
+        config = parse_merge_config(
+            data, yaml.safe_dump(data, sort_keys=False), origin=f"config {str(path)!r}, document {i + 1}"
+        )
         used: set[str] = set()
-        data = _resolve_names({k: v for k, v in doc.items() if k != "name"}, outputs, used)
+
+        def rename(reference: str, used: set[str] = used) -> str:
+            model, plus, lora = reference.partition("+")  # a `name+lora` reference keeps its adapter
+            if model not in outputs:
+                return reference
+            used.add(model)
+            return outputs[model] + plus + lora
+
+        resolved = config.with_models(rename)
         if name in used:
             raise DamError(f"config {str(path)!r}: document {name!r} uses its own output")
-        text = yaml.safe_dump(data, sort_keys=False)
-        config = parse_merge_config(data, text, origin=f"config {str(path)!r}, document {i + 1}")
         target = Path(out) if name is None else Path(outputs[name])
-        steps[name] = MergeStep(name, config, target, frozenset(used))
+        steps[name] = MergeStep(name, resolved if used else config, target, frozenset(used))
     ordered: list[MergeStep] = []
     state: dict[str | None, str] = {}
 
@@ -139,8 +118,10 @@ def plan_merge_steps(path: str | Path, out: str | Path, intermediate_dir: str | 
 
 
 def _up_to_date(step: MergeStep) -> bool:
+    """True when the step's folder holds the config this step would write (see ``MergeConfig.portable_text``)."""
     saved = step.out / "mergekit_config.yml"
-    return saved.is_file() and saved.read_text(encoding="utf-8") == step.config.source_text
+    expected = step.config.portable_text(step.out.expanduser().absolute())
+    return saved.is_file() and saved.read_text(encoding="utf-8") == expected
 
 
 def run_merge_file(
