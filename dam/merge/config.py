@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
@@ -98,6 +98,49 @@ class OutputSlice(_Strict):
         return value
 
 
+class ModelTokenEmbedding(_Strict):
+    """A token override's source: the row of ``token`` (or ``token_id``) in ``model``."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroEmbedding(_Strict):
+    """A token override's source: a row of zeros."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """``tokenizer.tokens.<token>``: where the token's rows come from (a model name: its row of that token)."""
+
+    source: ModelTokenEmbedding | ZeroEmbedding | str | None = None
+    force: bool = False
+
+
+class TokenizerSection(_Strict):
+    """mergekit's ``tokenizer:`` section (see :mod:`dam.merge.vocabulary` for what dam supports)."""
+
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("pad_to_multiple_of must be a positive integer")
+        return value
+
+
 class MergeConfig(_Strict):
     """A mergekit 0.1.5 merge configuration (the subset dam supports; see the module docstring)."""
 
@@ -110,6 +153,7 @@ class MergeConfig(_Strict):
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     chat_template: str | None = None
+    tokenizer: TokenizerSection | None = None
 
     _source_text: str | None = PrivateAttr(default=None)
 
@@ -228,6 +272,14 @@ class MergeConfig(_Strict):
                 sl["base_model"] = rename(sl["base_model"])
             for src in sl["sources"]:
                 src["model"] = rename(src["model"])
+        section = data.get("tokenizer", {})
+        if section.get("source", "union") not in ("base", "union"):
+            section["source"] = rename(section["source"])
+        for cfg in (section.get("tokens") or {}).values():
+            if isinstance(cfg.get("source"), str):
+                cfg["source"] = rename(cfg["source"])
+            elif isinstance(cfg.get("source"), dict) and "model" in cfg["source"]:
+                cfg["source"]["model"] = rename(cfg["source"]["model"])
         return parse_merge_config(data)
 
     def portable_text(self, folder: str | Path) -> str:
@@ -438,6 +490,7 @@ __all__ = [
     "InputModel",
     "InputSlice",
     "MergeConfig",
+    "TokenizerSection",
     "OutputSlice",
     "evaluate_setting",
     "load_merge_config",

@@ -51,6 +51,7 @@ from dam.io.writer import ShardedWriter, assign_shards, atomic_output_dir
 from dam.merge.chat_template import resolve_chat_template, write_chat_template
 from dam.merge.config import MergeConfig, OutputSlice, load_merge_config, resolve_parameters
 from dam.merge.registry import MergeMethod
+from dam.merge.vocabulary import VocabularyPlan, plan_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class TensorTask:
     shape: tuple[int, ...]
     out_dtype: torch.dtype
     floating: bool  # False: an integer/bool buffer, copied when every input agrees
+    vocabulary: bool = False  # rows are tokens, rebuilt by the plan's VocabularyPlan before merging
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +94,7 @@ class MergePlan:
     load_dtype: torch.dtype | None
     config_dtype: torch.dtype | None  # dtype written to config.json (None: keep the donor's)
     chat_template: str | None = None  # written as chat_template.jinja (dam.merge.chat_template)
+    vocabulary: VocabularyPlan | None = None  # the tokenizer: section (dam.merge.vocabulary)
 
     def close(self) -> None:
         for reader in self.readers.values():
@@ -247,7 +250,10 @@ def _output_dtype(config: MergeConfig, name: str, models: tuple[str, ...], dtype
 class _Planner:
     """Builds the list of :class:`TensorTask` for one config (see :func:`plan_merge`)."""
 
-    def __init__(self, config: MergeConfig, readers: dict[str, CheckpointReader]):
+    def __init__(
+        self, config: MergeConfig, readers: dict[str, CheckpointReader], vocabulary: VocabularyPlan | None = None
+    ):
+        self.vocabulary = vocabulary
         self.config = config
         self.method = config.method
         self.readers = readers
@@ -284,6 +290,11 @@ class _Planner:
                     f"model {models[0]!r}"
                 )
         out_dtype = _output_dtype(self.config, name, models, dtypes)
+        shape, vocabulary = shapes[0], False
+        vocab_size = _vocab_size(self.readers[models[0]].config)
+        if self.vocabulary is not None and t == 0.0 and len(shape) == 2 and shape[0] == vocab_size:
+            if _split_layer_name(input_names[0]) is None or name in self.layouts[models[0]].other:
+                shape, vocabulary = (self.vocabulary.size, shape[1]), True
         params, model_params = resolve_parameters(
             self.config, slice_, tensor_name=name, input_names=input_names, t=t, base_index=base_index
         )
@@ -295,9 +306,10 @@ class _Planner:
             params=params,
             model_params=tuple(model_params),
             position=t,
-            shape=shapes[0],
+            shape=shape,
             out_dtype=out_dtype,
             floating=out_dtype.is_floating_point,
+            vocabulary=vocabulary and out_dtype.is_floating_point,
         )
         if task.floating:
             self.probe(task)
@@ -411,11 +423,25 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         for model in models:
             readers[model] = CheckpointReader(model)
         _check_models_compatible(models, readers)
-        planner = _Planner(config, readers)
+        vocabulary, vocab_source = None, None
+        if config.tokenizer is not None:
+            vocab_source = config.tokenizer.source
+            if vocab_source in ("base", "union"):
+                vocab_source = config.base_model or models[0]
+            elif vocab_source not in readers:
+                raise DamError(f"tokenizer.source {vocab_source!r}: use base, union or one of the merged models")
+            folders = {m: r.path for m, r in readers.items()}
+            sizes = {m: _vocab_size(r.config) for m, r in readers.items()}
+            vocabulary = plan_vocabulary(config.tokenizer, models, folders, sizes, vocab_source)
+        planner = _Planner(config, readers, vocabulary)
         tasks = planner.plan()
         donor = config.base_model or planner.slices[0].sources[0].model
         out_config = _output_config(config, planner.slices, readers, donor)
-        if config.tokenizer_source in (None, "base"):
+        if vocabulary is not None:  # config.json's vocab_size (top level, or a multimodal config's text_config)
+            (out_config if "vocab_size" in out_config else out_config["text_config"])["vocab_size"] = vocabulary.size
+        if vocab_source is not None:
+            tokenizer_source = readers[vocab_source].path
+        elif config.tokenizer_source in (None, "base"):
             tokenizer_source = readers[donor].path
         elif config.tokenizer_source in readers:
             tokenizer_source = readers[config.tokenizer_source].path
@@ -445,6 +471,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
         load_dtype=parse_dtype(config.dtype) if config.dtype else None,
         config_dtype=parse_dtype(out_name) if out_name else None,
         chat_template=chat_template,
+        vocabulary=vocabulary,
     )
 
 
@@ -465,6 +492,9 @@ def _load_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> lis
         if not torch.isfinite(x.sum()) and not bool(torch.isfinite(x).all()):
             raise DamError(f"model {model!r}: tensor {name!r} contains NaN or Inf")
         tensors.append(x)
+    if task.vocabulary:
+        assert plan.vocabulary is not None
+        tensors = plan.vocabulary.align(tensors, task.models)
     return tensors
 
 
