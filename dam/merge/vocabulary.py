@@ -98,8 +98,9 @@ def plan_vocabulary(
         if other is None:  # mergekit assumes a model without a tokenizer has the base's
             other = vocab
         if other != vocab:
-            differing = [t for t in set(vocab) | set(other) if vocab.get(t) != other.get(t)]
-            token = min(differing, key=lambda t: min(vocab.get(t, len(vocab)), other.get(t, len(other))))
+            # in the output tokenizer's id order, then tokens only the model has
+            differing = [t for t, i in sorted(vocab.items(), key=lambda kv: kv[1]) if other.get(t) != i]
+            token = (differing or sorted(set(other) - set(vocab)))[0]
             raise DamError(
                 f"tokenizer: model {model!r} has another vocabulary than {source!r} (first difference: token "
                 f"{token!r}, id {other.get(token)} vs {vocab.get(token)}); dam aligns only identical vocabularies"
