@@ -41,6 +41,7 @@ import torch
 MODEL = dict(hidden_size=512, intermediate_size=1376, num_layers=6, num_heads=8, num_kv_heads=8, vocab_size=8192)
 TOP_K = 64
 SOURCES = (2, 3, 4)
+MIB = 2**20
 
 
 def build_models(workdir: Path) -> tuple[Path, list[Path]]:
@@ -54,25 +55,44 @@ def build_models(workdir: Path) -> tuple[Path, list[Path]]:
     return base, sources
 
 
+def parse_kind(kind: str) -> tuple[int, str, bool]:
+    """``dam3`` (cached, own), ``dam3-all`` (cached, all), ``dam3-fly`` / ``dam3-fly-all`` (teachers on the fly)
+    -> (N, pairing, on the fly); ``plain`` -> (0, "own", False)."""
+    if kind == "plain":
+        return 0, "own", False
+    parts = kind.split("-")
+    return int(parts[0].removeprefix("dam")), "all" if "all" in parts else "own", "fly" in parts
+
+
+def label(kind: str) -> str:
+    n, pairing, on_the_fly = parse_kind(kind)
+    if kind == "plain":
+        return "plain fine-tune"
+    return f"DAM, N={n}, pairing {pairing}" + (", teachers on the fly" if on_the_fly else "")
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_batch(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(args: argparse.Namespace, device: torch.device, slots: int) -> dict[str, torch.Tensor]:
     """Random tokens and random cached top-K teacher log-probabilities, shaped as
-    ``dam.training.data.DataCollator`` makes them: teacher tensors [B, S=1, T, K]."""
+    ``dam.training.data.DataCollator`` makes them: teacher tensors [B, S, T, K], S = 1 (``pairing: own``, every row
+    source 0) or N (``pairing: all``, every row ``ALL_SOURCES``)."""
+    from dam.training.data import ALL_SOURCES
+
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(4, MODEL["vocab_size"], (args.batch, args.seq), generator=gen)
-    logits = torch.randn(args.batch, 1, args.seq, TOP_K, generator=gen).sort(dim=-1, descending=True).values
+    logits = torch.randn(args.batch, slots, args.seq, TOP_K, generator=gen).sort(dim=-1, descending=True).values
     indices = torch.stack([torch.randperm(MODEL["vocab_size"], generator=gen)[:TOP_K] for _ in range(args.seq)])
     batch = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "labels": ids.clone(),
-        "source": torch.zeros(args.batch, dtype=torch.long),
+        "source": torch.full((args.batch,), 0 if slots == 1 else ALL_SOURCES, dtype=torch.long),
         "teacher_logprobs": torch.log_softmax(logits, dim=-1),
-        "teacher_indices": indices.expand(args.batch, 1, -1, -1).contiguous(),
+        "teacher_indices": indices.expand(args.batch, slots, -1, -1).contiguous(),
     }
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -84,13 +104,17 @@ def worker(args: argparse.Namespace) -> None:
     from dam.adaptive.losses import coefficient_losses
     from dam.adaptive.model import DAMModel
     from dam.adaptive.options import DAMOptions
-    from dam.training.loop import distillation_sum
+    from dam.training.data import ALL_SOURCES
+    from dam.training.loop import distillation_sum, teacher_targets
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    batch = make_batch(args, device)
+    n, pairing, on_the_fly = parse_kind(args.worker)
+    batch = make_batch(args, device, n if pairing == "all" and not on_the_fly else 1)
+    if on_the_fly:
+        del batch["teacher_logprobs"], batch["teacher_indices"]
     tokens = float((batch["labels"][:, 1:] != -100).sum())
     baseline = rss_bytes()
     if device.type == "cuda":
@@ -106,14 +130,17 @@ def worker(args: argparse.Namespace) -> None:
             return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
 
     else:
-        n = int(args.worker.removeprefix("dam"))
         model = DAMModel.from_pretrained(str(base), args.sources[:n], DAMOptions(), dtype=dtype, device=device)
         model.model.config.use_cache = False
         params = model.trainable_coefficients()
+        if pairing == "all":
+            batch["source"].fill_(ALL_SOURCES)
 
-        def loss_fn() -> torch.Tensor:
+        def loss_fn() -> torch.Tensor:  # as dam.training.loop._step: teachers first, then the student
+            # on the fly: full-vocabulary teachers (no top-K); cached: the batch's random top-K targets
+            targets = teacher_targets(batch, model if on_the_fly else None, n, 2.0, None)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            kl = distillation_sum(logits, batch, None, n, 2.0, TOP_K) / tokens
+            kl = distillation_sum(logits, batch["labels"], targets, 2.0) / tokens
             return kl + sum(coefficient_losses(model.coefficients(), similarity=0.01).values())
 
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -162,9 +189,10 @@ def saved_activation_bytes(model: torch.nn.Module, loss_fn, autocast) -> int:
     return sum(saved.values())
 
 
-def run(kind: str, args: argparse.Namespace, base: Path, sources: list[Path]) -> dict:
+def run(kind: str, args: argparse.Namespace, base: Path, sources: list[Path], batch: int | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--base", str(base), "--sources", *map(str, sources)]
-    command += ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq)]
+    command += ["--device", args.device, "--dtype", args.dtype, "--batch", str(batch or args.batch)]
+    command += ["--seq", str(args.seq)]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -183,6 +211,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument(
+        "--memory-batches",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also measure peak memory against the batch size (e.g. 1 2 4 8) for N=3 with full-vocabulary teachers "
+        "on the fly, pairing own and all (one round each)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--sources", nargs="*", help=argparse.SUPPRESS)
@@ -198,19 +234,20 @@ def main() -> None:
         f"after {args.warmup} warm-up ({'wall' if args.device == 'cuda' else 'CPU'} time)",
         flush=True,
     )
-    kinds = ["plain", *(f"dam{n}" for n in SOURCES)]
+    kinds = ["plain", *(f"dam{n}" for n in SOURCES), "dam3-all"]
     rounds = [{kind: run(kind, args, base, sources) for kind in kinds} for _ in range(args.rounds)]
     best = {kind: min((r[kind] for r in rounds), key=lambda m: m["step_s"]) for kind in kinds}
     plain = best["plain"]
-    mb = 2**20
-    print("\n| step | time (s) | x plain | peak memory (MiB) | weights (MiB) | saved activations (MiB) |")
+    print(
+        "\n| step (cached top-K teachers) | time (s) | x plain | peak memory (MiB) | weights (MiB) "
+        "| saved activations (MiB) |"
+    )
     print("|---|---|---|---|---|---|")
     for kind in kinds:
         r = best[kind]
-        label = "plain fine-tune" if kind == "plain" else f"DAM, N={kind.removeprefix('dam')}"
         print(
-            f"| {label} | {r['step_s']:.3f} | {r['step_s'] / plain['step_s']:.2f} | {r['peak_bytes'] / mb:.0f} | "
-            f"{r['weights_bytes'] / mb:.0f} | {r['activation_bytes'] / mb:.0f} |"
+            f"| {label(kind)} | {r['step_s']:.3f} | {r['step_s'] / plain['step_s']:.2f} | "
+            f"{r['peak_bytes'] / MIB:.0f} | {r['weights_bytes'] / MIB:.0f} | {r['activation_bytes'] / MIB:.0f} |"
         )
     ratio3 = best["dam3"]["step_s"] / plain["step_s"]
     added = [(best[f"dam{n + 1}"]["step_s"] - best[f"dam{n}"]["step_s"]) / plain["step_s"] for n in SOURCES[:-1]]
@@ -221,6 +258,27 @@ def main() -> None:
     )
     spread = {k: max(r[k]["step_s"] for r in rounds) / best[k]["step_s"] for k in kinds}
     print("slowest/fastest round: " + ", ".join(f"{k} {v:.2f}" for k, v in spread.items()))
+    if args.memory_batches:
+        memory_table(args, base, sources)
+
+
+def memory_table(args: argparse.Namespace, base: Path, sources: list[Path]) -> None:
+    """Peak memory against the batch size, N=3, full-vocabulary teachers on the fly; the per-sequence growth is the
+    least-squares slope of peak memory over the batch sizes."""
+    batches = sorted(args.memory_batches)
+    print(f"\n| N=3, teachers on the fly, {args.seq} tokens | " + " | ".join(f"batch {b}" for b in batches), end="")
+    print(" | MiB per sequence | CPU s per 1k tokens |")
+    print("|---" * (len(batches) + 3) + "|")
+    for kind in ("dam3-fly", "dam3-fly-all"):
+        runs = [run(kind, args, base, sources, batch=b) for b in batches]
+        peaks = [r["peak_bytes"] / MIB for r in runs]
+        mean_b, mean_p = statistics.mean(batches), statistics.mean(peaks)
+        slope = sum((b - mean_b) * (p - mean_p) for b, p in zip(batches, peaks, strict=True)) / max(
+            sum((b - mean_b) ** 2 for b in batches), 1e-9
+        )
+        per_token = statistics.mean(r["step_s"] / (b * args.seq) * 1000 for r, b in zip(runs, batches, strict=True))
+        cells = " | ".join(f"{p:.0f} MiB" for p in peaks)
+        print(f"| {label(kind).removeprefix('DAM, N=3, ')} | {cells} | {slope:.1f} | {per_token:.2f} |")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ import torch
 from dam.adaptive.losses import (
     coefficient_losses,
     coefficient_similarity,
+    distribution_kl,
     kl_divergence,
     l1_penalty,
     l2_penalty,
+    teacher_distribution,
+    teacher_spread,
     topk_kl_divergence,
 )
 
@@ -165,3 +168,44 @@ def test_prediction_entropy_bounds_mask_and_gradient() -> None:
     expected = (per_token * mask).sum() / mask.sum()
     # float32 arithmetic inside (as for every loss here) against a float64 reference: float32 rounding
     torch.testing.assert_close(prediction_entropy(logits, mask).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def _student_grad(loss_fn, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = student.clone().requires_grad_()
+    value = loss_fn(s)
+    value.backward()
+    return value.detach(), s.grad
+
+
+def test_mean_of_teacher_kls_is_the_kl_to_the_mean_teacher_distribution():
+    # pairing "all": mean_s KL(p_s || q) = KL(pbar || q) + mean_s KL(p_s || pbar); same value, same student gradient
+    student, mask = _logits(10), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    teachers = [_logits(11 + k) for k in range(3)]
+    per_teacher, g_per_teacher = _student_grad(
+        lambda s: sum(kl_divergence(s, t, mask, temperature=2.0) for t in teachers) / 3, student
+    )
+    parts = [teacher_distribution(t, temperature=2.0) for t in teachers]
+    log_mean = (sum(log_p.exp() for log_p, _ in parts) / 3).log()
+    spread = teacher_spread(log_mean, sum(h for _, h in parts) / 3)
+    assert spread.min() > 0  # the teachers differ: mean_s KL(p_s || pbar) > 0
+    pooled, g_pooled = _student_grad(lambda s: distribution_kl(s, log_mean, spread, mask, temperature=2.0), student)
+    # float32 sums over 11 classes in two different orders: a few ulps of values of order 1
+    torch.testing.assert_close(pooled, per_teacher, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_pooled, g_per_teacher, rtol=1e-5, atol=1e-7)
+    assert g_pooled.abs().max() > 1e-3  # a real gradient
+    assert g_pooled[0, 3:].abs().max() == 0  # masked tokens get none
+
+
+def test_topk_over_several_teachers_is_the_mean_of_their_kls_with_the_same_gradient():
+    student, mask = _logits(20), torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+    tops = [_logits(21 + k).topk(4, dim=-1) for k in range(3)]
+    per_teacher, g_per_teacher = _student_grad(
+        lambda s: sum(topk_kl_divergence(s, t.values, t.indices, mask, temperature=2.0) for t in tops) / 3, student
+    )
+    values = torch.stack([t.values for t in tops], dim=-2)  # (B, T, S, K)
+    indices = torch.stack([t.indices for t in tops], dim=-2)
+    pooled, g_pooled = _student_grad(lambda s: topk_kl_divergence(s, values, indices, mask, temperature=2.0), student)
+    # the same terms summed in another order (S*K at once instead of K per teacher): float32 rounding only
+    torch.testing.assert_close(pooled, per_teacher, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_pooled, g_per_teacher, rtol=1e-5, atol=1e-7)
+    assert g_pooled.abs().max() > 1e-3

@@ -43,6 +43,15 @@ def test_get_rows_reads_a_slice_of_the_first_dimension(tmp_path: Path) -> None:
         reader.get_rows("model.norm.weight", 0, 10**6)
 
 
+def torchrun_two(*args: str) -> subprocess.CompletedProcess:
+    """``train_dam.py`` on two gloo CPU processes with sharded sources."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    command += ["train_dam.py", str(TINY), *args, "train.shard_sources=true"]
+    env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["column", "row_column"])
 def test_two_sharded_processes_equal_one_process(tmp_path: Path, granularity: str) -> None:
@@ -50,19 +59,14 @@ def test_two_sharded_processes_equal_one_process(tmp_path: Path, granularity: st
     common = [
         *tiny_overrides(base, sources, None),
         f"dam.granularity={granularity}",  # row_column: the row scales start at 1 on the meta-built wrapper too
-        "train.max_steps=3",
         "train.lr=1e-3",
-        "train.save_every=2",
         "loss.l2=1e-3",  # with the config's loss.similarity: the regularisers run on the sharded model too
         "data.pairing=all",
     ]
     out = tmp_path / "sharded"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    command += ["train_dam.py", str(TINY), *common, f"output_dir={out}", "train.batch_size=1", "train.grad_accum=2"]
-    command += ["train.shard_sources=true"]
-    env = os.environ | {"WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    split = [f"output_dir={out}", "train.batch_size=1", "train.grad_accum=2"]
+    resume = granularity == "column"  # stopped at step 2 and resumed to 3 (once: each launch costs ~20 s)
+    done = torchrun_two(*common, *split, f"train.max_steps={2 if resume else 3}", "train.save_every=2")
     assert done.returncode == 0, done.stderr[-3000:]
     found = re.findall(r"process (\d): ([\d.]+) MiB of the ([\d.]+)", done.stdout)
     held = {int(p): (float(a), float(t)) for p, a, t in found}
@@ -71,8 +75,14 @@ def test_two_sharded_processes_equal_one_process(tmp_path: Path, granularity: st
         # half of every source tensor's rows, rounded up per tensor: within 3% of half for this tiny model
         assert abs(local / total - 0.5) < 0.03, held
     assert (out / "checkpoints" / "step_2" / "custom_checkpoint_0.pkl").is_file()  # the coefficients, whole
+    if resume:
+        done = torchrun_two(*common, *split, "train.max_steps=3")  # resumes the sharded run from step 2
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "resumed from" in done.stdout and "step 2" in done.stdout, done.stdout[-2000:]
 
-    single = train(load_config(TINY, [*common, f"output_dir={tmp_path / 'single'}", "train.batch_size=4"]))
+    single = train(
+        load_config(TINY, [*common, f"output_dir={tmp_path / 'single'}", "train.batch_size=4", "train.max_steps=3"])
+    )
     a = load_file(out / "dam_coefficients.safetensors")
     b = load_file(single / "dam_coefficients.safetensors")
     # moved away from the init: columns start at 1/3, row_column's row scales at 1
@@ -83,3 +93,17 @@ def test_two_sharded_processes_equal_one_process(tmp_path: Path, granularity: st
         # of float32 sums over the batch split (2 processes x 2 micro-batches vs one batch of 4): ~1e-7 relative
         # on coefficients of size ~1/3 after 3 steps, well inside 1e-6
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.slow
+def test_non_finite_gradient_stops_every_sharded_process(tmp_path: Path) -> None:
+    """The gradient norm is global (replicated coefficients after the all-reduce), so both processes stop at the
+    same step with the same message; a process left behind in a collective would hang until the timeout."""
+    base, sources = make_family(tmp_path / "family", 3)
+    out = tmp_path / "nan"
+    done = torchrun_two(
+        *tiny_overrides(base, sources, out), "train.lr=1e30", "train.save_every=1", "train.max_steps=5"
+    )
+    assert done.returncode != 0
+    assert len(re.findall(r"error: non-finite loss or gradient at step 2 ", done.stderr)) == 2, done.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"

@@ -6,7 +6,7 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dam.training.teacher_cache as tc
-from dam.adaptive.losses import topk_kl_divergence
+from dam.adaptive.losses import teacher_distribution, topk_kl_divergence
 from dam.adaptive.model import DAMModel
 from dam.cli import main
 from dam.errors import DamError
@@ -92,6 +92,30 @@ def test_on_the_fly_full_and_topk(family, hf_sources):
         tc.teacher_logprobs(*args[:3], torch.tensor([0, 3, 1, 1]), 3)
     with pytest.raises(DamError, match="top_k=500 is larger than the vocabulary"):
         tc.teacher_logprobs(*args, top_k=500)
+
+
+def test_on_the_fly_mean_teacher_distribution(family):
+    """Full-vocabulary targets as one [B, T, V] mean distribution: each row's own teacher, or all three."""
+    dataset, _ = _build(family)
+    batch = DataCollator(pad_token_id=0)([dataset[i] for i in range(4)])
+    args = (family[3], batch["input_ids"], batch["attention_mask"])
+    own_logprobs, _ = tc.teacher_logprobs(*args, batch["source"], 3)  # [B, 1, T, V]
+    all_logprobs, _ = tc.teacher_logprobs(*args, torch.full((4,), ALL_SOURCES), 3)  # [B, 3, T, V]
+    for source, logprobs in ((batch["source"], own_logprobs), (torch.full((4,), ALL_SOURCES), all_logprobs)):
+        log_mean, spread = tc.teacher_distributions(*args, source, 3, 2.0)
+        parts = [teacher_distribution(logprobs[:, s], 2.0)[0] for s in range(logprobs.shape[1])]
+        mean = sum(log_p.exp() for log_p in parts) / len(parts)
+        assert log_mean.shape == logprobs[:, 0].shape and spread.shape == logprobs.shape[:1] + logprobs.shape[2:3]
+        # the same float32 softmax per teacher, averaged in another order (log-sum-exp): rounding only
+        torch.testing.assert_close(log_mean.exp(), mean, atol=1e-6, rtol=1e-5)
+        if len(parts) == 1:
+            # one teacher: its own log-probabilities (here from log-probabilities, there from logits: a few ulps)
+            torch.testing.assert_close(log_mean, parts[0], atol=2e-6, rtol=1e-6)
+            assert not spread.any()
+        else:  # mean_s KL(p_s || pbar), directly, against the entropy form (float32 sums of ~5: ~1e-6)
+            direct = sum(torch.nn.functional.kl_div(log_mean, lp, reduction="none", log_target=True) for lp in parts)
+            torch.testing.assert_close(spread, direct.sum(-1) / 3, atol=2e-6, rtol=1e-4)
+            assert spread.mean() > 1e-3
 
 
 def test_cached_targets_feed_the_topk_kl(tmp_path, family, hf_sources):

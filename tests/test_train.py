@@ -20,7 +20,7 @@ from dam.errors import DamError
 from dam.testing import make_family
 from dam.training.config import DAMConfig, TrainConfig, load_config
 from dam.training.data import DataCollator, build_train_dataset
-from dam.training.loop import _setup_model, distillation_sum, train
+from dam.training.loop import _setup_model, distillation_sum, teacher_targets, train
 from dam.training.run_dir import LATEST_FILE, latest_checkpoint
 
 
@@ -52,9 +52,9 @@ def mean_distillation_loss(config: DAMConfig, coefficients_file: Path | None) ->
         {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
     )
     batch = DataCollator(pad_token_id=tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    targets = teacher_targets(batch, _Teachers(model, model), model.num_sources, config.loss.temperature, None)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    teachers = _Teachers(model, model)
-    total = distillation_sum(logits, batch, teachers, model.num_sources, config.loss.temperature, None)
+    total = distillation_sum(logits, batch["labels"], targets, config.loss.temperature)
     return float(total) / float((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -127,7 +127,9 @@ def test_gradient_accumulation_equals_a_bigger_batch(family: tuple[Path, list[Pa
     assert max(float((a[k] - 1 / 3).abs().max()) for k in a) > 1e-4  # it trained
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
-    assert metrics(big)[-1]["loss/kl"] == pytest.approx(metrics(split)[-1]["loss/kl"], rel=1e-5)
+    # the logits of a padded batch of 2 and of single rows differ by float32 rounding (~1e-7 in log-probabilities),
+    # which moves a KL of ~0.008 by ~1e-7: up to ~1.5e-5 relative was seen, so 5e-5
+    assert metrics(big)[-1]["loss/kl"] == pytest.approx(metrics(split)[-1]["loss/kl"], rel=5e-5)
 
 
 def test_gradient_checkpointing_changes_memory_not_results(family: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -1,7 +1,11 @@
 """DAM training losses: pure functions of tensors (torch only).
 
 - :func:`kl_divergence`: ``T^2 * KL(softmax(t/T) || softmax(s/T))`` per token, averaged over non-padding tokens.
-- :func:`topk_kl_divergence`: the same from cached top-K teacher logits and their vocabulary indices.
+- :func:`teacher_distribution`, :func:`teacher_spread` and :func:`distribution_kl`: the same from a teacher
+  distribution kept as one ``(..., V)`` tensor of log-probabilities, which may be the mean of several teachers'
+  (``pairing: all``).
+- :func:`topk_kl_divergence`: the same from cached top-K teacher logits and their vocabulary indices, for one
+  teacher or the mean over S teachers.
 - :func:`prediction_entropy`: the entropy of the model's own predictive distribution per token, averaged over
   non-padding tokens (AdaMerging's label-free, teacher-free objective).
 - :func:`coefficient_similarity`: mean pairwise cosine of the per-source coefficient vectors, averaged over modules.
@@ -9,6 +13,11 @@
   toward zero or toward given targets (the init).
 - :func:`coefficient_losses`: the weighted regularisers as a dict; a term whose weight is 0 is absent (and not
   computed).
+
+Several teachers at once: with ``pbar = mean_s p_s``, the mean over teachers s of ``KL(p_s || q)`` is
+``sum_v pbar_v log(1/q_v) - mean_s H(p_s)``, a cross-entropy to the mean teacher distribution minus a constant of
+the student, or equally ``KL(pbar || q) + mean_s KL(p_s || pbar)``. So the student's log-softmax is taken once
+whatever the number of teachers, and full-vocabulary targets are one ``(..., V)`` tensor, not one per teacher.
 
 The training loop combines them as ``loss = kl_weight * kl + sum(coefficient_losses(...).values())``. All
 arithmetic is in float32 whatever the logits' dtype.
@@ -47,10 +56,50 @@ def kl_divergence(
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} vs teacher {tuple(teacher_logits.shape)}")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V)
+    log_p, _ = teacher_distribution(teacher_logits, temperature)
+    return distribution_kl(student_logits, log_p, torch.zeros_like(log_p[..., 0]), mask, temperature)
+
+
+def teacher_distribution(teacher_logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``log p = log_softmax(t / T)`` (..., V) float32 and the negative entropy ``sum_v p_v log p_v`` (...).
+
+    ``teacher_logits`` (..., V) may be log-probabilities (a per-token shift cancels).
+    """
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
-    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # (...)
-    return temperature**2 * _masked_mean(kl, mask)
+    return log_p, (log_p.exp() * log_p).sum(-1)
+
+
+def teacher_spread(mean_logprobs: Tensor, mean_neg_entropy: Tensor) -> Tensor:
+    """``mean_s KL(p_s || pbar) = mean_s sum_v p_s log p_s - sum_v pbar log pbar`` (...) for S teachers, from the
+    log of their mean distribution ``pbar`` (..., V) and the mean of their negative entropies
+    (:func:`teacher_distribution`)."""
+    return mean_neg_entropy - (mean_logprobs.exp() * mean_logprobs).sum(-1)
+
+
+def distribution_kl(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_spread: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """``T^2 * mean_tokens (spread + KL(pbar || q))`` with ``q = softmax(s / T)``.
+
+    student_logits (..., V); teacher_logprobs ``log pbar`` (..., V), the log of the mean of S teachers'
+    distributions at temperature T; teacher_spread (...), their :func:`teacher_spread` (0 for one teacher). Both
+    are constants: no gradient flows to them. Since ``mean_s KL(p_s || q) = mean_s KL(p_s || pbar) + KL(pbar || q)``,
+    this is the mean over the S teachers of ``KL(p_s || q)``, with one student log-softmax and one (..., V) target
+    whatever S. The KL is summed term by term, ``pbar (log pbar - log q)``, which keeps its float32 precision when
+    it is small.
+    """
+    if student_logits.shape != teacher_logprobs.shape or teacher_spread.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} vs teacher log-probabilities "
+            f"{tuple(teacher_logprobs.shape)} and spread {tuple(teacher_spread.shape)}"
+        )
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V)
+    kl = F.kl_div(log_q, teacher_logprobs.float(), reduction="none", log_target=True).sum(-1)  # (...)
+    return temperature**2 * _masked_mean(teacher_spread.float() + kl, mask)
 
 
 def topk_kl_divergence(
@@ -63,8 +112,9 @@ def topk_kl_divergence(
     """KL from cached top-K teacher logits: ``T^2 * mean_tokens KL(p~_t || p_s)``.
 
     student_logits: (..., V); teacher_topk_logits: (..., K) (any float dtype; top-K log-probabilities work as
-    well, since a per-token shift cancels in the softmax over K); teacher_topk_indices: (..., K) vocabulary ids;
-    mask as in :func:`kl_divergence`.
+    well, since a per-token shift cancels in the softmax over K) or (..., S, K) for S teachers, whose KLs are
+    averaged with one student log-softmax; teacher_topk_indices: vocabulary ids, same shape; mask as in
+    :func:`kl_divergence`.
 
     Approximation: the teacher distribution is replaced by ``p~_t``, its softmax over the K cached logits
     (renormalised top-K, zero elsewhere). The student keeps its full softmax over V, so this is an exact KL
@@ -77,12 +127,19 @@ def topk_kl_divergence(
         raise ValueError(
             f"top-k logits {tuple(teacher_topk_logits.shape)} vs indices {tuple(teacher_topk_indices.shape)}"
         )
-    if student_logits.shape[:-1] != teacher_topk_logits.shape[:-1]:
+    lead = student_logits.shape[:-1]
+    several = teacher_topk_logits.dim() == student_logits.dim() + 1
+    if teacher_topk_logits.shape[: len(lead)] != lead or teacher_topk_logits.dim() not in (
+        len(lead) + 1,
+        len(lead) + 2,
+    ):
         raise ValueError(f"student logits {tuple(student_logits.shape)} vs top-k {tuple(teacher_topk_logits.shape)}")
+    slots = teacher_topk_logits.shape[-2] if several else 1
+    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1).reshape(*lead, -1)  # (..., S*K)
+    indices = teacher_topk_indices.reshape(*lead, -1).long()  # (..., S*K)
     s = student_logits.float() / temperature  # (..., V)
-    log_q = s.gather(-1, teacher_topk_indices.long()) - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., K)
-    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1)  # (..., K)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (...)
+    log_q = s.gather(-1, indices) - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., S*K)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) / slots  # (...): the mean of the S teachers' KLs
     return temperature**2 * _masked_mean(kl, mask)
 
 

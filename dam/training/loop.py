@@ -8,9 +8,9 @@ save and export. One optimizer step:
    micro-batch is ``kl_weight * sum_tokens KL / global_tokens`` (times the number of processes, which DDP's
    gradient averaging divides out): the gradient is the token mean over the global batch whatever its split into
    processes and micro-batches;
-3. per micro-batch: teacher targets (cached top-K log-probabilities from ``dam cache-logits``, or teacher k run on
-   the fly as the wrapper with source k selected, under no_grad), the student forward, backward; gradients are
-   all-reduced only on the last micro-batch (``accelerator.no_sync`` before it);
+3. per micro-batch: teacher targets first (cached top-K log-probabilities from ``dam cache-logits``, or teacher k
+   run on the fly as the wrapper with source k selected, under no_grad), then the student forward and backward;
+   gradients are all-reduced only on the last micro-batch (``accelerator.no_sync`` before it);
    With ``loss.objective: entropy`` (AdaMerging) no teacher runs: the term is the student's prediction entropy,
    token-summed and scaled the same way;
 4. the coefficient regularisers (``loss.similarity``, ``loss.l1``, ``loss.l2``) once per step;
@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from dam.adaptive.coefficients import save_coefficients
-from dam.adaptive.losses import coefficient_losses, kl_divergence, prediction_entropy, topk_kl_divergence
+from dam.adaptive.losses import coefficient_losses, distribution_kl, prediction_entropy, topk_kl_divergence
 from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
@@ -67,7 +67,12 @@ from dam.training.run_dir import (
     save_checkpoint,
 )
 from dam.training.sharding import average_gradients, shard_sources, source_bytes
-from dam.training.teacher_cache import data_fingerprint, load_training_dataset, teacher_logprobs
+from dam.training.teacher_cache import (
+    data_fingerprint,
+    load_training_dataset,
+    teacher_distributions,
+    teacher_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -354,36 +359,42 @@ def loss_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def distillation_sum(
-    student_logits: torch.Tensor,
+def teacher_targets(
     batch: dict[str, torch.Tensor],
     teachers: _Teachers | None,
     num_sources: int,
     temperature: float,
     top_k: int | None,
-) -> torch.Tensor:
-    """``sum over loss tokens of T^2 KL(teacher || student)``, averaged over the teachers of each row.
+) -> dict[str, torch.Tensor]:
+    """The batch's teacher targets, computed before the student's forward (so no teacher runs while the student's
+    graph is alive): cached or on-the-fly top-K log-probabilities and indices (``logprobs``/``indices``
+    [B, S, T, K]), or, on the fly without ``top_k``, the mean teacher distribution (``mean_logprobs`` [B, T, V]
+    and ``spread`` [B, T]; see :func:`dam.training.teacher_cache.teacher_distributions`)."""
+    if teachers is None:
+        return {"logprobs": batch["teacher_logprobs"], "indices": batch["teacher_indices"]}
+    args = (teachers, batch["input_ids"], batch["attention_mask"], batch["source"], num_sources)
+    if top_k is None:
+        mean_logprobs, spread = teacher_distributions(*args, temperature)
+        return {"mean_logprobs": mean_logprobs, "spread": spread}
+    values, indices = teacher_logprobs(*args, top_k)
+    return {"logprobs": values, "indices": indices}
 
-    ``student_logits`` [B, T, V]. Teacher targets come from the batch (cached ``teacher_logprobs`` /
-    ``teacher_indices`` [B, S, T, K]) or, with ``teachers``, are computed now (top-``top_k`` or full
-    log-probabilities [B, S, T, K or V]). S is 1 (each row's own teacher) or N (``pairing: all``).
+
+def distillation_sum(
+    student_logits: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float
+) -> torch.Tensor:
+    """``sum over loss tokens of T^2 KL(teacher || student)``, averaged over the teachers of each row (S of them:
+    1 for ``pairing: own``, N for ``all``), with one student log-softmax.
+
+    ``student_logits`` [B, T, V]; ``labels`` [B, T]; ``targets`` from :func:`teacher_targets`.
     """
-    mask = loss_mask(batch["labels"])
-    if teachers is not None:
-        values, indices = teacher_logprobs(
-            teachers, batch["input_ids"], batch["attention_mask"], batch["source"], num_sources, top_k
-        )
-    else:
-        values, indices = batch["teacher_logprobs"], batch["teacher_indices"]
-    slots = values.shape[1]
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    for s in range(slots):
-        if indices is None:
-            mean = kl_divergence(student_logits, values[:, s], mask, temperature)
-        else:
-            mean = topk_kl_divergence(student_logits, values[:, s], indices[:, s], mask, temperature)
-        total = total + mean
-    return total * mask.sum() / slots  # the losses average over the mask; the loop needs the sum
+    mask = loss_mask(labels)
+    if "mean_logprobs" in targets:
+        mean = distribution_kl(student_logits, targets["mean_logprobs"], targets["spread"], mask, temperature)
+    else:  # [B, S, T, K] -> [B, T, S, K]: the S teachers' KLs averaged per token
+        logprobs, indices = targets["logprobs"].transpose(1, 2), targets["indices"].transpose(1, 2)
+        mean = topk_kl_divergence(student_logits, logprobs, indices, mask, temperature)
+    return mean * mask.sum()  # the losses average over the mask; the loop needs the sum
 
 
 # ---------------------------------------------------------------------------------------------------- loop
@@ -480,15 +491,19 @@ def _step(
     regularisers: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            targets = None  # teachers first, so that none runs while the student's graph is alive
+            if config.loss.objective == "kl":
+                targets = teacher_targets(
+                    batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
+                )
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if config.loss.objective == "entropy":  # AdaMerging: no teachers
                 mask = loss_mask(batch["labels"])
                 term = prediction_entropy(logits, mask) * mask.sum()  # the token sum, like distillation_sum
             else:
-                term = distillation_sum(
-                    logits, batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
-                )
+                term = distillation_sum(logits, batch["labels"], targets, config.loss.temperature)
+            del targets
             loss = weight * term * scale
             if last:
                 regularisers = coefficient_losses(

@@ -95,8 +95,10 @@ def shard_sources(model: DAMModel, device: torch.device) -> None:
 
 
 def _load_shards(model: DAMModel, rank: int, world: int) -> None:
-    """Fill this process's rows of every stacked source tensor from the source checkpoints."""
+    """Fill this process's rows of every stacked source tensor from the source checkpoints. NaN or Inf in any
+    process's rows stops every process with the same DamError (a process left alone would wait in a collective)."""
     readers = [CheckpointReader(s) for s in model.sources]
+    bad = None
     try:
         for name, (module, attr, _) in model.merged_tensors.items():
             param = getattr(module, f"{attr}_sources")
@@ -106,10 +108,18 @@ def _load_shards(model: DAMModel, rank: int, world: int) -> None:
                 raise RuntimeError(f"{name}: FSDP gave {local.shape[1]} rows, expected {start}:{end}")
             with torch.no_grad():
                 for i, reader in enumerate(readers):
-                    local[i].copy_(reader.get_rows(name, start, end, dtype=local.dtype))
+                    rows = reader.get_rows(name, start, end, dtype=local.dtype)
+                    if bad is None and not bool(torch.isfinite(rows).all()):
+                        bad = f"source {reader.name!r}: tensor {name!r} contains NaN or Inf"
+                    local[i].copy_(rows)
     finally:
         for r in readers:
             r.close()
+    found: list[str | None] = [None] * world
+    dist.all_gather_object(found, bad)
+    first = next((b for b in found if b is not None), None)
+    if first is not None:
+        raise DamError(first)
 
 
 def shard_rows(size: int, rank: int, world: int) -> tuple[int, int]:

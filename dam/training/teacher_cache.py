@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm import tqdm
 
+from dam.adaptive.losses import teacher_distribution, teacher_spread
 from dam.errors import DamError
 from dam.io.checkpoint import resolve_folder
 from dam.io.lora import split_reference
@@ -224,6 +226,59 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+def _teacher_plan(source: torch.Tensor, num_sources: int) -> tuple[list[tuple[int, int, torch.Tensor]], int]:
+    """``[(teacher, slot, rows)]`` for a batch's ``source`` column ``[B]``, and the number of slots S: one teacher
+    forward per distinct index over its rows into slot 0 (S = 1), or every teacher over all rows into its own slot
+    (S = N) when every row is :data:`ALL_SOURCES`."""
+    source = source.to(torch.long).cpu()
+    every = source == ALL_SOURCES
+    if bool(every.any()) and not bool(every.all()):
+        raise DamError("a batch mixes rows for all teachers (source -1) with rows for one teacher")
+    bad = source[(source < ALL_SOURCES) | (source >= num_sources)]
+    if len(bad):
+        raise DamError(f"source index {int(bad[0])} is out of range for {num_sources} sources")
+    if bool(every.all()):
+        return [(k, k, torch.arange(len(source))) for k in range(num_sources)], num_sources
+    return [(int(k), 0, (source == k).nonzero().flatten()) for k in source.unique()], 1
+
+
+@torch.no_grad()
+def teacher_distributions(
+    model: TeacherModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    source: torch.Tensor,
+    num_sources: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary teacher targets for one batch, compactly: ``log pbar``, the log of the mean over each row's
+    teachers (its own, or all N for :data:`ALL_SOURCES` rows) of ``p = softmax(z / T)``, ``[B, T, V]`` float32, and
+    the teachers' spread around it (:func:`dam.adaptive.losses.teacher_spread`, 0 for one teacher), ``[B, T]``: what
+    :func:`dam.adaptive.losses.distribution_kl` takes. One ``[B, T, V]`` tensor whatever the number of teachers,
+    where per-teacher log-probabilities would be ``[B, S, T, V]``.
+    """
+    batch, length = input_ids.shape
+    plan, slots = _teacher_plan(source, num_sources)
+    log_mean = neg_entropy = None
+    for k, _, rows in plan:
+        rows_dev = rows.to(input_ids.device)
+        with model.select_source(k):
+            logits = model(input_ids=input_ids[rows_dev], attention_mask=attention_mask[rows_dev]).logits
+        if log_mean is None:
+            shape = (batch, length, logits.shape[-1])
+            log_mean = torch.full(shape, -math.inf, dtype=torch.float32, device=logits.device)
+            neg_entropy = torch.zeros((batch, length), dtype=torch.float32, device=logits.device)
+        for j, row in enumerate(rows.to(logits.device)):  # one row at a time bounds the float32 [T, V] temporaries
+            log_p, h = teacher_distribution(logits[j], temperature)
+            log_mean[row] = log_p if slots == 1 else torch.logaddexp(log_mean[row], log_p)
+            neg_entropy[row] += h / slots
+        del logits
+    if slots == 1:
+        return log_mean, torch.zeros_like(neg_entropy)
+    log_mean -= math.log(slots)
+    return log_mean, teacher_spread(log_mean, neg_entropy)
+
+
 @torch.no_grad()
 def teacher_logprobs(
     model: TeacherModel,
@@ -241,20 +296,8 @@ def teacher_logprobs(
     ``[B, S, T, K]`` float32 log-probabilities of the K most likely tokens (best first) and their int64 token
     ids; without, ``[B, S, T, V]`` full log-probabilities and ``None``. S is 1, or N for ``ALL_SOURCES`` rows.
     """
-    source = source.to(torch.long).cpu()
-    every = source == ALL_SOURCES
-    if bool(every.any()) and not bool(every.all()):
-        raise DamError("a batch mixes rows for all teachers (source -1) with rows for one teacher")
-    bad = source[(source < ALL_SOURCES) | (source >= num_sources)]
-    if len(bad):
-        raise DamError(f"source index {int(bad[0])} is out of range for {num_sources} sources")
     batch, length = input_ids.shape
-    if bool(every.all()):
-        plan = [(k, k, torch.arange(batch)) for k in range(num_sources)]  # (teacher, slot, rows)
-        slots = num_sources
-    else:
-        plan = [(int(k), 0, (source == k).nonzero().flatten()) for k in source.unique()]
-        slots = 1
+    plan, slots = _teacher_plan(source, num_sources)
     values = indices = None
     for k, slot, rows in plan:
         rows_dev = rows.to(input_ids.device)
