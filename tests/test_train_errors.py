@@ -35,7 +35,10 @@ def _nan_source(source: Path, folder: Path) -> Path:
 def _rope_source(source: Path, folder: Path) -> Path:
     copy = _copy(source, folder)
     config = json.loads((copy / "config.json").read_text())
-    config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": 1e6}
+    if "rope_parameters" in config:  # transformers 5
+        config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": 1e6}
+    else:
+        config["rope_theta"] = 1e6
     (copy / "config.json").write_text(json.dumps(config))
     return copy
 
@@ -67,7 +70,7 @@ def _case(name: str, base: Path, sources: list[Path], tmp: Path) -> tuple[Path, 
 CASES = {
     "output_dir is a file": r"output_dir '.*run' is a file, not a folder",
     "NaN/Inf weights": r"source '.*nan': tensor 'model.layers.1.mlp.up_proj.weight' contains NaN or Inf",
-    "config differs in a forward field": r"source '.*rope' has rope_parameters .*1000000.0.* but base",
+    "config differs in a forward field": r"source '.*rope' has rope_(parameters .*|theta )1000000.0.* but base",
     "source listed twice": r"models 'arithmetic' and 'counting' are the same model \('.*/\.\./.*source0'\)",
     "base folder missing": r"model '.*no_such_base': folder not found",
     "base config unreadable": r"base '.*broken_base': cannot read config.json",
