@@ -431,6 +431,7 @@ def _fit(
         loader.set_epoch(epoch)
         batches = iter(loader)
         while step < total_steps and (window := list(islice(batches, config.train.grad_accum))):
+            _mask_padding(accelerator, window[-1], config.train.batch_size)
             metrics, tokens = _step(accelerator, config, model, wrapper, teachers, params, window)
             if not all(math.isfinite(v) for v in metrics.values()):
                 bar.close()
@@ -467,6 +468,18 @@ def _fit(
                 save_checkpoint(accelerator, run_dir, step, state, config.train.keep_checkpoints)
                 saved_step = step
     bar.close()
+
+
+def _mask_padding(accelerator: Any, batch: dict[str, torch.Tensor], batch_size: int) -> None:
+    """Give accelerate's padding rows no loss. So that every process takes the same number of steps, the last
+    global batch of an epoch is completed with samples from the epoch's start (``even_batches``): of its
+    ``batch_size * processes`` rows, taken process by process, the first ``remainder`` are real. The others are
+    duplicates, which would count twice; their labels become -100, so the step's gradient is the token mean over the
+    real examples, as one process computes it (tested on ``p.grad``)."""
+    state = accelerator.gradient_state
+    if state.end_of_dataloader and state.remainder > 0:
+        real = min(batch_size, max(0, state.remainder - accelerator.process_index * batch_size))
+        batch["labels"][real:] = IGNORE_INDEX
 
 
 def _step(
