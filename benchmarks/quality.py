@@ -11,9 +11,11 @@ DAM config per combination of the listed values (on top of the positional overri
 every seed, and the one with the best mean *validation* score (the worst skill's DAM / expert ratio, then the
 skills mean) is the one whose *test* figures are printed. Without ``--grid`` there is one candidate.
 
-Prints, per model (base, experts, classic merges, DAM) and task, the mean and population std of the exact-match
-test accuracy over all runs, the same for the mean over the skills, and the two goals of issue 5 checked on the
-means: DAM's skills mean >= the best classic method's + 5 points, and DAM >= 90% of each expert's own accuracy.
+Prints, per model (base, experts, classic merges, RegMean, AdaMerging, DAM at each granularity) and task, the
+mean and population std of the exact-match test accuracy over all runs, the same for the mean over the skills,
+each run's time and peak memory per merge, and the two goals of issue 5 checked on the
+means: DAM's skills mean >= the best classic method's + 5 points, and DAM >= 90% of each expert's own accuracy;
+then every learned merge's worst skill / expert ratio (issue 10's goal: the best learned merge >= 90%).
 Writes every run's accuracies (validation and test) and the summary to ``WORKDIR/quality.json``.
 
     python benchmarks/quality.py [--seeds 0 1 2] [--root data/demo] [--workdir runs/quality]
@@ -94,6 +96,12 @@ def format_summary(summary: dict, tasks: list[str]) -> str:
     lines.append(
         f"DAM / expert on its own skill: {ratios} (goal >= 90%: {'met' if goals['retention_goal_met'] else 'NOT met'})"
     )
+    worst = goals["worst_retention"]
+    if worst:
+        best = max(worst, key=worst.__getitem__)
+        learned = ", ".join(f"{m} {100 * r:.0f}%" for m, r in worst.items())
+        verdict = "met" if worst[best] >= 0.9 else "NOT met"
+        lines.append(f"worst skill / its expert per learned merge: {learned} (best: {best}; goal >= 90%: {verdict})")
     return "\n".join(lines)
 
 
@@ -129,7 +137,8 @@ def main() -> None:
                     f"{label} seed {seed} {' '.join(extra)} (DAM {summary['dam_status']}, "
                     f"{summary['seconds']['dam']:.0f} s), test accuracy:"
                 )
-                print(format_comparison(summary["accuracy"], summary["tasks"], summary["skills"]), flush=True)
+                table = format_comparison(summary["accuracy"], summary["tasks"], summary["skills"], summary["costs"])
+                print(table, flush=True)
                 runs[c].append(
                     {
                         "family": label,
@@ -138,6 +147,7 @@ def main() -> None:
                         "accuracy": summary["accuracy"],
                         "validation_accuracy": summary["validation_accuracy"],
                         "seconds": summary["seconds"],
+                        "costs": summary["costs"],
                     }
                 )
     tasks, skills = summary["tasks"], summary["skills"]

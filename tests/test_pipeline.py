@@ -11,7 +11,16 @@ import pytest
 import yaml
 
 from dam.cli import main
-from dam.demo.run import CLASSIC_METHODS, CONFIG_DIR, MERGE_CONFIG_DIR, dam_config, merge_config_text, rebase, run_demo
+from dam.demo.run import (
+    CLASSIC_METHODS,
+    CONFIG_DIR,
+    LEARNED_BASELINES,
+    MERGE_CONFIG_DIR,
+    dam_config,
+    merge_config_text,
+    rebase,
+    run_demo,
+)
 from dam.errors import DamError
 from dam.merge.config import parse_merge_config
 
@@ -51,17 +60,26 @@ def test_configs_point_at_the_root(tmp_path):
 # the module fixture builds a tiny family and trains DAM: ~9 s on 2 idle cores (50 s when they are shared)
 def test_run_writes_table_results_and_plots(demo_run):
     root, out, summary = demo_run
-    models = ["base", "reverse", "sort", "shift", *CLASSIC_METHODS, "dam"]
+    # the default granularity is the dam row; the other one is a learned baseline beside RegMean and AdaMerging
+    others = [m for m in LEARNED_BASELINES if m != f"dam_{summary['dam_options']['granularity']}"]
+    models = ["base", "reverse", "sort", "shift", *CLASSIC_METHODS, "regmean", *others, "dam"]
     tasks = ["generic", "reverse", "sort", "shift"]
     assert summary["dam_status"] == "trained"
     lines = summary["table"].splitlines()
-    assert lines[0].split()[-2:] == ["skills", "mean"] and [line.split()[0] for line in lines[1:]] == models
+    assert lines[0].split()[-6:-4] == ["skills", "mean"] and [line.split()[0] for line in lines[1:]] == models
     saved = json.loads((out / "results.json").read_text())
     assert list(saved["accuracy"]) == models and saved["tasks"] == tasks
     assert all(set(saved["accuracy"][m]) == set(tasks) for m in models)
     assert list(saved["validation_accuracy"]) == models
     assert all(r["tasks"][t]["n"] == 20 for r in saved["models"] + saved["validation_models"] for t in tasks)
     assert set(saved["goals"]["retention"]) == {"reverse", "sort", "shift"}
+    assert set(saved["goals"]["worst_retention"]) == {"regmean", *others, "dam"}
+    for m in [*CLASSIC_METHODS, "regmean", *others, "dam"]:  # every merge measured in its own child process
+        assert saved["costs"][m]["seconds"] > 0 and saved["costs"][m]["peak_rss_mib"] > 50, m
+    assert lines[0].split()[-4:] == ["time", "s", "peak", "MiB"]
+    ada = (out / "learned" / "adamerging" / "config.yaml").read_text()
+    assert "granularity: tensor" in ada and "objective: entropy" in ada
+    assert (out / "merges" / "regmean" / "regmean.json").is_file()
     for png in ("results.png", "coefficients.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all((out / "merges" / m / "mergekit_config.yml").is_file() for m in CLASSIC_METHODS)

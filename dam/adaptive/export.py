@@ -239,10 +239,20 @@ def _chat_template_of(folder: Path) -> str | None:
     return None
 
 
+_GRANULARITY_TEXT = {
+    "column": "linear layers `W = sum_i W_i diag(c_i)` (one coefficient per input column and source), embeddings "
+    "`E = sum_i E_i diag(c_i)` over the hidden dimension, norms `w = sum_i w_i * c_i` elementwise.",
+    "row_column": "linear layers and embeddings `W = sum_i diag(r_i) W_i diag(c_i)` (one coefficient per output "
+    "row and one per input column, per source), norms `w = sum_i w_i * c_i` elementwise.",
+    "tensor": "every tensor `W = sum_i c_i W_i` (one coefficient per source and tensor).",
+}
+
+
 def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:
     """A Hugging Face model card: front matter (base and sources in ``base_model``), sources, method, options and
     the training config. ``metadata`` as written beside it (:func:`portable_metadata`)."""
     options = metadata["options"]
+    granularity = options.get("granularity", "column")
     sources = "\n".join(
         f"- `{s}` (init coefficient {w:g})" for s, w in zip(metadata["sources"], metadata["init_weights"], strict=True)
     )
@@ -253,7 +263,7 @@ def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:
     body = f"""# DAM merge of {len(metadata["sources"])} models
 
 Merged with DAM (Differentiable Adaptive Merging, [arXiv:2410.08371](https://arxiv.org/abs/2410.08371)): every
-source gets learned per-column coefficients, trained by distillation from the sources themselves, then folded
+source gets learned coefficients, trained on data (by default by distillation from the sources themselves), folded
 into this ordinary `{dtype_name(dtype)}` checkpoint of the base architecture.
 
 ## Sources
@@ -264,8 +274,7 @@ Base architecture, config and tokenizer: `{metadata["base_model"]}`.
 
 ## Method
 
-- Linear layers: `W = sum_i W_i diag(c_i)` (one coefficient per input column and source).
-- Embeddings: `E = sum_i E_i diag(c_i)` over the hidden dimension; norms: `w = sum_i w_i * c_i` elementwise.
+- Granularity `{granularity}`: {_GRANULARITY_TEXT[granularity]}
 - Biases: `b = sum_i b_i * beta_i` (`{options["bias"]}`).
 - Coefficients trained for: {", ".join(options["targets"])}; transform: `{options["transform"]}`; init:
   `{options["init"]}`.

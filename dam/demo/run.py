@@ -8,7 +8,11 @@
    to ``out``, ``train.seed`` and ``data.seed`` set to ``seed``, then the caller's overrides); a finished run in
    ``out`` made with the same resolved config is reused, an unfinished one resumed from its checkpoint;
 3. merge the experts with the classic methods of ``dam/demo/configs/merge/*.yaml`` into ``out/merges/<method>``
-   (DARE's random drop seeded with ``seed``), reusing a merge made from the same config text;
+   (DARE's random drop seeded with ``seed``), reusing a merge made from the same config text; then the learned
+   merges it is compared with (:data:`LEARNED_BASELINES`): RegMean over the DAM config's sources and data
+   (``out/merges/regmean``), layer-wise AdaMerging and DAM at the granularity the default does not use, each a
+   DAM run of the default config with a few overrides (``out/learned/<name>``). Every learned merge and classic
+   merge runs in a child process, which gives its wall time and peak resident memory;
 4. evaluate the base, the experts, the classic merges and the DAM merge on every task's validation and test
    splits (settings are chosen on validation, e.g. by ``benchmarks/quality.py``; the figures are reported on test);
 5. write ``out/results.json`` (every model x task on both splits, the goal checks on test, the experts' kinship,
@@ -40,6 +44,18 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: the de
 DAM_CONFIG = CONFIG_DIR / "dam.yaml"
 MERGE_CONFIG_DIR = CONFIG_DIR / "merge"
 CLASSIC_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
+    # layer-wise AdaMerging (Yang et al., 2024): one coefficient per source and tensor, trained on the merged
+    # model's prediction entropy (no teacher); the coefficient-similarity term belongs to DAM, not to AdaMerging
+    "adamerging": ("dam.granularity=tensor", "loss.objective=entropy", "loss.similarity=0"),
+    "dam_column": ("dam.granularity=column",),
+    "dam_row_column": ("dam.granularity=row_column",),
+}
+"""The learned merges the demo's DAM (the default config, row ``dam``) is compared with: name -> overrides of
+the default DAM config. A baseline whose resolved config equals the default's is the ``dam`` row itself and is
+not run twice. RegMean (row ``regmean``, ``REGMEAN_ALPHA``) needs no training and is run besides."""
+REGMEAN_ALPHA = 0.9  # the off-diagonal scale the RegMean paper recommends for language models (0.9-0.95)
+COST_FILE = "cost.json"
 GENERIC = "generic"
 # the prefix of the family's paths in the demo configs, replaced by ``root``
 _CONFIG_ROOT = ("data", "demo")
@@ -95,6 +111,39 @@ def merge_config_text(method: str, root: str | Path, seed: int) -> str:
 # ------------------------------------------------------------------------------------------------ the steps
 
 
+def _peak_rss_mib() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _child(fn: Any, args: tuple[Any, ...]) -> tuple[Any, float, float]:
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0, _peak_rss_mib()
+
+
+def measured(folder: Path, fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
+    """``fn(*args)`` in a fresh child process (spawned: nothing of this process's memory is inherited), so that
+    its wall time and peak resident memory are its own (the child's imports included); both are recorded in
+    ``folder/cost.json`` once ``fn`` has returned. Returns the result and ``{"seconds", "peak_rss_mib"}``."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        result, seconds, peak = pool.apply(_child, (fn, args))
+    cost = {"seconds": seconds, "peak_rss_mib": peak}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / COST_FILE).write_text(json.dumps(cost) + "\n")
+    return result, cost
+
+
+def _recorded_cost(folder: Path) -> dict[str, float] | None:
+    file = folder / COST_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 def _check_out(out: Path, config: Any, force: bool) -> None:
     """Refuse an ``out`` that holds anything but a DAM run of this exact config (or delete it under ``force``)."""
     from dam.training.config import config_to_dict
@@ -123,24 +172,68 @@ def _dam_run_complete(run: Path) -> bool:
     return (run / COEFFICIENTS_FILE).is_file() and (run / MERGED_DIR / "config.json").is_file()
 
 
-def train_dam(config: Any) -> tuple[Path, str]:
-    """Train (or resume) the run of ``config`` unless it is complete; ``(run folder, "reused"|"trained")``."""
+def _train(config: Any) -> Path:
+    from dam.training.loop import train
+
+    return train(config)
+
+
+def train_dam(config: Any) -> tuple[Path, str, dict[str, float] | None]:
+    """Train (or resume) the run of ``config`` unless it is complete, in a measured child process;
+    ``(run folder, "reused"|"trained", cost)`` (the cost recorded when it was trained, None if unknown)."""
     run = Path(config.output_dir)
     if _dam_run_complete(run):
         logger.info("demo: reusing the finished DAM run in %s", run)
-        return run, "reused"
-    from dam.training.loop import train
+        return run, "reused", _recorded_cost(run)
+    _, cost = measured(run, _train, config)
+    return run, "trained", cost
 
-    return train(config), "trained"
+
+def _regmean(config: Any, folder: Path) -> None:
+    from dam.training.regmean import run_regmean
+
+    run_regmean(config, folder, alpha=REGMEAN_ALPHA, force=True)
 
 
-def classic_merges(root: str | Path, merges: Path, *, seed: int = 0) -> dict[str, Path]:
-    """Run every classic demo merge into ``merges/<method>``; a folder made from the same config text is reused,
-    one made from another is refused (DamError)."""
-    from dam.merge.config import parse_merge_config
+def learned_merges(
+    default: Any, root: str | Path, out: Path, *, seed: int, overrides: Sequence[str], quick: bool
+) -> tuple[dict[str, Path], dict[str, dict[str, float] | None]]:
+    """RegMean and the :data:`LEARNED_BASELINES` next to the default DAM config ``default``: ``({name: model
+    folder}, {name: cost})``. Finished ones are reused."""
+    from dam.training.config import config_to_dict
+    from dam.training.run_dir import MERGED_DIR
+
+    folders: dict[str, Path] = {}
+    costs: dict[str, dict[str, float] | None] = {}
+    regmean = out / "merges" / "regmean"
+    if (regmean / "config.json").is_file():
+        logger.info("demo: reusing the RegMean merge in %s", regmean)
+        costs["regmean"] = _recorded_cost(regmean)
+    else:
+        _, costs["regmean"] = measured(regmean, _regmean, default, regmean)
+    folders["regmean"] = regmean
+    reference = {k: v for k, v in config_to_dict(default).items() if k != "output_dir"}
+    for name, extra in LEARNED_BASELINES.items():
+        config = dam_config(root, out / "learned" / name, seed=seed, overrides=[*overrides, *extra], quick=quick)
+        if {k: v for k, v in config_to_dict(config).items() if k != "output_dir"} == reference:
+            continue  # this is the default config: the ``dam`` row
+        run, _, costs[name] = train_dam(config)
+        folders[name] = run / MERGED_DIR
+    return folders, costs
+
+
+def _classic_merge(config: Any, folder: Path, seed: int) -> None:
     from dam.merge.engine import run_merge
 
-    folders = {}
+    run_merge(config, folder, seed=seed, progress=False)  # refuses a non-empty folder of another config
+
+
+def classic_merges(
+    root: str | Path, merges: Path, *, seed: int = 0
+) -> tuple[dict[str, Path], dict[str, dict[str, float] | None]]:
+    """Run every classic demo merge into ``merges/<method>`` (measured, like the learned ones); a folder made from
+    the same config text is reused, one made from another is refused (DamError). ``(folders, costs)``."""
+    folders, costs = {}, {}
     for method in CLASSIC_METHODS:
         text = merge_config_text(method, root, seed)
         folder = merges / method
@@ -152,10 +245,11 @@ def classic_merges(root: str | Path, merges: Path, *, seed: int = 0) -> dict[str
             and (folder / "config.json").is_file()
         ):
             logger.info("demo: reusing the %s merge in %s", method, folder)
+            costs[method] = _recorded_cost(folder)
         else:
-            run_merge(config, folder, seed=seed, progress=False)  # refuses a non-empty folder of another config
+            _, costs[method] = measured(folder, _classic_merge, config, folder, seed)
         folders[method] = folder
-    return folders
+    return folders, costs
 
 
 def evaluate_models(
@@ -187,12 +281,19 @@ def goal_checks(accuracy: dict[str, dict[str, float]], skills: Sequence[str]) ->
 
     ``margin``: DAM's mean over the skills minus the best classic merge's (goal >= 5 points). ``retention``:
     per skill, DAM's accuracy over that skill's expert's own accuracy (goal >= 0.9 on every skill).
+    ``worst_retention``: per learned merge (every model but the base, the experts and the classic merges), its
+    lowest accuracy / expert ratio over the skills.
     """
     dam = skills_mean(accuracy["dam"], skills)
     classic = {m: skills_mean(accuracy[m], skills) for m in CLASSIC_METHODS if m in accuracy}
     best = max(classic, key=classic.__getitem__)
     retention = {s: accuracy["dam"][s] / accuracy[s][s] if accuracy[s][s] else float("nan") for s in skills}
+    learned = [m for m in accuracy if m not in ("base", *skills, *CLASSIC_METHODS)]
+    worst = {
+        m: min(accuracy[m][s] / accuracy[s][s] if accuracy[s][s] else float("nan") for s in skills) for m in learned
+    }
     return {
+        "worst_retention": worst,
         "dam_skills_mean": dam,
         "best_classic": best,
         "best_classic_skills_mean": classic[best],
@@ -203,20 +304,33 @@ def goal_checks(accuracy: dict[str, dict[str, float]], skills: Sequence[str]) ->
     }
 
 
-def format_comparison(accuracy: dict[str, dict[str, float]], tasks: Sequence[str], skills: Sequence[str]) -> str:
-    """Models as rows, tasks then the mean over the skills as columns (accuracy in percent)."""
-    columns = [*tasks, "skills mean"]
+def format_comparison(
+    accuracy: dict[str, dict[str, float]],
+    tasks: Sequence[str],
+    skills: Sequence[str],
+    costs: dict[str, dict[str, float] | None] | None = None,
+) -> str:
+    """Models as rows, tasks then the mean over the skills as columns (accuracy in percent); with ``costs``, each
+    merge's wall seconds and peak resident MiB too (blank for the base and the experts, ``?`` if unknown)."""
+    columns = [*tasks, "skills mean", *(["time s", "peak MiB"] if costs is not None else [])]
     width = max(len("accuracy %"), *(len(m) for m in accuracy))
     widths = [max(len(c), 5) for c in columns]
     lines = ["  ".join(["accuracy %".ljust(width), *(c.rjust(w) for c, w in zip(columns, widths, strict=True))])]
     for model, row in accuracy.items():
         cells = [f"{row[t]:.1f}" for t in tasks] + [f"{skills_mean(row, skills):.1f}"]
+        if costs is not None:
+            cost = costs.get(model)
+            if model not in costs:
+                cells += ["", ""]
+            else:
+                cells += ["?", "?"] if cost is None else [f"{cost['seconds']:.0f}", f"{cost['peak_rss_mib']:.0f}"]
         lines.append("  ".join([model.ljust(width), *(c.rjust(w) for c, w in zip(cells, widths, strict=True))]))
     return "\n".join(lines)
 
 
 def format_goals(goals: dict[str, Any]) -> str:
-    """Two lines: DAM against the best classic merge, and DAM against each expert on its own skill."""
+    """Three lines: DAM against the best classic merge, DAM against each expert on its own skill, and every learned
+    merge's worst skill against its expert."""
     margin = (
         f"DAM skills mean {goals['dam_skills_mean']:.1f} vs best classic ({goals['best_classic']}) "
         f"{goals['best_classic_skills_mean']:.1f}: {goals['margin']:+.1f} points "
@@ -227,13 +341,20 @@ def format_goals(goals: dict[str, Any]) -> str:
         f"DAM / expert on its own skill: {ratios} (goal >= 90% each: "
         f"{'met' if goals['retention_goal_met'] else 'not met'})"
     )
-    return f"{margin}\n{retention}"
+    if not goals["worst_retention"]:
+        return f"{margin}\n{retention}"
+    learned = ", ".join(f"{m} {100 * r:.0f}%" for m, r in goals["worst_retention"].items())
+    best = max(goals["worst_retention"], key=goals["worst_retention"].__getitem__)
+    met = goals["worst_retention"][best] >= 0.9
+    verdict = "met" if met else "not met"
+    worst = f"worst skill / its expert per learned merge: {learned} (best: {best}; goal >= 90%: {verdict})"
+    return f"{margin}\n{retention}\n{worst}"
 
 
 def _model_colours(models: Sequence[str], skills: Sequence[str]) -> list[Any]:
     from matplotlib import colormaps
 
-    blues, oranges = colormaps["Blues"], colormaps["Oranges"]
+    blues, oranges, greens = colormaps["Blues"], colormaps["Oranges"], colormaps["Greens"]
     colours = []
     for m in models:
         if m == "base":
@@ -242,6 +363,9 @@ def _model_colours(models: Sequence[str], skills: Sequence[str]) -> list[Any]:
             colours.append(blues(0.45 + 0.45 * skills.index(m) / max(len(skills) - 1, 1)))
         elif m in CLASSIC_METHODS:
             colours.append(oranges(0.35 + 0.55 * CLASSIC_METHODS.index(m) / (len(CLASSIC_METHODS) - 1)))
+        elif m in ("regmean", *LEARNED_BASELINES):
+            order = ("regmean", *LEARNED_BASELINES)
+            colours.append(greens(0.35 + 0.55 * order.index(m) / (len(order) - 1)))
         else:
             colours.append("tab:red")
     return colours
@@ -299,7 +423,7 @@ def plot_results(
     bars_ax.set_xticks(x, groups)
     bars_ax.set_ylim(0, 105)
     bars_ax.set_ylabel("exact-match accuracy (%)")
-    bars_ax.set_title("Test accuracy: base, experts, classic merges and DAM")
+    bars_ax.set_title("Test accuracy: base, experts, classic and learned merges, DAM")
     bars_ax.axvline(len(tasks) - 0.5, color="0.7", lw=0.8, ls="--")
     bars_ax.legend(ncol=1, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     bars_ax.grid(axis="y", alpha=0.3)
@@ -378,16 +502,21 @@ def run_demo(
     seconds["family"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    run, dam_status = train_dam(config)
+    run, dam_status, dam_cost = train_dam(config)
     seconds["dam"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    merges = classic_merges(root, out / "merges", seed=seed)
+    merges, costs = classic_merges(root, out / "merges", seed=seed)
     seconds["merges"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    learned, learned_costs = learned_merges(config, root, out, seed=seed, overrides=dam_overrides, quick=quick)
+    seconds["learned"] = time.perf_counter() - t0
+    costs |= learned_costs | {"dam": dam_cost}
 
     from dam.training.run_dir import MERGED_DIR
 
     models = {name: root / report["models"][name] for name in ["base", *skills]}
     models.update(merges)
+    models.update(learned)
     models["dam"] = run / MERGED_DIR
     tasks = [GENERIC, *skills]
     t0 = time.perf_counter()
@@ -418,13 +547,15 @@ def run_demo(
         "models": [r.to_dict() for r in results],
         "validation_models": [r.to_dict() for r in validation],
         "goals": goals,
+        "costs": costs,
+        "dam_options": {"granularity": config.dam.granularity, "objective": config.loss.objective},
         "kinship": report["kinship"],
         "seconds": seconds,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {
         **summary,
-        "table": format_comparison(accuracy, tasks, skills),
+        "table": format_comparison(accuracy, tasks, skills, costs),
         "goals_text": format_goals(goals),
         "kinship_text": format_kinship_matrix(report),
     }
