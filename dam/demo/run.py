@@ -233,6 +233,8 @@ def classic_merges(
 ) -> tuple[dict[str, Path], dict[str, dict[str, float] | None]]:
     """Run every classic demo merge into ``merges/<method>`` (measured, like the learned ones); a folder made from
     the same config text is reused, one made from another is refused (DamError). ``(folders, costs)``."""
+    from dam.merge.config import parse_merge_config
+
     folders, costs = {}, {}
     for method in CLASSIC_METHODS:
         text = merge_config_text(method, root, seed)

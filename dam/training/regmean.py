@@ -11,7 +11,7 @@ Then, tensor by tensor in checkpoint order: every linear weight is RegMean's clo
 ``alpha``); every other tensor (embeddings, a tied ``lm_head``, norms, biases) is the plain average of the
 sources. The output folder (written atomically; refused if not empty unless ``force``) holds the weights in the
 config's ``dtype``, the base's config, tokenizer and generation config, and ``regmean.json`` (method, alpha,
-sources, datasets, tokens per source).
+sources and datasets as :mod:`dam.io.paths` writes them, tokens per source).
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from dam.adaptive.checks import check_configs, load_source_config
-from dam.adaptive.coefficients import model_label
 from dam.adaptive.regmean import GramRecorder, RegMeanAccumulator, scale_off_diagonal
 from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader, parse_dtype, resolve_model_path
 from dam.io.model_folder import write_model_files
+from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, atomic_output_dir
 from dam.training.config import DAMConfig
 
@@ -106,9 +106,9 @@ def run_regmean(
     summary = {
         "method": "regmean",
         "alpha": alpha,
-        "base_model": model_label(config.base_model),
-        "sources": [model_label(s) for s in sources],
-        "datasets": {m.name: m.dataset for m in config.models},
+        "base_model": portable_reference(config.base_model, out),
+        "sources": [portable_reference(s, out) for s in sources],
+        "datasets": {m.name: portable_reference(m.dataset, out) for m in config.models},
         "num_examples": config.data.num_examples,
         "tokens": tokens,
         "regmean_tensors": sorted(weights),
