@@ -19,6 +19,10 @@ excluded), which is what "one model's activations" means.
 
     python benchmarks/step_time.py [--device cpu|cuda] [--workdir DIR] [--batch 1 --seq 256] [--threads N]
 
+Rows also for N = 3 with ``pairing: all`` (cached top-K of every teacher for every sequence), and, with
+``--memory-batches 1 2 4 8``, peak memory against the batch size for N = 3 with full-vocabulary teachers run on the
+fly (pairing own and all): the slope is the memory each sequence of a batch adds.
+
 Not part of the test suite. Goals (issue 4): DAM at N = 3 at most 1.3x the plain step; each added source at most
 10% of a plain step; DAM peak memory about the sources plus one model's activations.
 """

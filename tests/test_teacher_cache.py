@@ -283,3 +283,33 @@ def test_cache_logits_needs_top_k_and_cache_dir(tmp_path, family):
     config = load_config(_write_config(tmp_path, family, teacher_logits="on_the_fly", cache_dir=None))
     with pytest.raises(DamError, match="data.cache_dir"):
         tc.cache_logits_for_config(config)
+
+
+def test_every_teacher_runs_for_sharded_sources(family):
+    """Sharded sources gather weights in every forward: each process must run teachers 0..N-1, in order, even those
+    no row of its batch names, and get the same targets for its rows."""
+    dataset, _ = _build(family)
+    batch = DataCollator(pad_token_id=0)([dataset[i] for i in range(4)])
+    source = torch.tensor([1, 1, 1, 1])
+    calls: list[int] = []
+    model = family[3]
+
+    class Recording:
+        def select_source(self, k):
+            calls.append(k)
+            return model.select_source(k)
+
+        def __call__(self, **kwargs):
+            return model(**kwargs)
+
+    args = (batch["input_ids"], batch["attention_mask"], source, 3)
+    plain = tc.teacher_logprobs(Recording(), *args, top_k=K)
+    assert calls == [1]
+    calls.clear()
+    every = tc.teacher_logprobs(Recording(), *args, top_k=K, every_teacher=True)
+    assert calls == [0, 1, 2]
+    assert torch.equal(plain[0], every[0]) and torch.equal(plain[1], every[1])
+    calls.clear()
+    log_mean, _ = tc.teacher_distributions(Recording(), *args, 2.0, every_teacher=True)
+    assert calls == [0, 1, 2]
+    torch.testing.assert_close(log_mean, tc.teacher_distributions(model, *args, 2.0)[0], atol=0, rtol=0)

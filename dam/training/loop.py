@@ -338,11 +338,13 @@ def _resume(accelerator: Any, checkpoint: Path, data_hash: str, scheduler: Any) 
 
 
 class _Teachers:
-    """Teacher k = the wrapper with source k selected, called through the prepared model (FSDP needs its root)."""
+    """Teacher k = the wrapper with source k selected, called through the prepared model (FSDP needs its root).
+    ``sharded``: the sources are sharded, so every process must run every teacher (see ``teacher_targets``)."""
 
-    def __init__(self, prepared: Any, wrapper: DAMModel):
+    def __init__(self, prepared: Any, wrapper: DAMModel, sharded: bool = False):
         self.prepared = prepared
         self.wrapper = wrapper
+        self.sharded = sharded
 
     def select_source(self, k: int) -> contextlib.AbstractContextManager[None]:
         return self.wrapper.select_source(k)
@@ -373,10 +375,11 @@ def teacher_targets(
     if teachers is None:
         return {"logprobs": batch["teacher_logprobs"], "indices": batch["teacher_indices"]}
     args = (teachers, batch["input_ids"], batch["attention_mask"], batch["source"], num_sources)
+    every = getattr(teachers, "sharded", False)  # sharded sources: every process runs the same teacher forwards
     if top_k is None:
-        mean_logprobs, spread = teacher_distributions(*args, temperature)
+        mean_logprobs, spread = teacher_distributions(*args, temperature, every_teacher=every)
         return {"mean_logprobs": mean_logprobs, "spread": spread}
-    values, indices = teacher_logprobs(*args, top_k)
+    values, indices = teacher_logprobs(*args, top_k, every_teacher=every)
     return {"logprobs": values, "indices": indices}
 
 
@@ -416,7 +419,8 @@ def _fit(
 ) -> None:
     from tqdm.auto import tqdm
 
-    teachers = _Teachers(model, wrapper) if config.data.teacher_logits == "on_the_fly" else None
+    on_the_fly = config.data.teacher_logits == "on_the_fly"
+    teachers = _Teachers(model, wrapper, config.train.shard_sources) if on_the_fly else None
     params = [p for p in model.parameters() if p.requires_grad]
     saved_step = start_step if start_step > 0 else None
     window_metrics: list[dict[str, float]] = []

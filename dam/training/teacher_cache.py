@@ -226,10 +226,16 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _teacher_plan(source: torch.Tensor, num_sources: int) -> tuple[list[tuple[int, int, torch.Tensor]], int]:
+def _teacher_plan(
+    source: torch.Tensor, num_sources: int, every_teacher: bool = False
+) -> tuple[list[tuple[int, int, torch.Tensor]], int]:
     """``[(teacher, slot, rows)]`` for a batch's ``source`` column ``[B]``, and the number of slots S: one teacher
     forward per distinct index over its rows into slot 0 (S = 1), or every teacher over all rows into its own slot
-    (S = N) when every row is :data:`ALL_SOURCES`."""
+    (S = N) when every row is :data:`ALL_SOURCES`.
+
+    ``every_teacher``: every teacher 0..N-1 runs, in order, whatever the rows name (a teacher no row names runs on
+    no row); sharded sources need it, since each forward gathers weights collectively and every process must run
+    the same forwards."""
     source = source.to(torch.long).cpu()
     every = source == ALL_SOURCES
     if bool(every.any()) and not bool(every.all()):
@@ -239,7 +245,19 @@ def _teacher_plan(source: torch.Tensor, num_sources: int) -> tuple[list[tuple[in
         raise DamError(f"source index {int(bad[0])} is out of range for {num_sources} sources")
     if bool(every.all()):
         return [(k, k, torch.arange(len(source))) for k in range(num_sources)], num_sources
-    return [(int(k), 0, (source == k).nonzero().flatten()) for k in source.unique()], 1
+    teachers = range(num_sources) if every_teacher else [int(k) for k in source.unique()]
+    return [(k, 0, (source == k).nonzero().flatten()) for k in teachers], 1
+
+
+def _teacher_forward(
+    model: TeacherModel, k: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Teacher k's logits ``[len(rows), T, V]`` for ``rows``; with no rows, a forward of the first row whose result
+    is dropped (the forward itself is what the other processes of a sharded run wait for)."""
+    picked = rows.to(input_ids.device) if len(rows) else torch.zeros(1, dtype=torch.long, device=input_ids.device)
+    with model.select_source(k):
+        logits = model(input_ids=input_ids[picked], attention_mask=attention_mask[picked]).logits
+    return logits[: len(rows)]
 
 
 @torch.no_grad()
@@ -250,20 +268,19 @@ def teacher_distributions(
     source: torch.Tensor,
     num_sources: int,
     temperature: float,
+    every_teacher: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocabulary teacher targets for one batch, compactly: ``log pbar``, the log of the mean over each row's
     teachers (its own, or all N for :data:`ALL_SOURCES` rows) of ``p = softmax(z / T)``, ``[B, T, V]`` float32, and
     the teachers' spread around it (:func:`dam.adaptive.losses.teacher_spread`, 0 for one teacher), ``[B, T]``: what
     :func:`dam.adaptive.losses.distribution_kl` takes. One ``[B, T, V]`` tensor whatever the number of teachers,
-    where per-teacher log-probabilities would be ``[B, S, T, V]``.
+    where per-teacher log-probabilities would be ``[B, S, T, V]``. ``every_teacher``: see :func:`_teacher_plan`.
     """
     batch, length = input_ids.shape
-    plan, slots = _teacher_plan(source, num_sources)
+    plan, slots = _teacher_plan(source, num_sources, every_teacher)
     log_mean = neg_entropy = None
     for k, _, rows in plan:
-        rows_dev = rows.to(input_ids.device)
-        with model.select_source(k):
-            logits = model(input_ids=input_ids[rows_dev], attention_mask=attention_mask[rows_dev]).logits
+        logits = _teacher_forward(model, k, input_ids, attention_mask, rows)
         if log_mean is None:
             shape = (batch, length, logits.shape[-1])
             log_mean = torch.full(shape, -math.inf, dtype=torch.float32, device=logits.device)
@@ -287,6 +304,7 @@ def teacher_logprobs(
     source: torch.Tensor,
     num_sources: int,
     top_k: int | None = None,
+    every_teacher: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher log-probabilities for one batch, each row from the teacher(s) its ``source`` names.
 
@@ -297,12 +315,10 @@ def teacher_logprobs(
     ids; without, ``[B, S, T, V]`` full log-probabilities and ``None``. S is 1, or N for ``ALL_SOURCES`` rows.
     """
     batch, length = input_ids.shape
-    plan, slots = _teacher_plan(source, num_sources)
+    plan, slots = _teacher_plan(source, num_sources, every_teacher)
     values = indices = None
     for k, slot, rows in plan:
-        rows_dev = rows.to(input_ids.device)
-        with model.select_source(k):
-            logits = model(input_ids=input_ids[rows_dev], attention_mask=attention_mask[rows_dev]).logits
+        logits = _teacher_forward(model, k, input_ids, attention_mask, rows)
         vocab = logits.shape[-1]
         if top_k is not None and top_k > vocab:
             raise DamError(f"loss.top_k={top_k} is larger than the vocabulary ({vocab})")
