@@ -233,10 +233,18 @@ def _demo_run(args: argparse.Namespace) -> int:
     from dam.demo.run import run_demo
 
     summary = run_demo(
-        args.root, args.out, seed=args.seed, force=args.force, dam_overrides=args.overrides, quick=args.quick
+        args.root,
+        args.out,
+        seed=args.seed,
+        force=args.force,
+        dam_overrides=args.overrides,
+        quick=args.quick,
+        searches=args.searches,
     )
     print(f"\n{summary['table']}\n\n{summary['goals_text']}\n")
     print(f"kinship of the experts' task vectors:\n{summary['kinship_text']}\n")
+    if args.searches:
+        print(f"{summary['compute_text']}\n")
     t = summary["seconds"]
     print(
         f"DAM run {summary['dam_status']} in {t['dam']:.0f} s, merges {t['merges']:.0f} s, eval {t['eval']:.0f} s; "
@@ -312,6 +320,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed of DAM's training and data order and of DARE (default 0)")
     r.add_argument("--force", action="store_true", help="delete OUT first if it holds anything else than this run")
     r.add_argument("--quick", action="store_true", help="smoke run: tiny family if missing, 6 DAM steps, 20 examples")
+    r.add_argument(
+        "--searches",
+        action="store_true",
+        help="also greedy soup, kinship-greedy merging and CMA-ES at two budgets, chosen on validation, with the "
+        "quality-per-compute table (adds minutes)",
+    )
     r.add_argument("overrides", nargs="*", help="key=value overrides of the DAM config, e.g. train.max_steps=100")
     r.set_defaults(func=_demo_run)
 

@@ -36,11 +36,11 @@ from typing import Any
 
 import yaml
 
+from dam.demo.paths import CONFIG_DIR, rebase
 from dam.errors import DamError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: the demo runs from any working directory
 DAM_CONFIG = CONFIG_DIR / "dam.yaml"
 MERGE_CONFIG_DIR = CONFIG_DIR / "merge"
 CLASSIC_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
@@ -57,19 +57,9 @@ not run twice. RegMean (row ``regmean``, ``REGMEAN_ALPHA``) needs no training an
 REGMEAN_ALPHA = 0.9  # the off-diagonal scale the RegMean paper recommends for language models (0.9-0.95)
 COST_FILE = "cost.json"
 GENERIC = "generic"
-# the prefix of the family's paths in the demo configs, replaced by ``root``
-_CONFIG_ROOT = ("data", "demo")
 # --quick: a smoke run (seconds): few DAM steps on few examples, a short evaluation
 _QUICK_OVERRIDES = ("train.max_steps=6", "train.warmup_steps=1", "train.log_every=2", "data.num_examples=48")
 QUICK_EVAL_LIMIT = 20
-
-
-def rebase(path: str, root: str | Path) -> str:
-    """``path`` with a leading ``data/demo`` (or ``./data/demo``) replaced by ``root``; other paths as given."""
-    parts = Path(path).parts
-    if parts[: len(_CONFIG_ROOT)] != _CONFIG_ROOT:
-        return path
-    return str(Path(root).joinpath(*parts[len(_CONFIG_ROOT) :]))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -483,14 +473,18 @@ def run_demo(
     force: bool = False,
     dam_overrides: Sequence[str] = (),
     quick: bool = False,
+    searches: bool = False,
 ) -> dict[str, Any]:
     """The demo end to end (see the module docstring). Returns what ``out/results.json`` holds, plus ``table``
     (the comparison), ``goals_text`` and ``kinship_text`` (the experts' kinship matrix) as printable strings.
 
     ``seed`` seeds DAM's training and data order and DARE's drop (the family is built with seed 0, matching the
     committed datasets). ``quick``: a smoke run (a tiny family if one must be built, 6 DAM steps, 20 eval
-    examples per task) whose numbers mean nothing."""
+    examples per task) whose numbers mean nothing. ``searches``: also run the greedy soup, kinship-greedy merging
+    and CMA-ES at two budgets (:mod:`dam.demo.searches`), chosen on validation, evaluated on test beside DAM, and
+    the quality-per-compute table (``compute``, ``compute_text``)."""
     from dam.demo.family import format_kinship_matrix
+    from dam.demo.searches import compute_table
 
     root, out = Path(root), Path(out)
     config = dam_config(root, out, seed=seed, overrides=dam_overrides, quick=quick)
@@ -506,6 +500,14 @@ def run_demo(
     t0 = time.perf_counter()
     run, dam_status, dam_cost = train_dam(config)
     seconds["dam"] = time.perf_counter() - t0
+    dam_compute_file = out / "dam_compute.json"  # DAM's training cost, kept for reruns that reuse the run
+    if dam_status == "trained" or not dam_compute_file.is_file():
+        from dam.demo.searches import dam_forward_tokens
+
+        dam_compute = {"seconds": seconds["dam"] if dam_status == "trained" else None}
+        dam_compute["forward_tokens"] = dam_forward_tokens(config)
+        dam_compute_file.write_text(json.dumps(dam_compute) + "\n")
+    dam_compute = json.loads(dam_compute_file.read_text())
     t0 = time.perf_counter()
     merges, costs = classic_merges(root, out / "merges", seed=seed)
     seconds["merges"] = time.perf_counter() - t0
@@ -520,6 +522,15 @@ def run_demo(
     models.update(merges)
     models.update(learned)
     models["dam"] = run / MERGED_DIR
+    compute: dict[str, dict[str, Any]] = {"dam": dam_compute}
+    if searches:
+        from dam.demo.searches import run_searches
+
+        t0 = time.perf_counter()
+        kept = run_searches(root, out, seed=seed, quick=quick, limit=QUICK_EVAL_LIMIT if quick else None)
+        seconds["searches"] = time.perf_counter() - t0
+        models.update({name: Path(k["path"]) for name, k in kept.items()})
+        compute.update({name: {k: v for k, v in c.items() if k != "path"} for name, c in kept.items()})
     tasks = [GENERIC, *skills]
     t0 = time.perf_counter()
     limit = QUICK_EVAL_LIMIT if quick else None
@@ -553,6 +564,7 @@ def run_demo(
         "dam_options": {"granularity": config.dam.granularity, "objective": config.loss.objective},
         "kinship": report["kinship"],
         "seconds": seconds,
+        "compute": compute,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {
@@ -560,4 +572,5 @@ def run_demo(
         "table": format_comparison(accuracy, tasks, skills, costs),
         "goals_text": format_goals(goals),
         "kinship_text": format_kinship_matrix(report),
+        "compute_text": compute_table(compute, {m: skills_mean(accuracy[m], skills) for m in compute}),
     }
