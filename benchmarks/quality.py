@@ -21,6 +21,10 @@ Writes every run's accuracies (validation and test) and the summary to ``WORKDIR
     python benchmarks/quality.py [--seeds 0 1 2] [--root data/demo] [--workdir runs/quality]
                                  [--grid train.lr=1e-2,3e-2 ...] [overrides ...]
 
+``--searches`` adds the searches of ``dam demo run --searches`` (greedy soup, kinship-greedy merging, CMA-ES at
+two budgets; each selects on validation) to every run, reported on test beside DAM, and prints the mean compute
+(wall seconds, forward tokens) of each method: the quality-per-compute table.
+
 Existing seed folders of the same config are reused; ``--force`` retrains them. Not part of the test suite.
 """
 
@@ -105,6 +109,20 @@ def format_summary(summary: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def format_compute(runs: list[dict]) -> str:
+    """Mean wall seconds and forward tokens per method over the runs (DAM's tokens estimated; see
+    dam.demo.searches)."""
+    lines = ["compute (mean over runs)   wall s  forward tokens  evaluations"]
+    for name in runs[0]["compute"]:
+        rows = [r["compute"][name] for r in runs]
+        seconds = [c["seconds"] for c in rows if c["seconds"] is not None]
+        wall = f"{statistics.fmean(seconds):.0f}" if seconds else "n/a"
+        tokens = statistics.fmean(c["forward_tokens"] for c in rows) / 1e6
+        evaluations = rows[0].get("evaluations")
+        lines.append(f"{name:<25}{wall:>8}{tokens:>15.2f}M{evaluations if evaluations is not None else '-':>13}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="DAM/data/DARE seeds (default 0 1 2)")
@@ -114,6 +132,12 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="retrain seed folders of another config")
     parser.add_argument(
         "--grid", action="append", default=[], help="KEY=V1,V2: candidate values, chosen on validation"
+    )
+    parser.add_argument(
+        "--searches",
+        action="store_true",
+        help="also the greedy soup, kinship-greedy merge and CMA-ES at two budgets (chosen on validation), with the "
+        "compute each took",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of dam/demo/configs/dam.yaml")
     args = parser.parse_args()
@@ -132,13 +156,17 @@ def main() -> None:
             for seed in args.seeds:
                 out = workdir / (f"{label}-seed{seed}" + (f"-c{c}" if len(grid) > 1 else ""))
                 overrides = [*args.overrides, *extra]
-                summary = run_demo(root, out, seed=seed, force=args.force, dam_overrides=overrides)
+                summary = run_demo(
+                    root, out, seed=seed, force=args.force, dam_overrides=overrides, searches=args.searches
+                )
                 print(
                     f"{label} seed {seed} {' '.join(extra)} (DAM {summary['dam_status']}, "
                     f"{summary['seconds']['dam']:.0f} s), test accuracy:"
                 )
                 table = format_comparison(summary["accuracy"], summary["tasks"], summary["skills"], summary["costs"])
                 print(table, flush=True)
+                if args.searches:
+                    print(summary["compute_text"], flush=True)
                 runs[c].append(
                     {
                         "family": label,
@@ -148,6 +176,7 @@ def main() -> None:
                         "validation_accuracy": summary["validation_accuracy"],
                         "seconds": summary["seconds"],
                         "costs": summary["costs"],
+                        "compute": summary["compute"],
                     }
                 )
     tasks, skills = summary["tasks"], summary["skills"]
@@ -162,6 +191,8 @@ def main() -> None:
         print(f"validation: {label}: worst skill ratio {worst:.3f}, skills mean {mean:.1f}{mark}")
     print("test accuracy of the chosen settings:")
     print(format_summary(result, tasks))
+    if args.searches:
+        print(format_compute(runs[chosen]))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "quality.json").write_text(
         json.dumps(

@@ -320,6 +320,7 @@ def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monk
     log = (out / "members.jsonl").read_text()
     assert main(["evolve", str(path), str(out)]) == 0
     assert (out / "members.jsonl").read_text() == log
+    assert json.loads((out / "results.json").read_text()) == results  # compute included: kinship times are logged
 
 
 # ------------------------------------------------------------------------------------------- bad input

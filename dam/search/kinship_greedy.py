@@ -62,20 +62,22 @@ class _Kinship:
 
     def __init__(self, base: str, measure: str, path: Path):
         self.base, self.measure, self.path = base, measure, path
-        self.seconds = 0.0
-        self.cache = {frozenset((r["a"], r["b"])): r["value"] for r in read_records(path)}
+        records = read_records(path)
+        self.cache = {frozenset((r["a"], r["b"])): r["value"] for r in records}
+        self.seconds = sum(r["seconds"] for r in records)  # of every measurement, a resumed search's included
 
     def __call__(self, a: tuple[str, str], b: tuple[str, str]) -> float:
         """Kinship of members ``(name, path)`` ``a`` and ``b``; nan where a task vector is zero."""
         key = frozenset((a[0], b[0]))
         if key not in self.cache:
             started = time.perf_counter()
-            similarity = model_kinship(a[1], b[1], self.base).overall
-            self.seconds += time.perf_counter() - started
-            value = getattr(similarity, self.measure)
-            self.cache[key] = value
+            value = getattr(model_kinship(a[1], b[1], self.base).overall, self.measure)
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
+            self.cache[key] = None if math.isnan(value) else value
+            record = {"a": a[0], "b": b[0], "value": self.cache[key], "seconds": seconds}
             with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"a": a[0], "b": b[0], "value": None if math.isnan(value) else value}) + "\n")
+                f.write(json.dumps(record) + "\n")
         value = self.cache[key]
         return math.nan if value is None else value
 
