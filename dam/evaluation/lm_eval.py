@@ -64,6 +64,22 @@ def _task_manager(manager_class: Any, tasks: Sequence[str], include_path: str | 
     return manager_class(include_path=str(include_path) if include_path is not None else None)
 
 
+def check_lm_eval_tasks(tasks: Sequence[str], include_path: str | Path | None = None) -> Any:
+    """lm-eval's task manager for ``tasks``, after checking lm-eval is installed and knows every task (names,
+    YAML files, or tasks under ``include_path``); a :class:`DamError` naming the first unknown one otherwise."""
+    if not tasks:
+        raise DamError("--lm-eval: no task given")
+    _import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    manager = _task_manager(TaskManager, tasks, include_path)
+    unknown = [t for t in tasks if not Path(t).is_file() and not manager.match_tasks([t])]
+    if unknown:
+        where = f" (nor under {include_path})" if include_path is not None else ""
+        raise DamError(f"lm-eval task {unknown[0]!r} is unknown to lm-eval{where}")
+    return manager
+
+
 def evaluate_lm_eval(
     model: str | Path,
     tasks: Sequence[str],
@@ -82,21 +98,13 @@ def evaluate_lm_eval(
     (lm-eval's testing option). The model runs in ``dtype`` on ``device``; lm-eval's seeds are all ``seed``.
     Raises :class:`DamError` when lm-eval is missing, the model is not found or a task name is unknown.
     """
-    if not tasks:
-        raise DamError("--lm-eval: no task given")
     lm_eval = _import_lm_eval()
-    from lm_eval.tasks import TaskManager
-
+    manager = check_lm_eval_tasks(tasks, include_path)
     path = resolve_model_path(model)
     model_args = {"pretrained": str(path), "dtype": dtype}
     adapter = split_reference(model)[1]
     if adapter is not None:  # MODEL+LORA: lm-eval's own PEFT loading
         model_args["peft"] = str(resolve_folder(adapter))
-    manager = _task_manager(TaskManager, tasks, include_path)
-    unknown = [t for t in tasks if not Path(t).is_file() and not manager.match_tasks([t])]
-    if unknown:
-        where = f" (nor under {include_path})" if include_path is not None else ""
-        raise DamError(f"lm-eval task {unknown[0]!r} is unknown to lm-eval{where}")
     output = lm_eval.simple_evaluate(
         model="hf",
         model_args=model_args,

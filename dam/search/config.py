@@ -37,8 +37,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+class LmEvalFitness(_Strict):
+    """lm-evaluation-harness tasks as the fitness (``pip install 'dam[lm-eval]'``): the mean of ``metric`` over
+    ``tasks``. Each candidate is written to a temporary folder that lm-eval loads."""
+
+    tasks: list[str]
+    """lm-eval task names (lm-eval's own, or defined by YAML files under ``include_path``)."""
+
+    include_path: str | None = None
+    """A folder or file of extra task YAML configs (lm-eval's ``--include_path``)."""
+
+    metric: str = "acc"
+    """The metric averaged over the tasks (lm-eval's name without the ``,none`` filter: ``acc``, ``acc_norm``...)."""
+
+    num_fewshot: int | None = None
+    """Few-shot examples (lm-eval's default when unset)."""
+
+    limit: int | None = Field(default=None, ge=1)
+    """The first ``limit`` documents of each task."""
+
+    batch_size: int = Field(default=8, ge=1)
+    """lm-eval's batch size."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("fitness.lm_eval.tasks is empty")
+        return value
+
+
 class FitnessConfig(_Strict):
-    """How a candidate is scored (higher is better): ``dam eval`` tasks, or a user callable."""
+    """How a candidate is scored (higher is better): ``dam eval`` tasks, lm-eval tasks, or a user callable."""
 
     tasks: list[str] = Field(default_factory=list)
     """``dam eval`` tasks: names under ``data_dir`` (file ``<data_dir>/<task>/<split>.jsonl``) or jsonl paths."""
@@ -62,13 +92,19 @@ class FitnessConfig(_Strict):
     """``module:function`` called as ``function(model, tokenizer)``, returning a number or a mapping with a
     ``score`` (higher is better; other numeric entries are logged). Instead of ``tasks``."""
 
+    lm_eval: LmEvalFitness | None = None
+    """lm-evaluation-harness tasks, instead of ``tasks``."""
+
     device: str = "cpu"
     """Device the candidates are evaluated on."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> FitnessConfig:
-        if bool(self.tasks) == (self.callable is not None):
-            raise ValueError("fitness needs exactly one of `tasks` (dam eval tasks) or `callable` (module:function)")
+        if bool(self.tasks) + (self.callable is not None) + (self.lm_eval is not None) != 1:
+            raise ValueError(
+                "fitness needs exactly one of `tasks` (dam eval tasks), `lm_eval` (lm-evaluation-harness tasks) or "
+                "`callable` (module:function)"
+            )
         if self.callable is not None and (":" not in self.callable or self.callable.count(":") != 1):
             raise ValueError(f"fitness.callable must be 'module:function', got {self.callable!r}")
         return self

@@ -2,8 +2,9 @@
 
 A :class:`Fitness` scores a loaded model: ``dam eval`` tasks (mean exact-match accuracy, or minus the mean
 response loss; :mod:`dam.evaluation.evaluate`), or a user callable ``module:function`` called as
-``function(model, tokenizer)``. Tasks and callable are resolved when the :class:`Fitness` is built, before any
-model is loaded.
+``function(model, tokenizer)``; or a model folder: the mean of one metric over lm-evaluation-harness tasks
+(:mod:`dam.evaluation.lm_eval`; candidates are then streamed to a temporary folder, which lm-eval loads).
+Tasks and callable are resolved when the :class:`Fitness` is built, before any model is loaded.
 
 A :class:`CandidateEvaluator` holds one model of the family's architecture. A candidate merge is computed by the
 streaming engine (:func:`dam.merge.engine.merged_tensors`, the registry's math) straight into that model's
@@ -22,6 +23,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from dam.errors import DamError
 from dam.evaluation.evaluate import encode_example, evaluate_loaded, load_model, load_tasks
 from dam.io.checkpoint import CheckpointReader
 from dam.merge.config import MergeConfig
-from dam.merge.engine import merged_tensors
+from dam.merge.engine import merged_tensors, run_merge
 from dam.search.config import FitnessConfig
 
 
@@ -72,14 +74,28 @@ class Fitness:
     def __init__(self, config: FitnessConfig):
         self.config = config
         self.fn = import_callable(config.callable) if config.callable is not None else None
+        if config.lm_eval is not None:
+            from dam.evaluation.lm_eval import check_lm_eval_tasks
+
+            try:
+                check_lm_eval_tasks(config.lm_eval.tasks, config.lm_eval.include_path)
+            except DamError as e:
+                raise DamError(f"fitness.lm_eval: {e}") from None
         try:
             self.tasks = load_tasks(config.tasks, data_dir=config.data_dir, split=config.split, limit=config.limit)
         except DamError as e:
             raise DamError(f"fitness: {e}") from None
 
+    @property
+    def needs_folder(self) -> bool:
+        """lm-eval loads models from folders: candidates are written to a temporary one."""
+        return self.config.lm_eval is not None
+
     def describe(self) -> str:
         if self.fn is not None:
             return f"callable {self.config.callable}"
+        if self.config.lm_eval is not None:
+            return f"lm-eval {self.config.lm_eval.metric} on {', '.join(self.config.lm_eval.tasks)}"
         names = ", ".join(t.name for t in self.tasks)
         return f"{self.config.metric} on {names} ({self.config.split} split, {len(self.tasks[0].examples)} examples)"
 
@@ -95,6 +111,28 @@ class Fitness:
         metrics["mean/accuracy"], metrics["mean/loss"] = result.mean_accuracy, result.mean_loss
         score = result.mean_accuracy if self.config.metric == "accuracy" else -result.mean_loss
         return score, metrics, self._task_tokens(tokenizer)
+
+    def score_folder(self, path: str | Path) -> tuple[float, dict[str, float], int | None]:
+        """``(score, metrics, None)`` of the model saved at ``path`` on the lm-eval tasks (no token count)."""
+        from dam.evaluation.lm_eval import evaluate_lm_eval
+
+        c = self.config.lm_eval
+        assert c is not None
+        scores = evaluate_lm_eval(
+            path,
+            c.tasks,
+            include_path=c.include_path,
+            num_fewshot=c.num_fewshot,
+            limit=c.limit,
+            batch_size=c.batch_size,
+            device=self.config.device,
+        )
+        metrics = {f"{task}/{name}": value for task, values in scores.items() for name, value in values.items()}
+        missing = [t for t in c.tasks if c.metric not in scores.get(t, {})]
+        if missing:
+            raise DamError(f"fitness.lm_eval: task {missing[0]!r} reports no metric {c.metric!r}")
+        values = [scores[t][c.metric] for t in c.tasks]
+        return sum(values) / len(values), metrics, None
 
     def _task_tokens(self, tokenizer: Any) -> int:
         total = 0
@@ -162,15 +200,29 @@ class CandidateEvaluator:
         self.tokens += tokens or 0
         return Score(score, metrics, elapsed, tokens)
 
+    def _score_folder(self, path: str | Path, started: float) -> Score:
+        score, metrics, tokens = self.fitness.score_folder(path)
+        elapsed = time.perf_counter() - started
+        self.evaluations += 1
+        self.seconds += elapsed
+        return Score(score, metrics, elapsed, tokens)
+
     def merge(self, config: MergeConfig) -> Score:
-        """Score the merge of ``config``, computed in memory (DARE's drop seeded with ``seed``)."""
+        """Score the merge of ``config``, computed in memory (DARE's drop seeded with ``seed``), or streamed to a
+        temporary folder when the fitness loads folders (lm-eval)."""
         started = time.perf_counter()
+        if self.fitness.needs_folder:
+            with tempfile.TemporaryDirectory(prefix="dam-candidate-") as tmp:
+                run_merge(config, Path(tmp) / "candidate", seed=self.seed, progress=False)
+                return self._score_folder(Path(tmp) / "candidate", started)
         self._assign(merged_tensors(config, seed=self.seed), f"merge of {', '.join(config.referenced_models())}")
         return self._score(started)
 
     def model(self, path: str | Path) -> Score:
         """Score the model saved at ``path``."""
         started = time.perf_counter()
+        if self.fitness.needs_folder:
+            return self._score_folder(path, started)
         with CheckpointReader(path) as reader:
             self._assign(((n, reader.get(n)) for n in reader.names), f"model {str(path)!r}")
         return self._score(started)
