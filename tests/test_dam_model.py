@@ -281,7 +281,11 @@ def _edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize(
     ("arch", "change", "shown"),
     [
-        ("llama", {"rope_theta": 1e6}, r"rope_(parameters \{.*'rope_theta': |theta )1000000.0.* but base .* has .*10000.0"),
+        (
+            "llama",
+            {"rope_theta": 1e6},
+            r"rope_(parameters \{.*|theta )1000000.0.* but base .* has .*10000.0",
+        ),
         ("llama", {"rms_norm_eps": 1e-5}, "rms_norm_eps 1e-05 but base .* has 1e-06"),
         ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' but base .* has 'silu'"),
         ("llama", {"attention_bias": True}, "attention_bias True but base .* has False"),
