@@ -6,11 +6,10 @@ from __future__ import annotations
 import importlib.resources
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from mergekit_run import mergekit_merge
 from transformers import AutoTokenizer
 
 from dam.errors import DamError
@@ -90,16 +89,7 @@ def test_bad_template_and_no_tokenizer_fail_before_writing(family: dict[str, Pat
 def test_templates_match_mergekit(family: dict[str, Path], tmp_path: Path) -> None:
     settings = {"auto": "auto", "chatml": "chatml", "jinja": SIMPLE_CHAT_TEMPLATE}
     configs = {name: _config(tmp_path, family, setting) for name, setting in settings.items()}
-    script = (
-        "import sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
-        "from mergekit.options import MergeOptions\nfor config, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
-        "    text = open(config).read()\n"
-        "    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, "
-        "options=MergeOptions(write_model_card=False, quiet=True))\n"
-    )
-    args = [arg for name, config in configs.items() for arg in (str(config), str(tmp_path / f"mk_{name}"))]
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    mergekit_merge({config: tmp_path / f"mk_{name}" for name, config in configs.items()})
     for name, config in configs.items():
         run_merge(config, tmp_path / f"dam_{name}", progress=False)
         theirs = AutoTokenizer.from_pretrained(tmp_path / f"mk_{name}").chat_template

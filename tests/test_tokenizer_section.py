@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mergekit_run import mergekit_merge
 from safetensors.torch import load_file
 
 from dam.errors import DamError
@@ -97,16 +96,7 @@ def test_other_vocabularies_and_bad_sources_are_refused(family: dict[str, Path],
 @pytest.mark.slow  # one mergekit-yaml subprocess for three configs
 def test_tokenizer_section_matches_mergekit(family: dict[str, Path], tmp_path: Path) -> None:
     configs = {case: _config(tmp_path, family, case) for case in CASES}
-    script = (
-        "import sys, yaml\nfrom mergekit.config import MergeConfiguration\nfrom mergekit.merge import run_merge\n"
-        "from mergekit.options import MergeOptions\nfor config, out in zip(sys.argv[1::2], sys.argv[2::2]):\n"
-        "    text = open(config).read()\n"
-        "    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, "
-        "options=MergeOptions(write_model_card=False, quiet=True))\n"
-    )
-    args = [a for case, config in configs.items() for a in (str(config), str(tmp_path / f"mk_{case}"))]
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    mergekit_merge({config: tmp_path / f"mk_{case}" for case, config in configs.items()})
     for case, config in configs.items():
         run_merge(config, tmp_path / f"dam_{case}", progress=False)
         ours = load_file(tmp_path / f"dam_{case}" / "model.safetensors")
