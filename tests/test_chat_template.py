@@ -49,10 +49,25 @@ def test_resolution(family: dict[str, Path]) -> None:
     assert resolve_chat_template("auto", [base]) is None
     assert resolve_chat_template(None, [s0]) is None
     assert resolve_chat_template(OTHER_TEMPLATE, [base]) == OTHER_TEMPLATE
-    chatml = importlib.resources.files("mergekit._data.chat_templates").joinpath("chatml.jinja").read_text()
-    assert resolve_chat_template("chatml", [base]) == chatml
     with pytest.raises(DamError, match="'vicuna' is neither 'auto', a built-in template"):
         resolve_chat_template("vicuna", [base])
+
+
+def test_builtin_templates_are_read_from_mergekit(family: dict[str, Path]) -> None:
+    pytest.importorskip("mergekit")  # a dev extra; absent from the minimum-versions environment
+    chatml = importlib.resources.files("mergekit._data.chat_templates").joinpath("chatml.jinja").read_text()
+    assert resolve_chat_template("chatml", [family["base"]]) == chatml
+
+
+def test_builtin_template_without_mergekit_is_a_clear_error(
+    family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def not_installed(package: str) -> None:
+        raise ModuleNotFoundError(f"No module named {package.split('.')[0]!r}")
+
+    monkeypatch.setattr(importlib.resources, "files", not_installed)
+    with pytest.raises(DamError, match=r"'llama3' is one of mergekit's built-in templates.*pip install mergekit"):
+        resolve_chat_template("llama3", [family["base"]])
 
 
 def _config(tmp_path: Path, family: dict[str, Path], chat_template: str) -> Path:
@@ -81,12 +96,13 @@ def test_bad_template_and_no_tokenizer_fail_before_writing(family: dict[str, Pat
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         (bare / name).unlink(missing_ok=True)
     with pytest.raises(DamError, match="has no tokenizer"):
-        run_merge(_config(tmp_path, {**family, "base": bare}, "chatml"), tmp_path / "out", progress=False)
+        run_merge(_config(tmp_path, {**family, "base": bare}, OTHER_TEMPLATE), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow  # one mergekit-yaml subprocess for two configs
 def test_templates_match_mergekit(family: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("mergekit")  # the reference; a dev extra, absent from the minimum-versions environment
     settings = {"auto": "auto", "chatml": "chatml", "jinja": SIMPLE_CHAT_TEMPLATE}
     configs = {name: _config(tmp_path, family, setting) for name, setting in settings.items()}
     mergekit_merge({config: tmp_path / f"mk_{name}" for name, config in configs.items()})

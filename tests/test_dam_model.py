@@ -345,7 +345,7 @@ def test_gradient_checkpointing_attention_mask_and_frozen_embedding(families):
     def grads(checkpointing: bool) -> list[torch.Tensor]:
         model = _build(families["qwen2"], options).train()
         if checkpointing:
-            model.model.activation_checkpointing_enable()  # formerly gradient_checkpointing_enable()
+            model.enable_gradient_checkpointing()
         calls = []
         model.model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *_: calls.append(1))
         out = model(input_ids=IDS, attention_mask=MASK)

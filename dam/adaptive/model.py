@@ -292,6 +292,15 @@ class DAMModel(nn.Module):
         """The inner Hugging Face model's config (the base's)."""
         return self.model.config
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer in backward (non-reentrant), under transformers 4 and 5 alike (5 renamed
+        ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``). Takes effect in train mode."""
+        enable = getattr(self.model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     @property
     def num_sources(self) -> int:
         return len(self.sources)

@@ -230,9 +230,14 @@ def greedy_generate(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=end_ids, pad_token_id=pad_id
     )
-    out = model.generate(
-        input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config
-    )
+    # The model's own generation config stands aside while this runs: a config passed to generate() gets the
+    # model's values for every field it leaves at the default (do_sample=False is the default), so a model saved
+    # with sampling or beams would sample.
+    saved, model.generation_config = model.generation_config, config
+    try:
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+    finally:
+        model.generation_config = saved
     continuations = []
     for row in out[:, width:].tolist():
         ends = [j for j, t in enumerate(row) if t in end_ids]

@@ -200,12 +200,7 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
         )
     model.model.config.use_cache = False  # no KV cache in training forwards
     if config.train.gradient_checkpointing:
-        inner = model.model  # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
-        enable = getattr(inner, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_gradient_checkpointing()
     # eval mode (no dropout: teachers must be the sources exactly) unless checkpointing needs train mode
     model.train(config.train.gradient_checkpointing)
     return model
