@@ -2,9 +2,11 @@
 
 Builds a base and three fine-tunes of a ~110M-parameter Llama (hidden 768, 12 layers, vocab 16000, bfloat16) in
 a work folder, then merges them with both tools (linear, ties, dare_ties), each merge a fresh subprocess timed
-end to end (imports included, as a user sees it). Peak RSS comes from ``os.wait4`` on that child. Every merge
-runs ``--repeats`` times; the fastest run is reported. A second table merges 1, 2 and 3 models with dam to show
-that its peak memory follows the largest tensor, not the number of models times their size.
+end to end (imports included, as a user sees it). Peak RSS and CPU time (user + system) come from ``os.wait4`` on
+that child. Every merge runs ``--repeats`` times, the two tools alternating so that both meet the same load; the
+fastest wall time and the smallest CPU time are reported (CPU time moves much less than wall time when other jobs
+share the cores). A second table merges 1, 2 and 3 models with dam to show that its peak memory follows the largest
+tensor, not the number of models times their size.
 
     python benchmarks/merge_speed.py [--workdir DIR] [--repeats 2]
 
@@ -60,8 +62,8 @@ def write_config(workdir: Path, name: str, base: Path, sources: list[Path]) -> P
     return path
 
 
-def run_child(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process, from its own rusage."""
+def run_child(argv: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of one child process, from its own rusage."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -70,12 +72,13 @@ def run_child(argv: list[str]) -> tuple[float, float]:
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024  # Linux reports KiB
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def best_of(argv: list[str], repeats: int) -> tuple[float, float]:
-    runs = [run_child(argv) for _ in range(repeats)]
-    return min(runs)
+def best_of(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The fastest wall time, the smallest CPU time and the largest peak RSS of several runs."""
+    walls, cpus, peaks = zip(*runs, strict=True)
+    return min(walls), min(cpus), max(peaks)
 
 
 def commands(tool: str, config: Path, out: Path) -> list[str]:
@@ -97,34 +100,42 @@ def main() -> None:
     try:
         base, sources = build_models(workdir)
         model_mb = (sources[0] / "model.safetensors").stat().st_size / 1e6
-        baseline = best_of([sys.executable, "-c", "import torch, safetensors, yaml, pydantic"], args.repeats)
+        importing = [sys.executable, "-c", "import torch, safetensors, yaml, pydantic"]
+        baseline = best_of([run_child(importing) for _ in range(args.repeats)])
         largest_mb = MODEL["vocab_size"] * MODEL["hidden_size"] * 2 / 1e6
         print(f"models: 1 base + 3 sources, {model_mb:.0f} MB each (bfloat16), largest tensor {largest_mb:.0f} MB")
         print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; best of {args.repeats} runs")
-        print(f"python + torch import alone: {baseline[0]:.1f} s, {baseline[1]:.0f} MB peak RSS\n")
+        print(f"python + torch import alone: {baseline[0]:.1f} s, {baseline[2]:.0f} MB peak RSS\n")
         rows = []
         for name in CONFIGS:
             config = write_config(workdir, name, base, sources)
-            results = {}
-            for tool in ("mergekit", "dam"):
-                results[tool] = best_of(commands(tool, config, workdir / f"out-{tool}-{name}"), args.repeats)
-                shutil.rmtree(workdir / f"out-{tool}-{name}")
-            (mk_s, mk_mb), (dam_s, dam_mb) = results["mergekit"], results["dam"]
+            runs: dict[str, list[tuple[float, float, float]]] = {"mergekit": [], "dam": []}
+            for _ in range(args.repeats):
+                for tool, tool_runs in runs.items():
+                    tool_runs.append(run_child(commands(tool, config, workdir / f"out-{tool}-{name}")))
+                    shutil.rmtree(workdir / f"out-{tool}-{name}")
+            (mk_s, mk_cpu, mk_mb), (dam_s, dam_cpu, dam_mb) = best_of(runs["mergekit"]), best_of(runs["dam"])
             rows.append(
-                f"| {name} | {mk_s:.1f} | {dam_s:.1f} | {mk_s / dam_s:.2f}x | {mk_mb:.0f} | {dam_mb:.0f} | "
-                f"{dam_mb / mk_mb:.2f} |"
+                f"| {name} | {mk_s:.1f} | {dam_s:.1f} | {mk_s / dam_s:.2f}x | {mk_cpu:.1f} | {dam_cpu:.1f} | "
+                f"{mk_cpu / dam_cpu:.2f}x | {mk_mb:.0f} | {dam_mb:.0f} | {dam_mb / mk_mb:.2f} |"
             )
-        print("| config (3 models) | mergekit s | dam s | speed-up | mergekit peak MB | dam peak MB | RSS ratio |")
-        print("|---|---|---|---|---|---|---|")
+        print(
+            "| config (3 models) | mergekit s | dam s | speed-up | mergekit CPU s | dam CPU s | CPU ratio "
+            "| mergekit peak MB | dam peak MB | RSS ratio |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))
 
         print("\n| dam linear over | input size MB | dam peak MB | peak above import MB |")
         print("|---|---|---|---|")
         for n in (1, 2, 3):
             config = write_config(workdir, f"linear@{n}", base, sources[:n])
-            wall, peak = best_of(commands("dam", config, workdir / "out-scaling"), args.repeats)
-            shutil.rmtree(workdir / "out-scaling")
-            print(f"| {n} model(s) | {n * model_mb:.0f} | {peak:.0f} | {peak - baseline[1]:.0f} |")
+            scaling = []
+            for _ in range(args.repeats):
+                scaling.append(run_child(commands("dam", config, workdir / "out-scaling")))
+                shutil.rmtree(workdir / "out-scaling")
+            peak = best_of(scaling)[2]
+            print(f"| {n} model(s) | {n * model_mb:.0f} | {peak:.0f} | {peak - baseline[2]:.0f} |")
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
