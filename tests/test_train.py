@@ -132,6 +132,57 @@ def test_gradient_accumulation_equals_a_bigger_batch(family: tuple[Path, list[Pa
     assert metrics(big)[-1]["loss/kl"] == pytest.approx(metrics(split)[-1]["loss/kl"], rel=5e-5)
 
 
+def test_loss_weight_multiplies_its_sources_rows_in_the_gradient(
+    family: tuple[Path, list[Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``models.<name>.loss_weight``: the first step's ``p.grad`` (one batch holding the whole data set, no
+    clipping, no regulariser) is the gradient of ``sum_k w_k * (KL token sum over source k's rows) / loss tokens``,
+    computed here source by source with unweighted sums."""
+    from transformers import AutoTokenizer
+
+    from dam.training.loop import _Teachers
+
+    recorded: list[list[torch.Tensor]] = []
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        recorded.append([p.grad.detach().clone() for group in self.param_groups for p in group["params"]])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    weights = [1.0, 3.0, 0.5]
+    extra = ["data.num_examples=4", "train.batch_size=12", "train.max_steps=1", "train.max_grad_norm=null"]
+    extra += ["loss.similarity=0", *(f"models.{k}.loss_weight={w}" for k, w in enumerate(weights))]
+    config = tiny_config(*family, tmp_path / "weighted", *extra)
+    train(config)
+
+    model = DAMModel.from_pretrained(config.base_model, [m.model for m in config.models], config.dam)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    data = build_train_dataset(
+        {m.name: m.dataset for m in config.models}, [m.name for m in config.models], tokenizer, config.data
+    )
+    batch = DataCollator(pad_token_id=tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    targets = teacher_targets(batch, _Teachers(model, model), model.num_sources, config.loss.temperature, None)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tokens = float((batch["labels"][:, 1:] != -100).sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = []
+    for k in range(3):
+        rows = batch["dataset_index"] == k
+        part = {name: t[rows] for name, t in targets.items()}
+        sums.append(distillation_sum(logits[rows], batch["labels"][rows], part, config.loss.temperature))
+    weighted = torch.autograd.grad(
+        sum(w * s for w, s in zip(weights, sums, strict=True)) / tokens, params, retain_graph=True
+    )
+    plain = torch.autograd.grad(sum(sums) / tokens, params)
+    assert len(recorded) == 1 and len(recorded[0]) == len(params)
+    assert max(float((w - p).abs().max()) for w, p in zip(weighted, plain, strict=True)) > 1e-4  # weights matter
+    for got, want in zip(recorded[0], weighted, strict=True):
+        # the same arithmetic on the same rows, in another row order and padding: float32 rounding (~1e-7 of
+        # gradients of order 1e-2) only
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
 def test_gradient_checkpointing_changes_memory_not_results(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
     common = ("train.max_steps=2", "train.lr=1e-3", "train.save_every=0")
     plain = coefficients(train(tiny_config(*family, tmp_path / "plain", *common)))

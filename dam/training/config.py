@@ -150,6 +150,11 @@ class SourceModel(BaseModel):
     dataset: str = Field(min_length=1)
     """This source's training data: a local file (jsonl/json/parquet/csv/txt) or folder, or a Hub dataset id."""
 
+    loss_weight: float = Field(1.0, gt=0)
+    """Weight of this source's examples in the objective: the KL (or entropy) of each of their tokens is multiplied
+    by it. Weights are not normalised: the objective is still divided by the number of loss tokens, so 1 for every
+    source is the plain token mean. A skill that the merge keeps worse than the others can be weighted up."""
+
     render: Literal["auto", "own", "base", "plain"] = "auto"
     """How this source's prompt/response data is rendered: ``own``, with the source's own chat template (and
     tokenizer), the format it was tuned on; ``base``, with the base tokenizer's chat template; ``plain``, with

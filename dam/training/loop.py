@@ -378,21 +378,33 @@ def teacher_targets(
     return {"logprobs": values, "indices": indices}
 
 
-def distillation_sum(
-    student_logits: torch.Tensor, labels: torch.Tensor, targets: dict[str, torch.Tensor], temperature: float
-) -> torch.Tensor:
-    """``sum over loss tokens of T^2 KL(teacher || student)``, averaged over the teachers of each row (S of them:
-    1 for ``pairing: own``, N for ``all``), with one student log-softmax.
+def weighted_loss_mask(labels: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
+    """:func:`loss_mask` as float32 ``[B, T]``, each row multiplied by its weight (``row_weights`` ``[B]``, the
+    ``loss_weight`` of the row's source; None for all 1)."""
+    mask = loss_mask(labels).float()
+    return mask if row_weights is None else mask * row_weights[:, None].to(mask)
 
-    ``student_logits`` [B, T, V]; ``labels`` [B, T]; ``targets`` from :func:`teacher_targets`.
+
+def distillation_sum(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    temperature: float,
+    row_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sum over loss tokens of w T^2 KL(teacher || student)``, averaged over the teachers of each row (S of them:
+    1 for ``pairing: own``, N for ``all``), with one student log-softmax; ``w`` is the row's weight.
+
+    ``student_logits`` [B, T, V]; ``labels`` [B, T]; ``targets`` from :func:`teacher_targets`; ``row_weights``
+    [B] or None (1 for every row).
     """
-    mask = loss_mask(labels)
+    mask = weighted_loss_mask(labels, row_weights)
     if "mean_logprobs" in targets:
         mean = distribution_kl(student_logits, targets["mean_logprobs"], targets["spread"], mask, temperature)
     else:  # [B, S, T, K] -> [B, T, S, K]: the S teachers' KLs averaged per token
         logprobs, indices = targets["logprobs"].transpose(1, 2), targets["indices"].transpose(1, 2)
         mean = topk_kl_divergence(student_logits, logprobs, indices, mask, temperature)
-    return mean * mask.sum()  # the losses average over the mask; the loop needs the sum
+    return mean * mask.sum()  # the losses take the weighted mean over the mask; the loop needs the weighted sum
 
 
 # ---------------------------------------------------------------------------------------------------- loop
@@ -499,6 +511,8 @@ def _step(
     loss_tokens, input_tokens = accelerator.reduce(counts, "sum").tolist()
     scale = accelerator.num_processes / max(loss_tokens, 1.0)
     weight = config.loss.kl if config.loss.objective == "kl" else 1.0
+    source_weights = torch.tensor([m.loss_weight for m in config.models], device=accelerator.device)
+    weighted = bool((source_weights != 1).any())
     objective_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     regularisers: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
@@ -510,11 +524,12 @@ def _step(
                     batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
                 )
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            rows = source_weights[batch["dataset_index"]] if weighted else None  # [B]: each row's loss_weight
             if config.loss.objective == "entropy":  # AdaMerging: no teachers
-                mask = loss_mask(batch["labels"])
+                mask = weighted_loss_mask(batch["labels"], rows)
                 term = prediction_entropy(logits, mask) * mask.sum()  # the token sum, like distillation_sum
             else:
-                term = distillation_sum(logits, batch["labels"], targets, config.loss.temperature)
+                term = distillation_sum(logits, batch["labels"], targets, config.loss.temperature, rows)
             del targets
             loss = weight * term * scale
             if last:
