@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from dam.errors import DamError
-from dam.training.config import DAMConfig, apply_override, load_config, save_config
+from dam.training.config import (
+    DAMConfig,
+    apply_override,
+    load_config,
+    load_saved_config,
+    portable_config,
+    save_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "dam" / "tiny.yaml"
@@ -145,10 +152,14 @@ def test_output_dir_expands_environment_variables(tmp_path: Path, monkeypatch: p
     assert config.output_dir == "out/sweep/abc123"
 
 
-def test_saved_config_loads_back_equal(tmp_path: Path) -> None:
+def test_saved_config_loads_back_equal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # the tiny config's datasets are relative to the repository
     config = load_config(TINY, ["train.lr=0.5", "wandb.tags=[t]"])
     save_config(config, tmp_path / "config.yaml")
-    assert load_config(tmp_path / "config.yaml") == config
+    # written relative to the file's folder (the datasets exist: ../x), read back resolved against it
+    saved = load_saved_config(tmp_path / "config.yaml")
+    assert portable_config(saved, tmp_path) == portable_config(config, tmp_path)
+    assert saved.models[0].dataset == str((ROOT / config.models[0].dataset).resolve())
 
 
 def test_apply_override_creates_nested_sections() -> None:

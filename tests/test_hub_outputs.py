@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
@@ -17,6 +19,9 @@ from dam.adaptive.model import DAMModel
 from dam.cli import main
 from dam.io.paths import portable_paths, portable_reference, resolve_reference
 from dam.testing import make_family
+from dam.training.run_dir import LATEST_FILE, checkpoint_root
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +116,101 @@ def test_dam_export_files_hold_no_machine_path_and_export_again(family, tmp_path
     assert main(["export", str(out / COEFFICIENTS_FILE), str(tmp_path / "again")]) == 0
     first, again = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def _tiny_run_config(project: Path, base: Path, sources: list[Path]) -> Path:
+    """The tiny DAM config with every path absolute inside ``project`` (datasets copied there) and cached teacher
+    logits."""
+    config = yaml.safe_load((ROOT / "configs" / "dam" / "tiny.yaml").read_text())
+    shutil.copytree(ROOT / "data" / "examples", project / "data")
+    config["base_model"] = str(base)
+    for entry, source in zip(config["models"], sources, strict=True):
+        entry["model"], entry["dataset"] = str(source), str(project / "data" / Path(entry["dataset"]).name)
+    config["output_dir"] = str(project / "run")
+    config["train"] |= {"max_steps": 2, "save_every": 1}
+    config["loss"]["top_k"] = 8
+    config["data"] |= {"teacher_logits": "cached", "cache_dir": str(project / "cache")}
+    path = project / "dam.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_training_outputs_hold_no_machine_path_and_a_moved_project_resumes(tmp_path: Path, monkeypatch) -> None:
+    """The run folder (config.yaml, checkpoints' trainer states, coefficients, merged/), the teacher-logit cache's
+    key and RegMean's output name local paths relative to themselves; a project folder moved elsewhere with its
+    run, models, data and cache resumes from inside the run folder with the saved config.yaml."""
+    project = tmp_path / "project"
+    base, sources = make_family(project / "family", 3, num_layers=2)
+    config = _tiny_run_config(project, base, sources)
+    assert main(["cache-logits", str(config)]) == 0
+    assert main(["train", str(config)]) == 0
+    assert main(["regmean", str(config), str(project / "regmean")]) == 0
+    for folder in ("run", "cache", "regmean"):
+        assert_no_absolute_paths(project / folder, tmp_path)
+    saved = yaml.safe_load((project / "run" / "config.yaml").read_text())
+    assert saved["base_model"] == "../family/base" and saved["output_dir"] == "."
+    assert saved["data"]["cache_dir"] == "../cache" and saved["models"][0]["dataset"] == "../data/arithmetic.jsonl"
+
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(project, moved)  # a rename: the models' mtimes, which the cache key records, stay
+    monkeypatch.chdir(moved / "run")
+    assert main(["train", "config.yaml", "train.max_steps=3"]) == 0  # the cache is still valid, the run resumes
+    assert (checkpoint_root(moved / "run") / LATEST_FILE).read_text().strip() == "step_3"
+    steps = [json.loads(line)["step"] for line in (moved / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # step 3 only: resumed, not restarted
+    assert_no_absolute_paths(moved / "run", tmp_path)
+
+
+SEARCH_FITNESS = "def closeness(model, tokenizer):\n    return -float(model.lm_head.weight.detach().pow(2).sum())\n"
+
+
+def test_search_and_recipe_outputs_hold_no_machine_path(tmp_path: Path, monkeypatch) -> None:
+    """dam soup, dam evolve (CMA-ES and kinship-greedy) and a multi-document dam merge recipe: every file they
+    write (configs, JSON lines, results, best.yaml, merged models) names local models relative to itself."""
+    base, sources = make_family(tmp_path / "family", 3, num_layers=2)
+    (tmp_path / "fit_no_paths.py").write_text(SEARCH_FITNESS)
+    monkeypatch.chdir(tmp_path)  # the fitness module is imported from the working directory
+    models = [str(s) for s in sources]
+    fitness = {"callable": "fit_no_paths:closeness"}
+    configs = {
+        "soup": {"models": models, "fitness": fitness},
+        "evolve": {
+            "base_model": str(base),
+            "models": models,
+            "search": {"method": "ties", "layer_groups": 1},
+            "fitness": fitness,
+            "budget": {"evaluations": 2},
+        },
+        "kinship": {
+            "base_model": str(base),
+            "models": models,
+            "strategy": "kinship_greedy",
+            "kinship_greedy": {"k": 2, "max_generations": 1},
+            "fitness": fitness,
+            "budget": {"evaluations": 5},
+        },
+    }
+    for name, data in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    assert main(["soup", str(tmp_path / "soup.yaml"), str(tmp_path / "out" / "soup")]) == 0
+    assert main(["evolve", str(tmp_path / "evolve.yaml"), str(tmp_path / "out" / "evolve"), "--quiet"]) == 0
+    assert main(["evolve", str(tmp_path / "kinship.yaml"), str(tmp_path / "out" / "kinship")]) == 0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: soup\nmerge_method: linear\nmodels:\n  - {{model: {sources[0]}, parameters: {{weight: 0.5}}}}\n"
+        f"  - {{model: {sources[1]}, parameters: {{weight: 0.5}}}}\n---\nmerge_method: slerp\nbase_model: {base}\n"
+        f"models: [{{model: {base}}}, {{model: soup}}]\nparameters: {{t: 0.5}}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), str(out / "final"), "--intermediate-dir", str(out / "steps"), "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == {"soup", "evolve", "kinship", "final", "steps"}
+    assert_no_absolute_paths(out, tmp_path)
+    members = [json.loads(line) for line in (out / "kinship" / "members.jsonl").read_text().splitlines()]
+    assert members[0]["path"] == "../../family/source0"
+    # a rerun of the kinship search replays its members from those relative paths (nothing re-evaluated)
+    log = (out / "kinship" / "members.jsonl").read_text()
+    assert main(["evolve", str(tmp_path / "kinship.yaml"), str(out / "kinship")]) == 0
+    assert (out / "kinship" / "members.jsonl").read_text() == log
 
 
 class FakeHub:

@@ -21,6 +21,7 @@ from dam.errors import DamError
 from dam.evaluation.evaluate import evaluate_model
 from dam.evaluation.kinship import model_kinship
 from dam.io.checkpoint import CheckpointReader
+from dam.io.paths import portable_reference, resolve_reference
 from dam.merge.config import load_saved_merge_config, parse_merge_config
 from dam.merge.engine import merged_tensors
 from dam.search.config import EvolveConfig, FitnessConfig, SearchSpace, SoupConfig, load_search_config
@@ -200,7 +201,8 @@ def test_dam_soup_end_to_end(family: dict, tmp_path: Path, capsys: pytest.Captur
     summary = json.loads((out / "soup.json").read_text())
     assert "greedy soup of" in printed and "uniform soup of 3" in printed
     steps = summary["greedy"]["steps"]
-    assert [s["model"] for s in steps] == sorted(family["sources"], key=lambda m: -summary["candidates"][m]["score"])
+    named = [portable_reference(m, out) for m in family["sources"]]  # written relative to the soup folder
+    assert [s["model"] for s in steps] == sorted(named, key=lambda m: -summary["candidates"][m]["score"])
     assert summary["greedy"]["models"] == [s["model"] for s in steps if s["kept"]]
     lines = (out / "evaluations.jsonl").read_text().splitlines()
     assert len(lines) == summary["compute"]["evaluations"] == 3 + 1 + 2
@@ -239,7 +241,9 @@ def test_dam_evolve_cmaes_end_to_end_and_extends_its_budget(
     best = max(rows, key=lambda r: r["score"])
     assert results["best"]["score"] == best["score"] and results["compute"]["evaluations"] == 3
     assert (out / "fitness.png").stat().st_size > 0
-    # best.yaml runs under dam merge and gives the written merge, which scores what the search measured
+    # best.yaml runs under dam merge (from its folder: its models are relative to it) and gives the written merge,
+    # which scores what the search measured
+    monkeypatch.chdir(out)
     assert main(["merge", "--quiet", str(out / "best.yaml"), str(tmp_path / "again")]) == 0
     with CheckpointReader(out / "merged") as a, CheckpointReader(tmp_path / "again") as b:
         assert all(torch.equal(a.get(n), b.get(n)) for n in a.names)
@@ -304,7 +308,7 @@ def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monk
     top = list(first["top"])
     assert top[0] == "input1" and len(top) == 2
     # the top pair's kinship is dam kinship's Pearson correlation of their task vectors
-    by_name = {m["name"]: m for m in members}
+    by_name = {m["name"]: {**m, "path": resolve_reference(m["path"], out)} for m in members}  # written relative
     expected = model_kinship(by_name[top[0]]["path"], by_name[top[1]]["path"], family["base"]).overall.pearson
     assert first["kinship"][f"{top[0]}~{top[1]}"] == pytest.approx(expected)
     # generation 1: the top pair, then the best with the least related model outside the top
@@ -312,7 +316,7 @@ def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monk
     assert merge["parents"] == top and exploration["why"] == "exploration"
     assert exploration["parents"][0] == "input1" and exploration["parents"][1] not in top
     gen1 = load_saved_merge_config(out / "models" / merge["name"])  # models written relative to the folder
-    assert gen1.merge_method == "slerp" and gen1.base_model == str(Path(by_name[top[0]]["path"]).resolve())
+    assert gen1.merge_method == "slerp" and gen1.base_model == by_name[top[0]]["path"]
     results = json.loads((out / "results.json").read_text())
     assert results["compute"]["evaluations"] == len(members) <= 6
     assert results["stop"] in ("budget", "max_generations", "kinship", "no new pair")

@@ -15,6 +15,7 @@ from test_lm_eval import MC_DOCS, MC_YAML  # noqa: E402  (the locally defined mu
 
 from dam.cli import main  # noqa: E402
 from dam.evaluation.lm_eval import evaluate_lm_eval  # noqa: E402
+from dam.io.paths import portable_reference  # noqa: E402
 from dam.testing import make_family  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def test_soup_with_an_lm_eval_fitness(tmp_path: Path, capsys: pytest.CaptureFixt
     summary = json.loads((out / "soup.json").read_text())
     for source in sources:
         expected = evaluate_lm_eval(source, ["soupeval_mc"], include_path=tasks, batch_size=2)["soupeval_mc"]["acc"]
-        assert summary["candidates"][str(source)]["score"] == expected
+        assert summary["candidates"][portable_reference(source, out)]["score"] == expected
     uniform = evaluate_lm_eval(out / "uniform", ["soupeval_mc"], include_path=tasks, batch_size=2)
     assert summary["uniform"]["score"] == uniform["soupeval_mc"]["acc"]
     assert summary["uniform"]["metrics"]["soupeval_mc/acc"] == uniform["soupeval_mc"]["acc"]

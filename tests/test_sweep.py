@@ -13,7 +13,7 @@ from wandb.proto import wandb_internal_pb2
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
 from dam.testing import make_family
-from dam.training.config import load_config
+from dam.training.config import load_saved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs" / "sweeps" / "tiny.yaml"
@@ -88,7 +88,7 @@ def test_sweep_run_as_the_agent_forms_it(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
     run = tmp_path / "runs" / "sweeprun1"
-    config = load_config(run / "config.yaml")
+    config = load_saved_config(run / "config.yaml")
     assert config.train.lr == 0.03 and config.loss.temperature == 4.0 and config.data.num_examples == 16
     assert config.wandb.mode is None and (run / "merged" / "model.safetensors").is_file()
 

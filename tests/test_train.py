@@ -18,7 +18,7 @@ from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
 from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.testing import make_family
-from dam.training.config import DAMConfig, TrainConfig, load_config
+from dam.training.config import DAMConfig, TrainConfig, load_saved_config, portable_config
 from dam.training.data import DataCollator, build_train_dataset
 from dam.training.loop import _setup_model, distillation_sum, teacher_targets, train
 from dam.training.run_dir import LATEST_FILE, latest_checkpoint
@@ -68,12 +68,12 @@ def trained(family: tuple[Path, list[Path]], tmp_path_factory: pytest.TempPathFa
 def test_run_folder_holds_config_checkpoints_coefficients_and_export(trained: tuple[DAMConfig, Path]) -> None:
     config, run = trained
     assert run == Path(config.output_dir)
-    assert load_config(run / "config.yaml") == config
+    assert load_saved_config(run / "config.yaml") == config  # local paths written relative to the run folder
     root = run / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == [LATEST_FILE, "step_4", "step_6"]  # keep_checkpoints=2
     assert (root / LATEST_FILE).read_text().strip() == "step_6" and latest_checkpoint(run) == root / "step_6"
     state = json.loads((root / "step_6" / "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["config"] == load_config(run / "config.yaml").model_dump(mode="json")
+    assert state["step"] == 6 and state["config"] == portable_config(config, root / "step_6")
     checkpoint = load_file(root / "step_6" / "model.safetensors")
     assert checkpoint and all("coefficients" in k for k in checkpoint), "checkpoints hold coefficients, not sources"
     merged = run / "merged"

@@ -38,6 +38,7 @@ import yaml
 
 from dam.demo.paths import CONFIG_DIR, rebase
 from dam.errors import DamError
+from dam.io.paths import portable_reference
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _recorded_cost(folder: Path) -> dict[str, float] | None:
 
 def _check_out(out: Path, config: Any, force: bool) -> None:
     """Refuse an ``out`` that holds anything but a DAM run of this exact config (or delete it under ``force``)."""
-    from dam.training.config import config_to_dict
+    from dam.training.config import portable_config
     from dam.training.run_dir import CONFIG_FILE
 
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -148,7 +149,7 @@ def _check_out(out: Path, config: Any, force: bool) -> None:
     saved = out / CONFIG_FILE
     if not saved.is_file():
         raise DamError(f"output folder {out} exists and is not a DAM run: use --force to replace it, or --out")
-    if yaml.safe_load(saved.read_text()) != config_to_dict(config):
+    if yaml.safe_load(saved.read_text()) != portable_config(config, out):
         raise DamError(
             f"output folder {out} holds a DAM run of another config ({saved} differs): use --force to retrain, "
             "or another --out"
@@ -548,10 +549,10 @@ def run_demo(
     plot_coefficient_heatmap(load_coefficient_table(run), path=out / "coefficients.png")
     seconds["plots"] = time.perf_counter() - t0
     summary = {
-        "root": str(root),
+        "root": portable_reference(root, out),
         "seed": seed,
         "quick": quick,
-        "dam_run": str(run),
+        "dam_run": portable_reference(run, out),
         "dam_status": dam_status,
         "tasks": tasks,
         "skills": skills,

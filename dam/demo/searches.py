@@ -56,6 +56,7 @@ def run_searches(
     from dam.search.config import EvolveConfig, SoupConfig
     from dam.search.evolve import run_evolve
     from dam.search.kinship_greedy import run_kinship_greedy
+    from dam.search.records import saved_config
     from dam.search.soup import run_soup
 
     root, folder = Path(root), Path(out) / "searches"
@@ -65,7 +66,7 @@ def run_searches(
     soup_config = SoupConfig.model_validate(_config("soup", root, quick, limit))
     summary_file = soup_out / "soup.json"
     previous = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-    if previous is not None and previous["config"] == soup_config.model_dump(mode="json"):
+    if previous is not None and previous["config"] == saved_config(soup_config, soup_out):
         summary = previous
     else:
         summary = run_soup(soup_config, soup_out, force=True)

@@ -40,9 +40,9 @@ from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader
 from dam.merge.config import MergeConfig, parse_merge_config
 from dam.merge.engine import plan_merge, run_merge
-from dam.search.config import EvolveConfig, SearchSpace, config_dict
+from dam.search.config import EvolveConfig, SearchSpace
 from dam.search.fitness import CandidateEvaluator, Fitness
-from dam.search.records import SearchLog, plot_fitness, prepare_out
+from dam.search.records import SearchLog, plot_fitness, prepare_out, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
     count, _ = _spent(study)
     logger.info("evolve: %s study in %s, %d candidate(s) done", "resuming the" if resumed else "new", out, count)
     evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
-    log = SearchLog(None, config.wandb, config_dict(config), out, "evolve")
+    log = SearchLog(None, config.wandb, saved_config(config, out), out, "evolve")
     bar = tqdm(
         total=config.budget.evaluations,
         initial=count,
@@ -309,16 +309,13 @@ def finish(
 
 
 def _write_best(merge: MergeConfig, out: Path, seed: int) -> None:
-    """``best.yaml`` and ``merged/`` (remade only when the best changed)."""
+    """``best.yaml`` (local models relative to ``out``) and ``merged/`` (remade only when the best changed)."""
     best_file = out / "best.yaml"
-    if (
-        best_file.is_file()
-        and best_file.read_text() == merge.source_text
-        and (out / "merged" / "config.json").is_file()
-    ):
+    text = merge.portable_text(out)
+    if best_file.is_file() and best_file.read_text() == text and (out / "merged" / "config.json").is_file():
         return
     run_merge(merge, out / "merged", force=True, seed=seed, progress=False)
-    best_file.write_text(merge.source_text, encoding="utf-8")
+    best_file.write_text(text, encoding="utf-8")
 
 
 def format_results(results: dict[str, Any]) -> str:

@@ -33,11 +33,12 @@ import yaml
 
 from dam.errors import DamError
 from dam.evaluation.kinship import model_kinship
+from dam.io.paths import portable_reference, resolve_reference
 from dam.merge.config import MergeConfig, load_saved_merge_config, parse_merge_config
 from dam.merge.engine import run_merge
-from dam.search.config import PAIR_DEFAULTS, EvolveConfig, KinshipGreedy, config_dict
+from dam.search.config import PAIR_DEFAULTS, EvolveConfig, KinshipGreedy
 from dam.search.fitness import CandidateEvaluator, Fitness
-from dam.search.records import SearchLog, plot_fitness, prepare_out, read_records
+from dam.search.records import SearchLog, plot_fitness, prepare_out, read_records, saved_config
 from dam.search.soup import average_config, check_candidates
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ def run_kinship_greedy(config: EvolveConfig, out: str | Path, *, force: bool = F
     out = Path(out).expanduser().absolute()
     prepare_out(out, config, force)
     (out / "models").mkdir(exist_ok=True)
-    done = {r["name"]: r for r in read_records(out / "members.jsonl")}
-    log = SearchLog(out / "members.jsonl", config.wandb, config_dict(config), out, "kinship_greedy")
+    # members.jsonl names models relative to ``out``: resolved back to where they are
+    done = {r["name"]: {**r, "path": resolve_reference(r["path"], out)} for r in read_records(out / "members.jsonl")}
+    log = SearchLog(out / "members.jsonl", config.wandb, saved_config(config, out), out, "kinship_greedy")
     evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
     kinship = _Kinship(config.base_model, settings.measure, out / "kinship.jsonl")
     members: dict[str, dict[str, Any]] = {}
@@ -126,7 +128,7 @@ def run_kinship_greedy(config: EvolveConfig, out: str | Path, *, force: bool = F
             "seconds": score.seconds + merge_seconds,
         }
         members[name] = record
-        log.log(record)
+        log.log({**record, "path": portable_reference(path, out)})
         logger.info("kinship_greedy: %s (%s) -> %.4f", name, " + ".join(parents) or "input", score.score)
 
     try:
@@ -206,7 +208,7 @@ def _finish(
         raise DamError("kinship_greedy: the budget allowed no evaluation")
     best = max(members.values(), key=lambda m: m["score"])
     if best["parents"]:
-        config_text = load_saved_merge_config(best["path"]).source_text  # its models as absolute paths
+        config_text = load_saved_merge_config(best["path"]).portable_text(out)  # models relative to ``out``
         (out / "best.yaml").write_text(config_text, encoding="utf-8")
     plot_fitness([m["score"] for m in members.values()], out / "fitness.png", "dam evolve (kinship greedy)", "fitness")
     results = {
@@ -223,7 +225,8 @@ def _finish(
             "forward_tokens": sum(m.get("forward_tokens") or 0 for m in members.values()),
         },
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    written = {**results, "best": {**results["best"], "path": portable_reference(best["path"], out)}}
+    (out / "results.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
     return results
 
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from dam.errors import DamError
+from dam.io.paths import portable_paths
 from dam.search.config import config_dict
 from dam.training.config import WandbConfig
 
@@ -96,6 +97,12 @@ def plot_fitness(scores: Sequence[float], path: Path, title: str, ylabel: str) -
 _RESUMABLE_CHANGES = ("budget", "wandb")  # keys a resumed search may change (a larger budget extends it)
 
 
+def saved_config(config: BaseModel, folder: Path) -> dict[str, Any]:
+    """The search config as written in ``folder`` (``search_config.yaml``, ``soup.json``, wandb): absolute paths
+    relative to ``folder`` (``./x``, ``../x``), relative ones and Hub ids as given."""
+    return portable_paths(config_dict(config), folder)
+
+
 def _same_search(saved: dict[str, Any], config: dict[str, Any]) -> bool:
     return {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES} == {
         k: v for k, v in config.items() if k not in _RESUMABLE_CHANGES
@@ -105,7 +112,8 @@ def _same_search(saved: dict[str, Any], config: dict[str, Any]) -> bool:
 def prepare_out(out: Path, config: BaseModel, force: bool) -> bool:
     """Make ``out`` ready: a fresh folder, or the folder of the same search (resume: True; its budget and wandb
     settings may differ, a larger budget extends it). Another search's folder, or a non-empty folder of something
-    else, is refused unless ``force`` (which deletes it). The config is saved as ``search_config.yaml``."""
+    else, is refused unless ``force`` (which deletes it). The config is saved as ``search_config.yaml``
+    (:func:`saved_config`)."""
     saved = out / CONFIG_FILE
     resume = False
     if out.exists() and not out.is_dir():
@@ -116,10 +124,10 @@ def prepare_out(out: Path, config: BaseModel, force: bool) -> bool:
             shutil.rmtree(out)
         elif not saved.is_file():
             raise DamError(f"output folder {out} is not empty and holds no search: use --force to replace it")
-        elif not _same_search(yaml.safe_load(saved.read_text()), config_dict(config)):
+        elif not _same_search(yaml.safe_load(saved.read_text()), saved_config(config, out)):
             raise DamError(f"output folder {out} holds a search of another config ({saved} differs): use --force")
         else:
             resume = True
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(config_dict(config), sort_keys=False))
+    saved.write_text(yaml.safe_dump(saved_config(config, out), sort_keys=False))
     return resume

@@ -11,7 +11,9 @@ computed in memory by the streaming engine.
   compute (wall time, forward tokens);
 - ``evaluations.jsonl``: one line per evaluation;
 - ``greedy.yaml`` / ``uniform.yaml``: the two soups as mergekit configs, and ``greedy/`` / ``uniform/`` the merged
-  models (``dam merge greedy.yaml DIR`` or ``mergekit-yaml greedy.yaml DIR`` remakes them).
+  models (``dam merge greedy.yaml DIR`` or ``mergekit-yaml greedy.yaml DIR``, run from ``out``, remakes them).
+
+Local models are written relative to ``out`` (``./x``, ``../x``; :mod:`dam.io.paths`), Hub ids as given.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from typing import Any
 
 import yaml
 
+from dam.io.paths import portable_paths, portable_reference
 from dam.io.writer import atomic_output_dir
 from dam.merge.config import MergeConfig, parse_merge_config
 from dam.merge.engine import plan_merge, run_merge
 from dam.search.config import SoupConfig, config_dict
 from dam.search.fitness import CandidateEvaluator, Fitness, Score
-from dam.search.records import SearchLog
+from dam.search.records import SearchLog, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +82,14 @@ def run_soup(config: SoupConfig, out: str | Path, *, force: bool = False) -> dic
     out = Path(out).expanduser().absolute()
     started = time.perf_counter()
     with atomic_output_dir(out, force=force) as tmp:
-        log = SearchLog(tmp / "evaluations.jsonl", config.wandb, config_dict(config), tmp, "soup")
+        log = SearchLog(tmp / "evaluations.jsonl", config.wandb, saved_config(config, out), tmp, "soup")
         evaluator = CandidateEvaluator(fitness, config.models[0])
         try:
 
             def evaluate(models: list[str], kind: str) -> Score:
                 score = evaluator.merge(average_config(models)) if len(models) > 1 else evaluator.model(models[0])
-                log.log({"evaluation": evaluator.evaluations, "kind": kind, "models": models, **score.to_dict()})
+                named = [portable_reference(m, out) for m in models]
+                log.log({"evaluation": evaluator.evaluations, "kind": kind, "models": named, **score.to_dict()})
                 return score
 
             candidates = {m: evaluate([m], "candidate") for m in config.models}
@@ -95,7 +99,7 @@ def run_soup(config: SoupConfig, out: str | Path, *, force: bool = False) -> dic
             log.close()
         greedy = average_config(kept, config.dtype, "greedy soup")
         for name, merge in (("uniform", uniform), ("greedy", greedy)):
-            (tmp / f"{name}.yaml").write_text(merge.source_text, encoding="utf-8")
+            (tmp / f"{name}.yaml").write_text(merge.portable_text(out), encoding="utf-8")
             run_merge(merge, tmp / name, progress=False)
         summary = {
             "fitness": fitness.describe(),
@@ -110,8 +114,25 @@ def run_soup(config: SoupConfig, out: str | Path, *, force: bool = False) -> dic
             },
             "config": config_dict(config),
         }
-        (tmp / "soup.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        (tmp / "soup.json").write_text(json.dumps(portable_summary(summary, out), indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def portable_summary(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``summary`` as ``soup.json`` in ``folder`` holds it: models relative to ``folder``, Hub ids as given."""
+
+    def ref(model: str) -> str:
+        return portable_reference(model, folder)
+
+    greedy = summary["greedy"]
+    steps = [{**s, "model": ref(s["model"]), "soup": [ref(m) for m in s["soup"]]} for s in greedy["steps"]]
+    return {
+        **summary,
+        "candidates": {ref(m): s for m, s in summary["candidates"].items()},
+        "uniform": {**summary["uniform"], "models": [ref(m) for m in summary["uniform"]["models"]]},
+        "greedy": {**greedy, "models": [ref(m) for m in greedy["models"]], "steps": steps},
+        "config": portable_paths(summary["config"], folder),
+    }
 
 
 def format_soup(summary: dict[str, Any]) -> str:

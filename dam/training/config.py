@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dam.adaptive.options import DAMOptions
 from dam.errors import DamError
+from dam.io.paths import portable_reference, resolve_reference
 
 
 class LossConfig(BaseModel):
@@ -542,10 +543,47 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DAMConfig:
 
 
 def config_to_dict(config: DAMConfig) -> dict[str, Any]:
-    """The resolved config as plain YAML/JSON-able data (what ``config.yaml`` and the tracker record)."""
+    """The resolved config as plain YAML/JSON-able data, paths as in ``config``."""
     return config.model_dump(mode="json")
 
 
+def _map_paths(data: dict[str, Any], convert: Any) -> dict[str, Any]:
+    """``data`` (a :func:`config_to_dict`) with ``convert`` applied to every path: the models, the datasets,
+    ``output_dir``, ``data.cache_dir`` and ``train.resume_from``."""
+    data = {**data, "models": [dict(m) for m in data["models"]], "data": dict(data["data"])}
+    data["train"] = dict(data["train"])
+    data["base_model"] = convert(data["base_model"])
+    data["output_dir"] = convert(data["output_dir"])
+    for m in data["models"]:
+        m["model"], m["dataset"] = convert(m["model"]), convert(m["dataset"])
+    for section, key in (("data", "cache_dir"), ("train", "resume_from")):
+        if data[section][key] is not None:
+            data[section][key] = convert(data[section][key])
+    return data
+
+
+def portable_config(config: DAMConfig, folder: str | Path) -> dict[str, Any]:
+    """The config as written in a file inside ``folder`` (the run folder's ``config.yaml``, a checkpoint's
+    ``trainer_state.json``, the tracker): every local path relative to ``folder`` (``./x``, ``../x``; see
+    :mod:`dam.io.paths`), Hub ids as given, so no absolute path of the machine is written."""
+    return _map_paths(config_to_dict(config), lambda p: portable_reference(p, folder))
+
+
+def resolve_config_paths(data: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """The inverse of :func:`portable_config` for config data read from a file in ``folder``: its ``./x`` and
+    ``../x`` paths resolved against ``folder`` (absolute paths and Hub ids as they are)."""
+    return _map_paths(data, lambda p: resolve_reference(p, folder))
+
+
 def save_config(config: DAMConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (it loads back with :func:`load_config`)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    """Write the resolved config as YAML, local paths relative to the file's folder (:func:`portable_config`);
+    :func:`load_saved_config` reads it back from anywhere, ``load_config`` from inside that folder."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(portable_config(config, path.parent), sort_keys=False))
+
+
+def load_saved_config(path: str | Path) -> DAMConfig:
+    """A config written by :func:`save_config`, its local paths resolved against the file's folder."""
+    path = Path(path)
+    data = yaml.load(path.read_text(), Loader=_YAMLLoader)  # a SafeLoader subclass
+    return validate_config(resolve_config_paths(data, path.parent), str(path))

@@ -51,7 +51,7 @@ from dam.adaptive.losses import coefficient_losses, distribution_kl, prediction_
 from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
-from dam.training.config import DAMConfig, config_to_dict, save_config
+from dam.training.config import DAMConfig, config_to_dict, portable_config, resolve_config_paths, save_config
 from dam.training.data import IGNORE_INDEX, DataCollator, load_tokenizer
 from dam.training.run_dir import (
     CONFIG_FILE,
@@ -259,7 +259,7 @@ def _setup_tracking(accelerator: Any, config: DAMConfig, run_dir: Path) -> None:
     }
     accelerator.init_trackers(
         config.wandb.project,
-        config=config_to_dict(config),
+        config=portable_config(config, run_dir),
         init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}},
     )
 
@@ -288,8 +288,11 @@ def _find_resume_checkpoint(config: DAMConfig, run_dir: Path) -> Path | None:
 def _check_resumable(config: DAMConfig, checkpoint: Path) -> None:
     """Refuse, before anything loads, a restart whose config differs from the checkpoint's outside
     :data:`RESUMABLE_CHANGES` (the checkpoint's optimizer state, schedule and data order were made under it)."""
-    saved = json.loads((checkpoint / TRAINER_STATE_FILE).read_text()).get("config", {})
-    changes = config_changes(saved, config_to_dict(config))
+    saved = json.loads((checkpoint / TRAINER_STATE_FILE).read_text()).get("config")
+    # paths compared resolved: the checkpoint's are relative to its folder, so a run folder moved together with
+    # the models and data it names resumes; one moved away from them names other paths and is refused
+    current = resolve_config_paths(portable_config(config, checkpoint), checkpoint)
+    changes = config_changes(resolve_config_paths(saved, checkpoint) if saved else {}, current)
     if changes:
         key, before, now = changes[0]
         more = f" (and {', '.join(c[0] for c in changes[1:])})" if changes[1:] else ""
@@ -474,7 +477,7 @@ def _fit(
                     "total_steps": total_steps,
                     "num_processes": accelerator.num_processes,
                     "data_fingerprint": data_hash,
-                    "config": config_to_dict(config),
+                    "config": portable_config(config, checkpoint_root(run_dir) / f"step_{step}"),
                 }
                 save_checkpoint(accelerator, run_dir, step, state, config.train.keep_checkpoints)
                 saved_step = step

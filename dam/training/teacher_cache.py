@@ -9,7 +9,8 @@ entries sit near 0, where float16 is most precise. They also keep the probabilit
 
 Cache layout (``data.cache_dir``, written atomically by :func:`cache_teacher_logits`)::
 
-    dam_teacher_cache.json   the key: what the cache was computed from (see teacher_cache_key)
+    dam_teacher_cache.json   the key: what the cache was computed from (see teacher_cache_key), local paths
+                             relative to the cache folder (see stored_key)
     dataset/                 datasets.Dataset.save_to_disk: the columns of dam.training.data.build_train_dataset
                              plus teacher_logprobs (float16) and teacher_indices (int32), each [T, S, K] per row:
                              T tokens, S teachers (1 for pairing "own", N for "all"), K = top_k, best first
@@ -39,6 +40,7 @@ from dam.adaptive.losses import teacher_distribution, teacher_spread
 from dam.errors import DamError
 from dam.io.checkpoint import resolve_folder
 from dam.io.lora import split_reference
+from dam.io.paths import portable_paths, portable_reference
 from dam.io.writer import atomic_output_dir
 from dam.training.data import ALL_SOURCES, DataCollator, build_train_dataset, load_tokenizer, source_renderings
 
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: local paths stored relative to the cache folder, Hub models by revision
 KEY_FILE = "dam_teacher_cache.json"
 DATASET_DIR = "dataset"
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.index.json")
@@ -68,16 +70,18 @@ def _sha256(data: bytes) -> str:
 
 
 def model_identity(name_or_path: str | Path) -> dict[str, Any]:
-    """A cheap identity of a checkpoint: resolved folder, a hash of ``config.json``, and size + mtime of each
-    weight file. Rewriting weights changes the mtime (and usually the size), so this catches changed sources
-    without reading any weights; copying a folder also changes mtimes, which only costs a recomputation.
+    """A cheap identity of a checkpoint: resolved folder (a Hub model: ``id@<snapshot revision>``), a hash of
+    ``config.json``, and size + mtime of each weight file. Rewriting weights changes the mtime (and usually the
+    size), so this catches changed sources without reading any weights; copying a folder also changes mtimes,
+    which only costs a recomputation.
     """
     model, adapter = split_reference(name_or_path)
     path = resolve_folder(model).resolve()
+    local = Path(model).expanduser().is_dir()
     config = path / "config.json"
     weights = sorted({f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern)})
     identity = {
-        "path": str(path),
+        "path": str(path) if local else f"{model}@{path.name}",
         "config": _sha256(config.read_bytes()) if config.exists() else None,
         "weights": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weights},
     }
@@ -185,6 +189,17 @@ def describe_key_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
+def stored_key(key: dict[str, Any], cache_dir: str | Path) -> dict[str, Any]:
+    """``key`` as ``cache_dir`` stores it: local paths relative to the cache folder (``./x``, ``../x``; Hub ids as
+    given), so the key file holds no absolute path of the machine. Stored keys are compared in this form."""
+    folder = Path(cache_dir).expanduser().absolute()
+
+    def model(entry: dict[str, Any]) -> dict[str, Any]:
+        return {**portable_paths(entry, folder), "model": portable_reference(entry["model"], folder)}
+
+    return {**key, "base_model": model(key["base_model"]), "sources": [model(s) for s in key["sources"]]}
+
+
 def read_cache_key(cache_dir: str | Path) -> dict[str, Any] | None:
     """The key stored in ``cache_dir``, or ``None`` when there is no complete cache there."""
     path = Path(cache_dir) / KEY_FILE
@@ -206,7 +221,7 @@ def load_teacher_cache(cache_dir: str | Path, key: dict[str, Any]) -> datasets.D
     stored = read_cache_key(cache_dir)
     if stored is None:
         raise DamError(f"data.cache_dir: no teacher-logit cache at {cache_dir}; run `dam cache-logits CONFIG` first")
-    changes = describe_key_changes(stored, key)
+    changes = describe_key_changes(stored, stored_key(key, cache_dir))
     if changes:
         raise DamError(
             f"data.cache_dir: the teacher-logit cache at {cache_dir} is stale: {'; '.join(changes)}. "
@@ -413,7 +428,7 @@ def _cache_is_current(cache_dir: Path, key: dict[str, Any]) -> bool:
     stored = read_cache_key(cache_dir)
     if stored is None:
         return False
-    changes = describe_key_changes(stored, key)
+    changes = describe_key_changes(stored, stored_key(key, cache_dir))
     if changes:
         raise DamError(
             f"data.cache_dir: {cache_dir} holds a teacher-logit cache for other inputs ({'; '.join(changes)}); "
@@ -451,7 +466,7 @@ def cache_teacher_logits(
         computed.save_to_disk(str(tmp / DATASET_DIR))
         del computed
         raw.unlink()
-        (tmp / KEY_FILE).write_text(json.dumps(key, indent=2) + "\n")
+        (tmp / KEY_FILE).write_text(json.dumps(stored_key(key, cache_dir), indent=2) + "\n")
     logger.info("wrote the teacher-logit cache to %s", cache_dir)
     return _open_cache(cache_dir)
 
