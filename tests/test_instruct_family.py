@@ -5,6 +5,7 @@ tokenizer, chat template and generation config."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,21 @@ def test_a_source_with_another_vocabulary_is_refused_naming_the_first_differing_
     config = tiny_config(base, [sources[0], sources[1], other], tmp_path / "run")
     with pytest.raises(
         DamError, match=f"model 'counting': its tokenizer has 'y' at id {vocab['y']} but the base's has 'x'"
+    ):
+        _texts(config)
+
+
+def test_a_source_with_added_tokens_is_refused_naming_the_first(family, tmp_path):
+    base, sources = family
+    other = tmp_path / "other"
+    shutil.copytree(sources[2], other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)  # an instruct model's chat tokens
+    tokenizer.save_pretrained(other)
+    first = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    config = tiny_config(base, [sources[0], sources[1], other], tmp_path / "run")
+    with pytest.raises(
+        DamError, match=f"'counting': its tokenizer has '<\\|im_start\\|>' at id {first} but the base's has no"
     ):
         _texts(config)
 

@@ -209,7 +209,6 @@ def test_bad_parameter_value_type():
         ),
         ("merge_method: linear\nmodels: [{model: a}, {model: a}]", "model 'a' is listed twice"),
         ("merge_method: linear\nmodels: [{model: a}]\ndtype: float7", "dtype/out_dtype: unknown dtype 'float7'"),
-        ("merge_method: linear\nmodels: [{model: a}]\ntokenizer_source: union", "'union'.*not supported"),
         (
             "merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [4, 2]}]}]",
             r"slices\[0\].sources\[0\].layer_range: layer_range \[4, 2\] must be",

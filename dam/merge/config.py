@@ -174,16 +174,6 @@ class MergeConfig(_Strict):
                 raise DamError(f"dtype/out_dtype: {e}") from None
         return value
 
-    @field_validator("tokenizer_source")
-    @classmethod
-    def _check_tokenizer_source(cls, value: str | None) -> str | None:
-        if value == "union":
-            raise DamError(
-                "tokenizer_source: 'union' (merging vocabularies) is not supported; use 'base' or a model, "
-                "whose tokenizer is copied (all models must share one vocabulary)"
-            )
-        return value
-
     @model_validator(mode="after")
     def _check_structure(self) -> MergeConfig:
         if (self.models is None) == (self.slices is None):
@@ -257,6 +247,14 @@ class MergeConfig(_Strict):
         if self._source_text is not None:
             return self._source_text
         return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
+
+    def vocabulary_section(self) -> TokenizerSection | None:
+        """The section that rebuilds the vocabulary (:mod:`dam.merge.vocabulary`): ``tokenizer:``, else, for the
+        old ``tokenizer_source: union``, a ``tokenizer: {source: union}`` (as mergekit reads it). Other
+        ``tokenizer_source`` values only pick the tokenizer files copied."""
+        if self.tokenizer is None and self.tokenizer_source == "union":
+            return TokenizerSection(source="union")
+        return self.tokenizer
 
     def with_models(self, rename: Callable[[str], str]) -> MergeConfig:
         """A copy with every model reference (``base_model``, models, slice sources and bases, a

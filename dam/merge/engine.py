@@ -3,17 +3,20 @@
 :func:`run_merge` works in three steps:
 
 1. **Plan** (:func:`plan_merge`): open every model lazily (headers only), check that they are compatible
-   (architecture, vocabulary size, tensor names, shapes, dtypes), lay out the output tensors (``slices`` stack
-   layers and renumber them) and resolve every tensor's parameters. Each distinct parameter set is tried once on
-   a 2x2 dummy tensor, so a bad value (a density outside (0, 1], slerp with three models...) fails here, before
-   any tensor data is read.
-2. **Stream**: for each output tensor, read the inputs, check them for NaN/Inf, call the method on float32
+   (architecture, vocabulary size unless a ``tokenizer:`` section rebuilds the vocabularies, tensor names,
+   shapes, dtypes), build a ``tokenizer:`` section's output vocabulary (:mod:`dam.merge.vocabulary`), lay out the
+   output tensors (``slices`` stack layers and renumber them) and resolve every tensor's parameters. Each
+   distinct parameter set is tried once on a 2x2 dummy tensor, so a bad value (a density outside (0, 1], slerp
+   with three models...) fails here, before any tensor data is read.
+2. **Stream**: for each output tensor, read the inputs, check them for NaN/Inf, rebuild vocabulary-indexed ones
+   (embedding, ``lm_head``) to the output vocabulary under a ``tokenizer:`` section, call the method on float32
    copies on the compute device and write the result, in plan order, in the output dtype. Two tensors are read
    and merged at a time in worker threads, so I/O and single-threaded kernels overlap; memory holds the inputs
    of those tensors (one per model, plus the method's scratch), never a whole model.
-3. **Finish**: ``config.json`` (dtype and layer count updated), tokenizer and ``generation_config.json`` copied,
-   the config saved as ``mergekit_config.yml`` and a short model card; all of it inside
-   :func:`dam.io.writer.atomic_output_dir`, so a failure or Ctrl-C leaves nothing at the output path.
+3. **Finish**: ``config.json`` (dtype, layer count and ``vocab_size`` updated), the tokenizer (copied, or a
+   ``tokenizer:`` section's, written by transformers) and ``generation_config.json``, the config saved as
+   ``mergekit_config.yml`` and a short model card; all of it inside :func:`dam.io.writer.atomic_output_dir`, so a
+   failure or Ctrl-C leaves nothing at the output path.
 
 Precision: dam computes every method in float32, whatever ``dtype`` says; ``dtype`` only rounds the inputs as
 they are loaded (as mergekit loads them) and ``out_dtype`` (else ``dtype``, else the inputs' dtype) is what is
@@ -90,7 +93,7 @@ class MergePlan:
     tasks: list[TensorTask]
     out_config: dict[str, Any]
     donor: Path  # model whose generation_config.json is copied
-    tokenizer_source: Path
+    tokenizer_source: Path | None  # whose tokenizer files are copied (None: the vocabulary plan's tokenizer)
     load_dtype: torch.dtype | None
     config_dtype: torch.dtype | None  # dtype written to config.json (None: keep the donor's)
     chat_template: str | None = None  # written as chat_template.jinja (dam.merge.chat_template)
@@ -197,8 +200,9 @@ def _vocab_size(config: dict[str, Any]) -> int | None:
     return text.get("vocab_size") if isinstance(text, dict) else None
 
 
-def _check_models_compatible(models: list[str], readers: dict[str, CheckpointReader]) -> None:
-    """Same architecture and vocabulary size everywhere (from config.json), named against the first model."""
+def _check_models_compatible(models: list[str], readers: dict[str, CheckpointReader], vocabularies: bool) -> None:
+    """Same architecture everywhere (from config.json), named against the first model; the same vocabulary size
+    too unless ``vocabularies`` (a tokenizer section rebuilds the vocabulary-indexed tensors)."""
     ref = models[0]
     ref_cfg = readers[ref].config
     for model in models[1:]:
@@ -209,10 +213,10 @@ def _check_models_compatible(models: list[str], readers: dict[str, CheckpointRea
                     f"model {model!r} has {key} {cfg.get(key)!r} but model {ref!r} has {ref_cfg.get(key)!r}: "
                     "dam merges models of one architecture"
                 )
-        if _vocab_size(cfg) != _vocab_size(ref_cfg):
+        if not vocabularies and _vocab_size(cfg) != _vocab_size(ref_cfg):
             raise DamError(
                 f"vocab size mismatch: model {model!r} has vocab_size {_vocab_size(cfg)} but model {ref!r} has "
-                f"{_vocab_size(ref_cfg)}; dam does not merge vocabularies"
+                f"{_vocab_size(ref_cfg)}; add a `tokenizer:` section (e.g. source: union) to merge their vocabularies"
             )
 
 
@@ -283,18 +287,26 @@ class _Planner:
                 raise DamError(f"tensor {input_name!r} is missing in model {model!r}")
             shapes.append(reader.shape(input_name))
             dtypes.append(reader.dtype(input_name))
+        # a vocabulary-indexed tensor (embedding, lm_head): rows = each model's vocab_size, rebuilt to the output's
+        vocab_sizes = [_vocab_size(self.readers[m].config) for m in models]
+        vocabulary = (
+            self.vocabulary is not None
+            and t == 0.0
+            and (_split_layer_name(input_names[0]) is None or name in self.layouts[models[0]].other)
+            and all(len(s) == 2 and s[0] == v for s, v in zip(shapes, vocab_sizes, strict=True))
+        )
+        first = 1 if vocabulary else 0  # vocabulary rows may differ between models
         for model, input_name, shape in zip(models, input_names, shapes, strict=True):
-            if shape != shapes[0]:
+            if shape[first:] != shapes[0][first:]:
                 raise DamError(
                     f"tensor {input_name!r} has shape {list(shape)} in model {model!r} but {list(shapes[0])} in "
                     f"model {models[0]!r}"
                 )
         out_dtype = _output_dtype(self.config, name, models, dtypes)
-        shape, vocabulary = shapes[0], False
-        vocab_size = _vocab_size(self.readers[models[0]].config)
-        if self.vocabulary is not None and t == 0.0 and len(shape) == 2 and shape[0] == vocab_size:
-            if _split_layer_name(input_names[0]) is None or name in self.layouts[models[0]].other:
-                shape, vocabulary = (self.vocabulary.size, shape[1]), True
+        shape = shapes[0]
+        if vocabulary:
+            assert self.vocabulary is not None
+            shape = (self.vocabulary.size, shape[1])
         params, model_params = resolve_parameters(
             self.config, slice_, tensor_name=name, input_names=input_names, t=t, base_index=base_index
         )
@@ -422,25 +434,25 @@ def plan_merge(config: MergeConfig) -> MergePlan:
     try:
         for model in models:
             readers[model] = CheckpointReader(model)
-        _check_models_compatible(models, readers)
-        vocabulary, vocab_source = None, None
-        if config.tokenizer is not None:
-            vocab_source = config.tokenizer.source
-            if vocab_source in ("base", "union"):
-                vocab_source = config.base_model or models[0]
-            elif vocab_source not in readers:
-                raise DamError(f"tokenizer.source {vocab_source!r}: use base, union or one of the merged models")
+        section = config.vocabulary_section()
+        _check_models_compatible(models, readers, vocabularies=section is not None)
+        vocabulary = None
+        if section is not None:
+            if section.source not in ("base", "union", *readers):
+                raise DamError(f"tokenizer.source {section.source!r}: use base, union or one of the merged models")
             folders = {m: r.path for m, r in readers.items()}
             sizes = {m: _vocab_size(r.config) for m, r in readers.items()}
-            vocabulary = plan_vocabulary(config.tokenizer, models, folders, sizes, vocab_source)
+            base = config.base_model or models[0]
+            vocabulary = plan_vocabulary(section, section.source, base, models, folders, sizes)
         planner = _Planner(config, readers, vocabulary)
         tasks = planner.plan()
         donor = config.base_model or planner.slices[0].sources[0].model
         out_config = _output_config(config, planner.slices, readers, donor)
         if vocabulary is not None:  # config.json's vocab_size (top level, or a multimodal config's text_config)
             (out_config if "vocab_size" in out_config else out_config["text_config"])["vocab_size"] = vocabulary.size
-        if vocab_source is not None:
-            tokenizer_source = readers[vocab_source].path
+        tokenizer_source: Path | None
+        if vocabulary is not None:
+            tokenizer_source = None
         elif config.tokenizer_source in (None, "base"):
             tokenizer_source = readers[donor].path
         elif config.tokenizer_source in readers:
@@ -451,7 +463,11 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             except DamError as e:
                 raise DamError(f"tokenizer_source: {e}") from None
         chat_template = resolve_chat_template(config.chat_template, [readers[m].path for m in models])
-        if chat_template is not None and not any((tokenizer_source / f).exists() for f in TOKENIZER_FILES):
+        if (
+            chat_template is not None
+            and tokenizer_source is not None
+            and not any((tokenizer_source / f).exists() for f in TOKENIZER_FILES)
+        ):
             raise DamError(
                 f"chat_template: the tokenizer source {str(tokenizer_source)!r} has no tokenizer to set it on"
             )
@@ -494,7 +510,7 @@ def _load_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> lis
         tensors.append(x)
     if task.vocabulary:
         assert plan.vocabulary is not None
-        tensors = plan.vocabulary.align(tensors, task.models)
+        tensors = plan.vocabulary.align(tensors, task.models, task.base_index)
     return tensors
 
 
@@ -666,6 +682,8 @@ def run_merge(
                 tokenizer_source=plan.tokenizer_source,
                 generation_config_source=plan.donor,
             )
+            if plan.vocabulary is not None:
+                plan.vocabulary.tokenizer.save_pretrained(tmp)
             if plan.chat_template is not None:
                 write_chat_template(tmp, plan.chat_template)
             config_text = config.portable_text(out)

@@ -114,9 +114,11 @@ def check_vocabularies(base: PreTrainedTokenizerBase, sources: Mapping[str, PreT
         if found == expected:
             continue
         first = min(i for i in expected.keys() | found.keys() if expected.get(i) != found.get(i))
+        theirs = "no token" if found.get(first) is None else repr(found[first])
+        ours = "no token" if expected.get(first) is None else repr(expected[first])
         raise DamError(
-            f"model {name!r}: its tokenizer has {found.get(first)!r} at id {first} but the base's has "
-            f"{expected.get(first)!r}; DAM needs one vocabulary (the same ids for the same tokens)"
+            f"model {name!r}: its tokenizer has {theirs} at id {first} but the base's has {ours}; DAM needs one "
+            "vocabulary (the same ids for the same tokens; `dam merge` with a `tokenizer:` section merges others)"
         )
 
 
