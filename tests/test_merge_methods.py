@@ -335,6 +335,14 @@ def test_dare_keeps_density_fraction_and_l1_norm() -> None:
     close(apply_mask(tiny, torch.tensor([False, True, False]) | (tiny == 1.0), rescale=True), tiny)
 
 
+def test_dare_draws_are_torch_bernoullis() -> None:
+    # mergekit draws torch.bernoulli(full_like(x, density)); dam's faster u < density must keep the same entries
+    x = torch.randn(300, 70)
+    for density in (0.01, 0.3, 0.77):
+        expected = torch.bernoulli(torch.full_like(x, density), generator=torch.Generator().manual_seed(4)).bool()
+        assert torch.equal(random_mask(x, density, torch.Generator().manual_seed(4)), expected)
+
+
 def test_della_keeps_density_fraction_ramped_by_magnitude() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(100, 1000, generator=g)
