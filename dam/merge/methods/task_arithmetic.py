@@ -66,11 +66,12 @@ def combine_task_vectors(
     normalize: bool,
     lambda_: float = 1.0,
 ) -> Tensor:
-    """Steps 2-5 of the module docstring on already sparsified ``deltas``: (N, *base.shape), one per model."""
+    """Steps 2-5 of the module docstring on already sparsified ``deltas``: (N, *base.shape), one per model,
+    overwritten (scaled by the weights in place)."""
     if len(weights) == 0:
         return base.clone()
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *[1] * base.dim())  # (N, 1, ...)
-    weighted = deltas * w  # (N, *shape)
+    weighted = deltas.mul_(w)  # (N, *shape)
     if consensus:
         mask = sign_consensus(weighted)
         mixed = weighted.mul_(mask).sum(dim=0)
@@ -115,9 +116,9 @@ def merge_task_arithmetic(
             )
     deltas = base.new_empty((len(entries), *base.shape))  # (N, *shape)
     for row, (_, x, p) in enumerate(entries):
-        delta = x - base
+        delta = torch.sub(x, base, out=deltas[row])
         if method is not None:
-            delta = sparsify(
+            deltas[row] = sparsify(
                 delta,
                 method,
                 p["density"],
@@ -126,7 +127,6 @@ def merge_task_arithmetic(
                 rescale=params["rescale"],
                 generator=generator,
             )
-        deltas[row] = delta
     return combine_task_vectors(
         base,
         deltas,
