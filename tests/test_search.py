@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from dam.cli import main
 from dam.errors import DamError
@@ -286,6 +287,130 @@ def test_a_killed_evolve_resumes_where_it_stopped(
     assert result.returncode == 0, result.stderr[-2000:]
     after = [json.loads(line) for line in candidates.read_text().splitlines()]
     assert after[: len(before)] == before and len(after) == len(before) + 2
+
+
+# both workers of the several-workers test are inside an evaluation at once before either goes on, so that they
+# share the study whatever the load (the first call of each waits for the other, at most a minute)
+TOGETHER_MODULE = """
+import os, time
+from pathlib import Path
+
+def closeness_together(model, tokenizer):
+    ready = Path({ready!r})
+    (ready / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return closeness(model, tokenizer)
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ``dam evolve`` processes on one storage file at the same time: the budget is counted once over both, no
+    candidate is lost or evaluated twice, and best.yaml is written once, from every candidate."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from dam.search.evolve import STUDY_NAME
+
+    (tmp_path / "ready").mkdir()
+    module = FITNESS_MODULE.format(target=family["sources"][1]) + TOGETHER_MODULE.format(ready=str(tmp_path / "ready"))
+    (tmp_path / "fit_together.py").write_text(module)
+    config = _evolve_config(family, monkeypatch, budget={"evaluations": 10})
+    path = _write(tmp_path / "evolve.yaml", {**config, "fitness": {"callable": "fit_together:closeness_together"}})
+    out = tmp_path / "evolve"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "dam.cli", "evolve", str(path), str(out), "--quiet"]
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    try:
+        logs = [w.communicate(timeout=600)[1] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()  # a no-op on a finished worker
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 10 and len({r["number"] for r in rows}) == 10  # the budget, counted once over both
+    assert len({r["worker"] for r in rows}) == 2  # both evaluated candidates
+    assert len({json.dumps(r["params"], sort_keys=True) for r in rows}) == 10  # none evaluated twice
+    assert sum(set(r["params"].values()) == {1 / 3, 1.0} for r in rows) == 1  # the start queued once
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert states.count(TrialState.COMPLETE) == 10, states  # none lost: every completed one is in candidates.jsonl
+    assert TrialState.FAIL not in states and TrialState.RUNNING not in states, states
+    # best.yaml: written by one worker, from all ten candidates, and it remakes the merge that scored best
+    assert sum(log.count("evolve: wrote") for log in logs) == 1, logs
+    best = max(rows, key=lambda r: r["score"])
+    assert json.loads((out / "results.json").read_text())["best"]["candidate"] == best["number"]
+    assert f"candidate {best['number']}, fitness" in (out / "best.yaml").read_text()
+    fitness = Fitness(FitnessConfig(callable="fit_closeness:closeness"))  # imported from the family's folder
+    monkeypatch.chdir(out)  # best.yaml names its models relative to its folder
+    assert main(["merge", "--quiet", str(out / "best.yaml"), str(tmp_path / "again")]) == 0
+    with CheckpointReader(out / "merged") as a, CheckpointReader(tmp_path / "again") as b:
+        assert all(torch.equal(a.get(n), b.get(n)) for n in a.names)
+    assert CandidateEvaluator(fitness, family["base"]).model(out / "merged").score == pytest.approx(best["score"])
+
+
+# the kinship-greedy run of the mergekit test: closeness to the sources' mean lm_head, which a merge of two sources
+# is nearer to than any source (so its best is a merge and it writes best.yaml)
+MEAN_FITNESS_MODULE = """
+import torch
+from dam.io.checkpoint import CheckpointReader
+
+TARGET = 0
+for source in {sources!r}:
+    with CheckpointReader(source) as reader:
+        TARGET = TARGET + reader.get("lm_head.weight") / len({sources!r})
+
+
+def closeness(model, tokenizer):
+    return -(model.lm_head.weight.detach() - TARGET).pow(2).sum().item()
+"""
+
+
+@pytest.mark.slow  # one mergekit subprocess for the four configs
+def test_search_outputs_run_unchanged_under_mergekit(
+    family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configs the searches write (dam evolve's best.yaml with slices and filter lists, the soups' greedy.yaml
+    and uniform.yaml, kinship-greedy's best.yaml), run unchanged from their folder by mergekit 0.1.5 and by
+    ``dam merge``, give the same tensors."""
+    pytest.importorskip("mergekit")
+    from mergekit_run import mergekit_merge
+
+    evolve = _write(tmp_path / "evolve.yaml", _evolve_config(family, monkeypatch, budget={"evaluations": 2}))
+    assert main(["evolve", str(evolve), str(tmp_path / "evolve"), "--quiet"]) == 0
+    soup = _write(tmp_path / "soup.yaml", {"models": family["sources"], "fitness": _task_fitness(family)})
+    assert main(["soup", str(soup), str(tmp_path / "soup")]) == 0
+    (family["root"] / "fit_mean.py").write_text(MEAN_FITNESS_MODULE.format(sources=family["sources"]))
+    kinship = {
+        "base_model": family["base"],
+        "models": family["sources"],
+        "strategy": "kinship_greedy",
+        "kinship_greedy": {"k": 2, "max_generations": 1},
+        "fitness": {"callable": "fit_mean:closeness"},
+        "budget": {"evaluations": 5},
+    }
+    assert main(["evolve", str(_write(tmp_path / "kg.yaml", kinship)), str(tmp_path / "kg")]) == 0
+    configs = {
+        "evolve": tmp_path / "evolve" / "best.yaml",
+        "greedy_soup": tmp_path / "soup" / "greedy.yaml",
+        "uniform_soup": tmp_path / "soup" / "uniform.yaml",
+        "kinship_greedy": tmp_path / "kg" / "best.yaml",
+    }
+    assert "slices" in yaml.safe_load(configs["evolve"].read_text())  # the multi-group genotype, filter lists
+    assert yaml.safe_load(configs["kinship_greedy"].read_text())["merge_method"] == "slerp"
+    mergekit_merge({config: tmp_path / f"mk_{name}" for name, config in configs.items()})  # each from its folder
+    for name, config in configs.items():
+        monkeypatch.chdir(config.parent)  # the configs name local models relative to their folder
+        assert main(["merge", "--quiet", str(config), str(tmp_path / f"dam_{name}")]) == 0
+        mk = load_file(tmp_path / f"mk_{name}" / "model.safetensors")
+        with CheckpointReader(tmp_path / f"dam_{name}") as ours:
+            assert sorted(ours.names) == sorted(mk), name
+            for tensor in ours.names:
+                # both compute in float32 from the same float32 weights (~0.1); only the order of the additions
+                # differs, a few float32 ulps (~1e-8 here): 1e-6, as in test_mergekit_parity.py
+                torch.testing.assert_close(ours.get(tensor), mk[tensor], rtol=0, atol=1e-6, msg=f"{name} {tensor}")
 
 
 def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

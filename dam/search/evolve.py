@@ -13,8 +13,17 @@ The search is an optuna study with its CMA-ES sampler (``cmaes`` package) in a s
 ``sqlite:///OUT/study.db``): a killed search run again continues the same study (completed candidates and the
 CMA-ES state are kept; a candidate cut off mid-evaluation is dropped), and several workers (``dam evolve`` on the
 same config, one storage URL) share one study. The first candidate is mergekit-evolve's start (weight ``1/n``,
-density 1, t 0.5); CMA-ES then starts from the centre of the ranges with a step of 1/6 of each range (optuna's
-defaults; mergekit-evolve's sigma). Values are rounded to 6 decimals, so the written config is the evaluated one.
+density 1, t 0.5), queued once by the worker that creates the study; CMA-ES then starts from the centre of the
+ranges with a step of 1/6 of each range (optuna's defaults; mergekit-evolve's sigma). Values are rounded to 6
+decimals, so the written config is the evaluated one.
+
+Several workers: an evaluations budget is counted once over all of them. A candidate is evaluated only if the
+candidates numbered before it that finished or are still being evaluated leave room in the budget; otherwise it is
+dropped (optuna's ``PRUNED``, no evaluation) and its worker stops. A candidate whose worker died does not hold its
+place: on this machine it is dropped as soon as its process is gone, elsewhere once its heartbeat stops (optuna's
+grace period). (A time budget is checked as candidates finish, so each worker may pass it by one candidate.) A
+stopping worker waits for the candidates other workers were still evaluating, then writes the outputs under a
+file lock in ``OUT``; the outputs of a study that has not changed are not rewritten.
 
 Each candidate is merged in memory by the streaming engine and scored on the fitness; nothing of it is written.
 When the budget (evaluations or evaluation seconds, counted over the whole study) is spent, the worker writes:
@@ -29,12 +38,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader
@@ -47,6 +60,11 @@ from dam.search.records import SearchLog, plot_fitness, prepare_out, saved_confi
 logger = logging.getLogger(__name__)
 
 STUDY_NAME = "dam-evolve"
+WORKER = "worker"  # the user attribute naming the worker ("host:pid") evaluating a candidate
+LOCK_FILE = ".lock"  # in OUT: the workers of one machine create the study, then write the outputs, one at a time
+# a worker claims (sets WORKER on) a new candidate milliseconds after creating it; one unclaimed for this long was
+# created by a worker that died before claiming it (generous: sampling reads the study, which may wait on a lock)
+CLAIM_SECONDS = 30.0
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -189,6 +207,69 @@ def _completed(study: Any) -> list[Any]:
     return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
 
 
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_gone(worker: str) -> bool:
+    """Whether ``worker`` ("host:pid") ran on this machine and its process no longer exists."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
+
+
+def _running(study: Any, storage: Any) -> list[Any]:
+    """The candidates being evaluated, after dropping (``FAIL``) those of dead workers: a candidate of this machine
+    as soon as its worker's process is gone, one of another machine when its heartbeat stops, one no worker
+    claimed within :data:`CLAIM_SECONDS` of its creation (its worker died while sampling it)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # as the heartbeats
+        optuna.storages.fail_stale_trials(study)
+    now = datetime.now()  # optuna stamps datetime_start with the local naive time too
+    running = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get(WORKER)
+        if _process_gone(worker) if worker else (now - t.datetime_start).total_seconds() > CLAIM_SECONDS:
+            storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)  # optuna names no public trial id
+            logger.info("evolve: candidate %d: its worker (%s) died; dropped", t.number, worker or "unknown")
+        else:
+            running.append(t)
+    return running
+
+
+def _has_room(config: EvolveConfig, study: Any, storage: Any, number: int) -> bool:
+    """Whether candidate ``number`` fits the evaluations budget: the candidates numbered before it that finished, are
+    queued or are being evaluated leave room. Every worker counts the same candidates in the same order, so the
+    budget is counted once: a candidate just created by another worker is waited for until it is claimed."""
+    from optuna.trial import TrialState
+
+    if config.budget.evaluations is None:
+        return True
+    while True:
+        running = _running(study, storage)
+        if not any(t.number < number and WORKER not in t.user_attrs for t in running):
+            break
+        time.sleep(0.05)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING))
+    return sum(t.number < number for t in [*done, *running]) < config.budget.evaluations
+
+
+def _await(study: Any, storage: Any, numbers: set[int]) -> None:
+    """Wait until none of the candidates ``numbers`` (other workers') is still being evaluated."""
+    while numbers & {t.number for t in _running(study, storage)}:
+        time.sleep(0.5)
+
+
 def _spent(study: Any) -> tuple[int, float]:
     done = _completed(study)
     return len(done), sum(t.user_attrs.get("seconds", 0.0) for t in done)
@@ -228,15 +309,13 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
     resumed = prepare_out(out, config, force)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False)
-    study = optuna.create_study(
-        study_name=STUDY_NAME,
-        storage=_storage(config, out),
-        sampler=sampler,
-        direction="maximize",
-        load_if_exists=True,
-    )
-    if not study.trials:
-        study.enqueue_trial(x0)
+    with FileLock(out / LOCK_FILE):  # workers starting together: one creates the tables, the study and its start
+        storage = _storage(config, out)
+        try:
+            study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, direction="maximize")
+            study.enqueue_trial(x0)
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
     count, _ = _spent(study)
     logger.info("evolve: %s study in %s, %d candidate(s) done", "resuming the" if resumed else "new", out, count)
     evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
@@ -249,7 +328,13 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
         disable=None if progress else True,
     )
 
+    worker = _worker()
+
     def objective(trial: Any) -> float:
+        trial.set_user_attr(WORKER, worker)
+        if not _has_room(config, study, storage, trial.number):
+            study.stop()
+            raise optuna.TrialPruned("the candidates before this one fill the budget")
         values = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in genotype}
         merge = candidate_config(config, genotype, values, groups, "")
         score = evaluator.merge(merge)
@@ -260,6 +345,8 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
         return score.score
 
     def after(study: Any, trial: Any) -> None:
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            return
         _write_candidates(study, out / "candidates.jsonl")
         bar.update()
         if trial.value is not None:
@@ -273,7 +360,9 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
     finally:
         bar.close()
         log.close()
-    return finish(config, study, genotype, groups, out, evaluator)
+    _await(study, storage, {t.number for t in _running(study, storage)})
+    with FileLock(out / LOCK_FILE):
+        return finish(config, study, genotype, groups, out, evaluator)
 
 
 def finish(
@@ -316,6 +405,7 @@ def _write_best(merge: MergeConfig, out: Path, seed: int) -> None:
         return
     run_merge(merge, out / "merged", force=True, seed=seed, progress=False)
     best_file.write_text(text, encoding="utf-8")
+    logger.info("evolve: wrote %s and %s", best_file, out / "merged")
 
 
 def format_results(results: dict[str, Any]) -> str:

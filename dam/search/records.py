@@ -129,5 +129,8 @@ def prepare_out(out: Path, config: BaseModel, force: bool) -> bool:
         else:
             resume = True
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(saved_config(config, out), sort_keys=False))
+    # written beside OUT, then moved in: a worker starting at the same time never reads it half-written
+    tmp = out.parent / f".{out.name}.{CONFIG_FILE}.{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(saved_config(config, out), sort_keys=False))
+    tmp.replace(saved)
     return resume
