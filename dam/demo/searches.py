@@ -30,8 +30,8 @@ from dam.demo.paths import CONFIG_DIR, rebase
 
 SEARCH_CONFIG_DIR = CONFIG_DIR / "search"
 # CMA-ES evaluations, the two budgets compared: one and three generations of optuna's CMA-ES (its population for the
-# demo's 36 dimensions is 4 + floor(3 ln 36) = 14). Chosen smaller than mergekit-evolve-like budgets (20 and 60 were
-# planned) on purpose: a candidate took 17-45 s on the shared 2-core machine, and the whole comparison had to fit in
+# demo's 36 dimensions is 4 + floor(3 ln 36) = 14). Smaller than the 20 and 60 planned, on purpose: a candidate took
+# 13-119 s (47 s on average) on the shared 2-core machine under others' load, and the whole comparison had to fit in
 # about an hour there (README, "Searching merges").
 EVOLVE_BUDGETS = (14, 42)
 QUICK_BUDGETS = (2, 3)  # --quick: the machinery only
