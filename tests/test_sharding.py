@@ -81,10 +81,15 @@ def test_two_sharded_processes_equal_one_process(tmp_path: Path, granularity: st
         assert done.returncode == 0, done.stderr[-3000:]
         assert "resumed from" in done.stdout and "step 2" in done.stdout, done.stdout[-2000:]
 
+    assert_equal_to_one_process(out, common, tmp_path)
+
+
+def assert_equal_to_one_process(sharded: Path, common: list[str], tmp_path: Path) -> None:
+    """The sharded run's coefficients are those of one process with the same overrides (batch 4, 3 steps)."""
     single = train(
         load_config(TINY, [*common, f"output_dir={tmp_path / 'single'}", "train.batch_size=4", "train.max_steps=3"])
     )
-    a = load_file(out / "dam_coefficients.safetensors")
+    a = load_file(sharded / "dam_coefficients.safetensors")
     b = load_file(single / "dam_coefficients.safetensors")
     # moved away from the init: columns start at 1/3, row_column's row scales at 1
     moved = max(float(torch.minimum((t - 1 / 3).abs(), (t - 1).abs()).max()) for t in b.values())
@@ -94,6 +99,19 @@ def test_two_sharded_processes_equal_one_process(tmp_path: Path, granularity: st
         # of float32 sums over the batch split (2 processes x 2 micro-batches vs one batch of 4): ~1e-7 relative
         # on coefficients of size ~1/3 after 3 steps, well inside 1e-6
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.slow
+def test_sharded_sources_with_gradient_checkpointing_equal_one_process(tmp_path: Path) -> None:
+    """Each decoder layer is both an FSDP unit and a checkpointed block: its recomputation in backward gathers the
+    layer's source shards again (FSDP2's pre-forward hook runs inside the recomputed call)."""
+    base, sources = make_family(tmp_path / "family", 3)
+    common = [*tiny_overrides(base, sources, None), "train.lr=1e-3", "train.gradient_checkpointing=true"]
+    out = tmp_path / "sharded"
+    split = [f"output_dir={out}", "train.batch_size=1", "train.grad_accum=2", "train.max_steps=3"]
+    done = torchrun_two(*common, *split)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_equal_to_one_process(out, common, tmp_path)
 
 
 @pytest.mark.slow

@@ -19,6 +19,10 @@ Several teachers at once: with ``pbar = mean_s p_s``, the mean over teachers s o
 the student, or equally ``KL(pbar || q) + mean_s KL(p_s || pbar)``. So the student's log-softmax is taken once
 whatever the number of teachers, and full-vocabulary targets are one ``(..., V)`` tensor, not one per teacher.
 
+The distillation KLs never hold the student's float32 ``(..., V)`` log-softmax or its gradient whole: they run
+over :data:`CHUNK_ELEMENTS` ``// V`` tokens at a time with a closed-form gradient (:func:`_chunked_kl`), so a
+sequence adds its logits and their gradient to the peak memory, not the loss's float32 temporaries.
+
 The training loop combines them as ``loss = kl_weight * kl + sum(coefficient_losses(...).values())``. All
 arithmetic is in float32 whatever the logits' dtype.
 
@@ -90,16 +94,23 @@ def distribution_kl(
     are constants: no gradient flows to them. Since ``mean_s KL(p_s || q) = mean_s KL(p_s || pbar) + KL(pbar || q)``,
     this is the mean over the S teachers of ``KL(p_s || q)``, with one student log-softmax and one (..., V) target
     whatever S. The KL is summed term by term, ``pbar (log pbar - log q)``, which keeps its float32 precision when
-    it is small.
+    it is small. Computed a chunk of tokens at a time (:func:`_chunked_kl`).
     """
     if student_logits.shape != teacher_logprobs.shape or teacher_spread.shape != student_logits.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} vs teacher log-probabilities "
             f"{tuple(teacher_logprobs.shape)} and spread {tuple(teacher_spread.shape)}"
         )
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V)
-    kl = F.kl_div(log_q, teacher_logprobs.float(), reduction="none", log_target=True).sum(-1)  # (...)
-    return temperature**2 * _masked_mean(teacher_spread.float() + kl, mask)
+    vocab = student_logits.shape[-1]
+    return _chunked_kl(
+        student_logits.reshape(-1, vocab),
+        _token_weights(mask, student_logits.shape[:-1], temperature, student_logits.device),
+        teacher_logprobs.reshape(-1, vocab),
+        None,
+        teacher_spread.reshape(-1),
+        1,
+        temperature,
+    )
 
 
 def topk_kl_divergence(
@@ -114,7 +125,7 @@ def topk_kl_divergence(
     student_logits: (..., V); teacher_topk_logits: (..., K) (any float dtype; top-K log-probabilities work as
     well, since a per-token shift cancels in the softmax over K) or (..., S, K) for S teachers, whose KLs are
     averaged with one student log-softmax; teacher_topk_indices: vocabulary ids, same shape; mask as in
-    :func:`kl_divergence`.
+    :func:`kl_divergence`. Computed a chunk of tokens at a time (:func:`_chunked_kl`).
 
     Approximation: the teacher distribution is replaced by ``p~_t``, its softmax over the K cached logits
     (renormalised top-K, zero elsewhere). The student keeps its full softmax over V, so this is an exact KL
@@ -135,12 +146,119 @@ def topk_kl_divergence(
     ):
         raise ValueError(f"student logits {tuple(student_logits.shape)} vs top-k {tuple(teacher_topk_logits.shape)}")
     slots = teacher_topk_logits.shape[-2] if several else 1
-    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1).reshape(*lead, -1)  # (..., S*K)
-    indices = teacher_topk_indices.reshape(*lead, -1).long()  # (..., S*K)
-    s = student_logits.float() / temperature  # (..., V)
-    log_q = s.gather(-1, indices) - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., S*K)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1) / slots  # (...): the mean of the S teachers' KLs
-    return temperature**2 * _masked_mean(kl, mask)
+    width = slots * teacher_topk_logits.shape[-1]
+    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1).reshape(-1, width)  # (tokens, S*K)
+    return _chunked_kl(
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        _token_weights(mask, lead, temperature, student_logits.device),
+        log_p,
+        teacher_topk_indices.reshape(log_p.shape).long(),
+        None,
+        slots,
+        temperature,
+    )
+
+
+CHUNK_ELEMENTS = 2**22
+"""Student logits are taken ``CHUNK_ELEMENTS // V`` tokens at a time by the distillation losses: each float32
+temporary of a chunk is then 16 MiB (512 tokens of an 8k vocabulary, 32 of a 128k one), whatever the batch."""
+
+
+def _token_weights(mask: Tensor | None, lead: torch.Size, temperature: float, device: torch.device) -> Tensor:
+    """``T^2 * mask / mask.sum()`` flattened to (tokens,) float32: the weight of each token's KL in the masked
+    mean (every token alike without a mask; all 0 when the mask is empty, like :func:`_masked_mean`)."""
+    if mask is None:
+        mask = torch.ones(lead, device=device)
+    mask = mask.reshape(-1).to(device=device, dtype=torch.float32)
+    return temperature**2 * mask / mask.sum().clamp_min(1.0)
+
+
+def _chunked_kl(
+    logits: Tensor,
+    weights: Tensor,
+    target_logprobs: Tensor,
+    target_indices: Tensor | None,
+    spread: Tensor | None,
+    slots: int,
+    temperature: float,
+) -> Tensor:
+    """``sum_m weights_m (spread_m + KL(p_m || softmax(logits_m / T)))`` over the M tokens, chunk by chunk.
+
+    logits (M, V), any float dtype; weights (M,); the targets ``p``: dense log-probabilities (M, V) with
+    ``target_indices`` None, or ``slots`` teachers' top-K log-probabilities (M, S*K) at the vocabulary ids
+    ``target_indices`` (M, S*K), each slot's summing to 1 and weighted ``1/slots``; spread (M,) or None.
+    The gradient has a closed form, ``dKL/ds = (q * sum_v p_v - p) / T`` with ``q = softmax(s / T)`` (what autograd
+    through ``log_softmax`` gives), so nothing of the forward is kept for backward but the inputs: no float32
+    (M, V) log-softmax, KL terms or their gradients exist at once, only one chunk's (:data:`CHUNK_ELEMENTS` ``// V``
+    tokens); backward writes the logits' gradient chunk by chunk.
+    """
+    rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    return _ChunkedKL.apply(logits, weights, target_logprobs, target_indices, spread, slots, temperature, rows)
+
+
+def _kl_chunk(
+    s: Tensor, logprobs: Tensor, indices: Tensor | None, slots: int, grad_scale: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk of :func:`_chunked_kl`: s = logits / T (r, V) float32 -> (KL per token (r,), and with
+    ``grad_scale`` (r,) the gradient of ``sum_r grad_scale_r KL_r`` with respect to s (r, V))."""
+    log_q = F.log_softmax(s, dim=-1)  # (r, V)
+    logprobs = logprobs.float()
+    if indices is None:
+        kl = F.kl_div(log_q, logprobs, reduction="none", log_target=True).sum(-1)  # (r,)
+        p = logprobs.exp()  # (r, V)
+    else:
+        p = logprobs.exp() / slots  # (r, S*K): the S teachers' KLs averaged
+        kl = (p * (logprobs - log_q.gather(-1, indices))).sum(-1)
+    if grad_scale is None:
+        return kl, None
+    grad = log_q.exp_() * p.sum(-1, keepdim=True)  # (r, V), over log_q's storage
+    if indices is None:
+        grad -= p
+    else:
+        grad.scatter_add_(-1, indices, -p)
+    return kl, grad.mul_(grad_scale[:, None])
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """:func:`_chunked_kl` with its closed-form, chunked gradient (to the logits only: the targets are constants)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        logits: Tensor,
+        weights: Tensor,
+        target_logprobs: Tensor,
+        target_indices: Tensor | None,
+        spread: Tensor | None,
+        slots: int,
+        temperature: float,
+        rows: int,
+    ) -> Tensor:
+        ctx.save_for_backward(logits, weights, target_logprobs, target_indices)
+        ctx.slots, ctx.temperature, ctx.rows = slots, temperature, rows
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            end = start + rows
+            indices = None if target_indices is None else target_indices[start:end]
+            s = logits[start:end].float() / temperature
+            kl, _ = _kl_chunk(s, target_logprobs[start:end], indices, slots, None)
+            total += (weights[start:end] * kl).sum()
+        if spread is not None:
+            total += (weights * spread.float()).sum()
+        return total
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        logits, weights, target_logprobs, target_indices = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = weights * (grad_output.float() / ctx.temperature)  # d(T^2-weighted KL)/ds carries a 1/T
+        for start in range(0, logits.shape[0], ctx.rows):
+            end = start + ctx.rows
+            indices = None if target_indices is None else target_indices[start:end]
+            s = logits[start:end].float() / ctx.temperature
+            _, g = _kl_chunk(s, target_logprobs[start:end], indices, ctx.slots, scale[start:end])
+            grad[start:end] = g
+        return grad, None, None, None, None, None, None, None
 
 
 def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
