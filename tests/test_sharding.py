@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_distributed import free_port
 from tiny_run import ROOT, TINY, tiny_overrides
 
@@ -126,3 +127,23 @@ def test_non_finite_gradient_stops_every_sharded_process(tmp_path: Path) -> None
     assert done.returncode != 0
     assert len(re.findall(r"error: non-finite loss or gradient at step 2 ", done.stderr)) == 2, done.stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_1"
+
+
+@pytest.mark.slow
+def test_non_finite_source_rows_stop_every_sharded_process_before_training(tmp_path: Path) -> None:
+    """An Inf in rows only the second process reads: both processes refuse the source with the same one-line error
+    naming the source and the tensor, before any training step (the first, whose rows are finite, would otherwise
+    wait for the second in the first collective)."""
+    base, sources = make_family(tmp_path / "family", 3)
+    bad = Path(shutil.copytree(sources[1], tmp_path / "nan"))
+    tensors = load_file(bad / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][-1, 4] = float("inf")  # the last output row: process 1's shard (rows are split in two halves)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    done = torchrun_two(*tiny_overrides(base, [sources[0], bad, sources[2]], out))
+    assert done.returncode != 0
+    errors = re.findall(rf"error: source '[^']*nan': tensor '{name}' contains NaN or Inf", done.stderr)
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert "DAM: 3 sources" not in done.stdout  # stopped while loading, before the loop
+    assert not (out / "checkpoints").exists() and not (out / "merged").exists()
