@@ -249,7 +249,11 @@ def test_chunked_kl_equals_autograd_over_whole_tensors(monkeypatch: pytest.Monke
             lambda s: reference_topk_kl(s, values, indices, mask, 2.0),
         ),
     ]
-    for chunked, reference in cases:
+    overwriting = [  # the gradient written into the logits' storage: logits of a forward (here s * 1), not a leaf
+        (lambda s: distribution_kl(s * 1, log_mean, spread, mask, 2.0, overwrite_logits=True), cases[0][1]),
+        (lambda s: topk_kl_divergence(s * 1, values, indices, mask, 2.0, overwrite_logits=True), cases[1][1]),
+    ]
+    for chunked, reference in cases + overwriting:
         got, g_got = _student_grad(chunked, student)
         want, g_want = _student_grad(reference, student)
         # the same float32 terms, summed per chunk and then over chunks, and a closed-form gradient equal to what

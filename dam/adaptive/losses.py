@@ -86,6 +86,7 @@ def distribution_kl(
     teacher_spread: Tensor,
     mask: Tensor | None = None,
     temperature: float = 1.0,
+    overwrite_logits: bool = False,
 ) -> Tensor:
     """``T^2 * mean_tokens (spread + KL(pbar || q))`` with ``q = softmax(s / T)``.
 
@@ -94,7 +95,9 @@ def distribution_kl(
     are constants: no gradient flows to them. Since ``mean_s KL(p_s || q) = mean_s KL(p_s || pbar) + KL(pbar || q)``,
     this is the mean over the S teachers of ``KL(p_s || q)``, with one student log-softmax and one (..., V) target
     whatever S. The KL is summed term by term, ``pbar (log pbar - log q)``, which keeps its float32 precision when
-    it is small. Computed a chunk of tokens at a time (:func:`_chunked_kl`).
+    it is small. Computed a chunk of tokens at a time (:func:`_chunked_kl`). ``overwrite_logits``: backward
+    writes the gradient into the student logits' storage, which then no longer holds the logits (for a training
+    step, whose logits nothing reads after backward: one (..., V) tensor instead of two at the peak).
     """
     if student_logits.shape != teacher_logprobs.shape or teacher_spread.shape != student_logits.shape[:-1]:
         raise ValueError(
@@ -110,6 +113,7 @@ def distribution_kl(
         teacher_spread.reshape(-1),
         1,
         temperature,
+        overwrite_logits,
     )
 
 
@@ -119,13 +123,15 @@ def topk_kl_divergence(
     teacher_topk_indices: Tensor,
     mask: Tensor | None = None,
     temperature: float = 1.0,
+    overwrite_logits: bool = False,
 ) -> Tensor:
     """KL from cached top-K teacher logits: ``T^2 * mean_tokens KL(p~_t || p_s)``.
 
     student_logits: (..., V); teacher_topk_logits: (..., K) (any float dtype; top-K log-probabilities work as
     well, since a per-token shift cancels in the softmax over K) or (..., S, K) for S teachers, whose KLs are
     averaged with one student log-softmax; teacher_topk_indices: vocabulary ids, same shape; mask as in
-    :func:`kl_divergence`. Computed a chunk of tokens at a time (:func:`_chunked_kl`).
+    :func:`kl_divergence`. Computed a chunk of tokens at a time (:func:`_chunked_kl`); ``overwrite_logits`` as in
+    :func:`distribution_kl`.
 
     Approximation: the teacher distribution is replaced by ``p~_t``, its softmax over the K cached logits
     (renormalised top-K, zero elsewhere). The student keeps its full softmax over V, so this is an exact KL
@@ -156,6 +162,7 @@ def topk_kl_divergence(
         None,
         slots,
         temperature,
+        overwrite_logits,
     )
 
 
@@ -181,6 +188,7 @@ def _chunked_kl(
     spread: Tensor | None,
     slots: int,
     temperature: float,
+    overwrite: bool,
 ) -> Tensor:
     """``sum_m weights_m (spread_m + KL(p_m || softmax(logits_m / T)))`` over the M tokens, chunk by chunk.
 
@@ -190,10 +198,11 @@ def _chunked_kl(
     The gradient has a closed form, ``dKL/ds = (q * sum_v p_v - p) / T`` with ``q = softmax(s / T)`` (what autograd
     through ``log_softmax`` gives), so nothing of the forward is kept for backward but the inputs: no float32
     (M, V) log-softmax, KL terms or their gradients exist at once, only one chunk's (:data:`CHUNK_ELEMENTS` ``// V``
-    tokens); backward writes the logits' gradient chunk by chunk.
+    tokens); backward writes the logits' gradient chunk by chunk, into the logits' own storage with ``overwrite``.
     """
     rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-    return _ChunkedKL.apply(logits, weights, target_logprobs, target_indices, spread, slots, temperature, rows)
+    args = (logits, weights, target_logprobs, target_indices, spread, slots, temperature, rows, overwrite)
+    return _ChunkedKL.apply(*args)
 
 
 def _kl_chunk(
@@ -233,9 +242,10 @@ class _ChunkedKL(torch.autograd.Function):
         slots: int,
         temperature: float,
         rows: int,
+        overwrite: bool,
     ) -> Tensor:
         ctx.save_for_backward(logits, weights, target_logprobs, target_indices)
-        ctx.slots, ctx.temperature, ctx.rows = slots, temperature, rows
+        ctx.slots, ctx.temperature, ctx.rows, ctx.overwrite = slots, temperature, rows, overwrite
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], rows):
             end = start + rows
@@ -250,7 +260,7 @@ class _ChunkedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         logits, weights, target_logprobs, target_indices = ctx.saved_tensors
-        grad = torch.empty_like(logits)
+        grad = logits if ctx.overwrite else torch.empty_like(logits)  # chunk by chunk: each is read, then written
         scale = weights * (grad_output.float() / ctx.temperature)  # d(T^2-weighted KL)/ds carries a 1/T
         for start in range(0, logits.shape[0], ctx.rows):
             end = start + ctx.rows
@@ -258,7 +268,7 @@ class _ChunkedKL(torch.autograd.Function):
             s = logits[start:end].float() / ctx.temperature
             _, g = _kl_chunk(s, target_logprobs[start:end], indices, ctx.slots, scale[start:end])
             grad[start:end] = g
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:

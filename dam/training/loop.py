@@ -399,14 +399,16 @@ def distillation_sum(
     1 for ``pairing: own``, N for ``all``), with one student log-softmax; ``w`` is the row's weight.
 
     ``student_logits`` [B, T, V]; ``labels`` [B, T]; ``targets`` from :func:`teacher_targets`; ``row_weights``
-    [B] or None (1 for every row).
+    [B] or None (1 for every row). Backward writes the logits' gradient into their storage: the logits must not be
+    read after it.
     """
     mask = weighted_loss_mask(labels, row_weights)
     if "mean_logprobs" in targets:
-        mean = distribution_kl(student_logits, targets["mean_logprobs"], targets["spread"], mask, temperature)
+        args = (student_logits, targets["mean_logprobs"], targets["spread"], mask, temperature)
+        mean = distribution_kl(*args, overwrite_logits=True)
     else:  # [B, S, T, K] -> [B, T, S, K]: the S teachers' KLs averaged per token
         logprobs, indices = targets["logprobs"].transpose(1, 2), targets["indices"].transpose(1, 2)
-        mean = topk_kl_divergence(student_logits, logprobs, indices, mask, temperature)
+        mean = topk_kl_divergence(student_logits, logprobs, indices, mask, temperature, overwrite_logits=True)
     return mean * mask.sum()  # the losses take the weighted mean over the mask; the loop needs the weighted sum
 
 
