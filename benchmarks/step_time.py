@@ -21,7 +21,10 @@ excluded), which is what "one model's activations" means.
 
 Rows also for N = 3 with ``pairing: all`` (cached top-K of every teacher for every sequence), and, with
 ``--memory-batches 1 2 4 8``, peak memory against the batch size for N = 3 with full-vocabulary teachers run on the
-fly (pairing own and all): the slope is the memory each sequence of a batch adds.
+fly (pairing own and all): the slope is the memory each sequence of a batch adds. On CPU that peak RSS includes
+what glibc's malloc keeps after frees (its heap returns only its top to the system); run the script with
+``MALLOC_MMAP_THRESHOLD_=131072`` in the environment to give every block above 128 KiB its own mapping, returned
+at free, so that the peak follows the tensors alive (the subprocesses inherit it).
 
 Not part of the test suite. Goals (issue 4): DAM at N = 3 at most 1.3x the plain step; each added source at most
 10% of a plain step; DAM peak memory about the sources plus one model's activations.

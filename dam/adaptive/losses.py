@@ -20,8 +20,9 @@ the student, or equally ``KL(pbar || q) + mean_s KL(p_s || pbar)``. So the stude
 whatever the number of teachers, and full-vocabulary targets are one ``(..., V)`` tensor, not one per teacher.
 
 The distillation KLs never hold the student's float32 ``(..., V)`` log-softmax or its gradient whole: they run
-over :data:`CHUNK_ELEMENTS` ``// V`` tokens at a time with a closed-form gradient (:func:`_chunked_kl`), so a
-sequence adds its logits and their gradient to the peak memory, not the loss's float32 temporaries.
+over :data:`CHUNK_ELEMENTS` ``// V`` tokens at a time, recomputed chunk by chunk in backward
+(:func:`_chunked_loss`), so a sequence adds its logits (whose storage then takes their gradient) to the peak
+memory, not the loss's float32 temporaries.
 
 The training loop combines them as ``loss = kl_weight * kl + sum(coefficient_losses(...).values())``. All
 arithmetic is in float32 whatever the logits' dtype.
@@ -34,7 +35,7 @@ and a large model. A weight ``w`` of the former sums equals ``w * modules`` (sim
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ def distribution_kl(
     are constants: no gradient flows to them. Since ``mean_s KL(p_s || q) = mean_s KL(p_s || pbar) + KL(pbar || q)``,
     this is the mean over the S teachers of ``KL(p_s || q)``, with one student log-softmax and one (..., V) target
     whatever S. The KL is summed term by term, ``pbar (log pbar - log q)``, which keeps its float32 precision when
-    it is small. Computed a chunk of tokens at a time (:func:`_chunked_kl`). ``overwrite_logits``: backward
+    it is small. Computed a chunk of tokens at a time (:func:`_chunked_loss`); ``overwrite_logits``: backward
     writes the gradient into the student logits' storage, which then no longer holds the logits (for a training
     step, whose logits nothing reads after backward: one (..., V) tensor instead of two at the peak).
     """
@@ -105,16 +106,15 @@ def distribution_kl(
             f"{tuple(teacher_logprobs.shape)} and spread {tuple(teacher_spread.shape)}"
         )
     vocab = student_logits.shape[-1]
-    return _chunked_kl(
-        student_logits.reshape(-1, vocab),
-        _token_weights(mask, student_logits.shape[:-1], temperature, student_logits.device),
-        teacher_logprobs.reshape(-1, vocab),
-        None,
-        teacher_spread.reshape(-1),
-        1,
-        temperature,
-        overwrite_logits,
-    )
+    target, spread = teacher_logprobs.reshape(-1, vocab), teacher_spread.reshape(-1)
+    weights, count = _token_mask(mask, student_logits.shape[:-1], student_logits.device)
+
+    def chunk_loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``
+        log_q = F.log_softmax(logits.float() / temperature, dim=-1)  # (r, V)
+        kl = F.kl_div(log_q, target[rows].float(), reduction="none", log_target=True).sum(-1)  # (r,)
+        return temperature**2 * ((spread[rows].float() + kl) * weights[rows]).sum() / count
+
+    return _chunked_loss(student_logits.reshape(-1, vocab), chunk_loss, overwrite_logits)
 
 
 def topk_kl_divergence(
@@ -130,7 +130,7 @@ def topk_kl_divergence(
     student_logits: (..., V); teacher_topk_logits: (..., K) (any float dtype; top-K log-probabilities work as
     well, since a per-token shift cancels in the softmax over K) or (..., S, K) for S teachers, whose KLs are
     averaged with one student log-softmax; teacher_topk_indices: vocabulary ids, same shape; mask as in
-    :func:`kl_divergence`. Computed a chunk of tokens at a time (:func:`_chunked_kl`); ``overwrite_logits`` as in
+    :func:`kl_divergence`. Computed a chunk of tokens at a time (:func:`_chunked_loss`); ``overwrite_logits`` as in
     :func:`distribution_kl`.
 
     Approximation: the teacher distribution is replaced by ``p~_t``, its softmax over the K cached logits
@@ -154,16 +154,16 @@ def topk_kl_divergence(
     slots = teacher_topk_logits.shape[-2] if several else 1
     width = slots * teacher_topk_logits.shape[-1]
     log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1).reshape(-1, width)  # (tokens, S*K)
-    return _chunked_kl(
-        student_logits.reshape(-1, student_logits.shape[-1]),
-        _token_weights(mask, lead, temperature, student_logits.device),
-        log_p,
-        teacher_topk_indices.reshape(log_p.shape).long(),
-        None,
-        slots,
-        temperature,
-        overwrite_logits,
-    )
+    indices = teacher_topk_indices.reshape(log_p.shape).long()  # (tokens, S*K)
+    weights, count = _token_mask(mask, lead, student_logits.device)
+
+    def chunk_loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``
+        s = logits.float() / temperature  # (r, V)
+        log_q = s.gather(-1, indices[rows]) - torch.logsumexp(s, dim=-1, keepdim=True)  # (r, S*K)
+        kl = (log_p[rows].exp() * (log_p[rows] - log_q)).sum(-1) / slots  # (r,): the mean of the S teachers' KLs
+        return temperature**2 * (kl * weights[rows]).sum() / count
+
+    return _chunked_loss(student_logits.reshape(-1, student_logits.shape[-1]), chunk_loss, overwrite_logits)
 
 
 CHUNK_ELEMENTS = 2**22
@@ -171,104 +171,57 @@ CHUNK_ELEMENTS = 2**22
 temporary of a chunk is then 16 MiB (512 tokens of an 8k vocabulary, 32 of a 128k one), whatever the batch."""
 
 
-def _token_weights(mask: Tensor | None, lead: torch.Size, temperature: float, device: torch.device) -> Tensor:
-    """``T^2 * mask / mask.sum()`` flattened to (tokens,) float32: the weight of each token's KL in the masked
-    mean (every token alike without a mask; all 0 when the mask is empty, like :func:`_masked_mean`)."""
-    if mask is None:
-        mask = torch.ones(lead, device=device)
+def _token_mask(mask: Tensor | None, lead: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The mask flattened to (tokens,) float32 (all ones when None) and its sum (at least 1), the masked mean's
+    denominator (like :func:`_masked_mean`)."""
+    mask = torch.ones(lead, device=device) if mask is None else mask
     mask = mask.reshape(-1).to(device=device, dtype=torch.float32)
-    return temperature**2 * mask / mask.sum().clamp_min(1.0)
+    return mask, mask.sum().clamp_min(1.0)
 
 
-def _chunked_kl(
-    logits: Tensor,
-    weights: Tensor,
-    target_logprobs: Tensor,
-    target_indices: Tensor | None,
-    spread: Tensor | None,
-    slots: int,
-    temperature: float,
-    overwrite: bool,
-) -> Tensor:
-    """``sum_m weights_m (spread_m + KL(p_m || softmax(logits_m / T)))`` over the M tokens, chunk by chunk.
+def _chunked_loss(logits: Tensor, chunk_loss: Callable[[Tensor, slice], Tensor], overwrite: bool) -> Tensor:
+    """``sum over chunks of chunk_loss(logits[rows], rows)``, a loss that adds up over the tokens, chunk by chunk.
 
-    logits (M, V), any float dtype; weights (M,); the targets ``p``: dense log-probabilities (M, V) with
-    ``target_indices`` None, or ``slots`` teachers' top-K log-probabilities (M, S*K) at the vocabulary ids
-    ``target_indices`` (M, S*K), each slot's summing to 1 and weighted ``1/slots``; spread (M,) or None.
-    The gradient has a closed form, ``dKL/ds = (q * sum_v p_v - p) / T`` with ``q = softmax(s / T)`` (what autograd
-    through ``log_softmax`` gives), so nothing of the forward is kept for backward but the inputs: no float32
-    (M, V) log-softmax, KL terms or their gradients exist at once, only one chunk's (:data:`CHUNK_ELEMENTS` ``// V``
-    tokens); backward writes the logits' gradient chunk by chunk, into the logits' own storage with ``overwrite``.
+    logits (M, V), any float dtype; ``chunk_loss`` maps a chunk's logits (r, V) and its rows to a scalar. Each
+    chunk is :data:`CHUNK_ELEMENTS` ``// V`` tokens. Its float32 temporaries (log-softmax, KL terms, their
+    gradients) exist one chunk at a time: forward runs without autograd and keeps only the logits; backward runs
+    each chunk again under autograd, as ``torch.utils.checkpoint`` would, and writes its gradient into an (M, V)
+    tensor, the logits' own storage with ``overwrite``. Every operation of the losses is per token but the final
+    sum, so the gradient is bit for bit autograd's over the whole tensor.
     """
     rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-    args = (logits, weights, target_logprobs, target_indices, spread, slots, temperature, rows, overwrite)
-    return _ChunkedKL.apply(*args)
+    return _ChunkedLoss.apply(logits, chunk_loss, rows, overwrite)
 
 
-def _kl_chunk(
-    s: Tensor, logprobs: Tensor, indices: Tensor | None, slots: int, grad_scale: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """One chunk of :func:`_chunked_kl`: s = logits / T (r, V) float32 -> (KL per token (r,), and with
-    ``grad_scale`` (r,) the gradient of ``sum_r grad_scale_r KL_r`` with respect to s (r, V))."""
-    log_q = F.log_softmax(s, dim=-1)  # (r, V)
-    logprobs = logprobs.float()
-    if indices is None:
-        kl = F.kl_div(log_q, logprobs, reduction="none", log_target=True).sum(-1)  # (r,)
-        p = logprobs.exp()  # (r, V)
-    else:
-        p = logprobs.exp() / slots  # (r, S*K): the S teachers' KLs averaged
-        kl = (p * (logprobs - log_q.gather(-1, indices))).sum(-1)
-    if grad_scale is None:
-        return kl, None
-    grad = log_q.exp_() * p.sum(-1, keepdim=True)  # (r, V), over log_q's storage
-    if indices is None:
-        grad -= p
-    else:
-        grad.scatter_add_(-1, indices, -p)
-    return kl, grad.mul_(grad_scale[:, None])
-
-
-class _ChunkedKL(torch.autograd.Function):
-    """:func:`_chunked_kl` with its closed-form, chunked gradient (to the logits only: the targets are constants)."""
+class _ChunkedLoss(torch.autograd.Function):
+    """:func:`_chunked_loss` (the gradient to the logits only: everything else in the loss is a constant)."""
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         logits: Tensor,
-        weights: Tensor,
-        target_logprobs: Tensor,
-        target_indices: Tensor | None,
-        spread: Tensor | None,
-        slots: int,
-        temperature: float,
+        chunk_loss: Callable[[Tensor, slice], Tensor],
         rows: int,
         overwrite: bool,
     ) -> Tensor:
-        ctx.save_for_backward(logits, weights, target_logprobs, target_indices)
-        ctx.slots, ctx.temperature, ctx.rows, ctx.overwrite = slots, temperature, rows, overwrite
+        ctx.save_for_backward(logits)
+        ctx.chunk_loss, ctx.rows, ctx.overwrite = chunk_loss, rows, overwrite
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], rows):
-            end = start + rows
-            indices = None if target_indices is None else target_indices[start:end]
-            s = logits[start:end].float() / temperature
-            kl, _ = _kl_chunk(s, target_logprobs[start:end], indices, slots, None)
-            total += (weights[start:end] * kl).sum()
-        if spread is not None:
-            total += (weights * spread.float()).sum()
+            chunk = slice(start, start + rows)
+            total += chunk_loss(logits[chunk], chunk)
         return total
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        logits, weights, target_logprobs, target_indices = ctx.saved_tensors
+        (logits,) = ctx.saved_tensors
         grad = logits if ctx.overwrite else torch.empty_like(logits)  # chunk by chunk: each is read, then written
-        scale = weights * (grad_output.float() / ctx.temperature)  # d(T^2-weighted KL)/ds carries a 1/T
         for start in range(0, logits.shape[0], ctx.rows):
-            end = start + ctx.rows
-            indices = None if target_indices is None else target_indices[start:end]
-            s = logits[start:end].float() / ctx.temperature
-            _, g = _kl_chunk(s, target_logprobs[start:end], indices, ctx.slots, scale[start:end])
-            grad[start:end] = g
-        return grad, None, None, None, None, None, None, None, None
+            chunk = slice(start, start + ctx.rows)
+            with torch.enable_grad():
+                piece = logits[chunk].detach().requires_grad_()
+                (grad[chunk],) = torch.autograd.grad(ctx.chunk_loss(piece, chunk), piece, grad_output)
+        return grad, None, None, None
 
 
 def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
