@@ -203,18 +203,20 @@ def test_loss_weight_multiplies_its_sources_rows_in_the_gradient(
     )
     batch = DataCollator(pad_token_id=tokenizer.pad_token_id)([data[i] for i in range(len(data))])
     targets = teacher_targets(batch, _Teachers(model, model), model.num_sources, config.loss.temperature, None)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     tokens = float((batch["labels"][:, 1:] != -100).sum())
     params = [p for p in model.parameters() if p.requires_grad]
-    sums = []
-    for k in range(3):
-        rows = batch["dataset_index"] == k
-        part = {name: t[rows] for name, t in targets.items()}
-        sums.append(distillation_sum(logits[rows], batch["labels"][rows], part, config.loss.temperature))
-    weighted = torch.autograd.grad(
-        sum(w * s for w, s in zip(weights, sums, strict=True)) / tokens, params, retain_graph=True
-    )
-    plain = torch.autograd.grad(sum(sums) / tokens, params)
+
+    def source_sums() -> list[torch.Tensor]:  # a forward each: backward overwrites the logits (distillation_sum)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        sums = []
+        for k in range(3):
+            rows = batch["dataset_index"] == k
+            part = {name: t[rows] for name, t in targets.items()}
+            sums.append(distillation_sum(logits[rows], batch["labels"][rows], part, config.loss.temperature))
+        return sums
+
+    weighted = torch.autograd.grad(sum(w * s for w, s in zip(weights, source_sums(), strict=True)) / tokens, params)
+    plain = torch.autograd.grad(sum(source_sums()) / tokens, params)
     assert len(recorded) == 1 and len(recorded[0]) == len(params)
     assert max(float((w - p).abs().max()) for w, p in zip(weighted, plain, strict=True)) > 1e-4  # weights matter
     for got, want in zip(recorded[0], weighted, strict=True):

@@ -98,7 +98,8 @@ def distribution_kl(
     whatever S. The KL is summed term by term, ``pbar (log pbar - log q)``, which keeps its float32 precision when
     it is small. Computed a chunk of tokens at a time (:func:`_chunked_loss`); ``overwrite_logits``: backward
     writes the gradient into the student logits' storage, which then no longer holds the logits (for a training
-    step, whose logits nothing reads after backward: one (..., V) tensor instead of two at the peak).
+    step, whose logits nothing reads after backward: one (..., V) tensor instead of two at the peak; a second
+    backward through the same graph, ``retain_graph``, then raises autograd's error on a tensor modified in place).
     """
     if student_logits.shape != teacher_logprobs.shape or teacher_spread.shape != student_logits.shape[:-1]:
         raise ValueError(
