@@ -56,18 +56,25 @@ metric_list:
 """
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("lm_eval")
-    model = chain_model(root / "chain", {"=": "x"})
+def write_tasks(root: Path, name: str, loglikelihood: bool = False) -> Path:
+    """The local lm-eval tasks ``{name}_mc`` (and ``{name}_ll``) over :data:`MC_DOCS`, in ``root/tasks``
+    (returned, the ``include_path``)."""
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
     tasks = root / "tasks"
     tasks.mkdir()
-    fields = {"name": "damtiny", "data": str(data), "cache": str(root / "hf_cache")}
+    fields = {"name": name, "data": str(data), "cache": str(root / "hf_cache")}
     (tasks / "mc.yaml").write_text(MC_YAML.format(**fields))
-    (tasks / "ll.yaml").write_text(LL_YAML.format(**fields))
-    return model, tasks
+    if loglikelihood:
+        (tasks / "ll.yaml").write_text(LL_YAML.format(**fields))
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lm_eval")
+    model = chain_model(root / "chain", {"=": "x"})
+    return model, write_tasks(root, "damtiny", loglikelihood=True)
 
 
 def test_scores_on_a_model_with_known_answers(setup: tuple[Path, Path]) -> None:

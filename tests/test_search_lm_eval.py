@@ -11,7 +11,7 @@ import yaml
 
 pytest.importorskip("lm_eval")
 
-from test_lm_eval import MC_DOCS, MC_YAML  # noqa: E402  (the locally defined multiple-choice task)
+from test_lm_eval import write_tasks  # noqa: E402  (the locally defined multiple-choice task)
 
 from dam.cli import main  # noqa: E402
 from dam.evaluation.lm_eval import evaluate_lm_eval  # noqa: E402
@@ -22,12 +22,7 @@ from dam.testing import make_family  # noqa: E402
 @pytest.mark.slow  # lm-eval runs 6 + 2 times (seconds each)
 def test_soup_with_an_lm_eval_fitness(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, sources = make_family(tmp_path / "family", 2, num_layers=2, scale=0.5)
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    fields = {"name": "soupeval", "data": str(data), "cache": str(tmp_path / "hf_cache")}
-    (tasks / "mc.yaml").write_text(MC_YAML.format(**fields))
+    tasks = write_tasks(tmp_path, "soupeval")
     fitness = {"lm_eval": {"tasks": ["soupeval_mc"], "include_path": str(tasks), "metric": "acc", "batch_size": 2}}
     config = tmp_path / "soup.yaml"
     config.write_text(yaml.safe_dump({"models": [str(s) for s in sources], "fitness": fitness}))
