@@ -443,7 +443,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             folders = {m: r.path for m, r in readers.items()}
             sizes = {m: _vocab_size(r.config) for m, r in readers.items()}
             base = config.base_model or models[0]
-            vocabulary = plan_vocabulary(section, section.source, base, models, folders, sizes)
+            vocabulary = plan_vocabulary(section, base, models, folders, sizes)
         planner = _Planner(config, readers, vocabulary)
         tasks = planner.plan()
         donor = config.base_model or planner.slices[0].sources[0].model

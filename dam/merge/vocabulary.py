@@ -157,13 +157,12 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
 
 def plan_vocabulary(
     section: Any,
-    source: str,
     base: str,
     models: list[str],
     folders: dict[str, Path],
     vocab_sizes: dict[str, int | None],
 ) -> VocabularyPlan:
-    """Build the output tokenizer of ``section`` (a ``TokenizerSection``; ``source``: ``base``, ``union`` or a
+    """Build the output tokenizer of ``section`` (a ``TokenizerSection``; its ``source``: ``base``, ``union`` or a
     model) over ``models`` (``base`` among them: the base model, else the first), each model's row of every
     output token, and the resolved ``tokens`` entries. DamError naming the token or model at fault."""
     tokenizers = {base: stripped_tokenizer(folders[base], vocab_sizes[base])}
@@ -174,12 +173,12 @@ def plan_vocabulary(
             tokenizers[model] = _load_tokenizer(folders[model])
         except Exception as e:  # mergekit: "Unable to load tokenizer ... Assuming same as base"
             logger.warning("tokenizer: model %r: no loadable tokenizer (%s); taking the base's vocabulary", model, e)
-    if source == "base":
+    if section.source == "base":
         tokenizer = tokenizers[base]
-    elif source == "union":
+    elif section.source == "union":
         tokenizer = _union_tokenizer(tokenizers[base], tokenizers, vocab_sizes)
     else:
-        tokenizer = _load_tokenizer(folders[source])
+        tokenizer = _load_tokenizer(folders[section.source])
     existing = set(tokenizer.get_vocab())
     for token in section.tokens or {}:
         if token not in existing:
@@ -187,7 +186,7 @@ def plan_vocabulary(
             existing.add(token)
     vocab = tokenizer.get_vocab()
     if sorted(vocab.values()) != list(range(len(vocab))):
-        raise DamError(f"tokenizer: the output vocabulary (source {source!r}) has gaps in its token ids")
+        raise DamError(f"tokenizer: the output vocabulary (source {section.source!r}) has gaps in its token ids")
     order = sorted(vocab, key=vocab.__getitem__)
     ids, vocabs = {}, {}
     for model in models:
