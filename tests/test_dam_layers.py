@@ -15,6 +15,7 @@ from dam.adaptive.layers import (
     DAMNorm,
     _DAMEmbeddingFunction,
     _DAMLinearFunction,
+    _DAMLinearLossFunction,
     apply_transform,
     fold,
     inverse_transform,
@@ -249,6 +250,28 @@ def test_linear_granularity_passes_gradcheck_float64(granularity):
     assert row_count(ws.shape, c.shape) == (OUT if granularity == "row_column" else 0)
     torch.testing.assert_close(_DAMLinearFunction.apply(x, ws, c, b), F.linear(x, _explicit_weight(ws, c), b))
     assert torch.autograd.gradcheck(lambda x, c, b: _DAMLinearFunction.apply(x, ws, c, b), (x, c, b))
+
+
+@pytest.mark.parametrize("granularity", list(WIDTHS))
+def test_linear_fused_with_a_chunked_loss_passes_gradcheck_float64(granularity):
+    """``_DAMLinearLossFunction`` (the lm_head fused with the loss, 2 rows a chunk over 7 rows: uneven chunks)
+    equals the loss of the whole output and passes gradcheck for x, the coefficients and the bias."""
+    ws = torch.randn(N, OUT, IN, dtype=torch.float64)
+    x = torch.randn(7, IN, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(N, WIDTHS[granularity], dtype=torch.float64, requires_grad=True)
+    b = torch.randn(OUT, dtype=torch.float64, requires_grad=True)
+    target = torch.log_softmax(torch.randn(7, OUT, dtype=torch.float64), dim=-1)
+    weights = torch.rand(7, dtype=torch.float64)
+
+    def chunk_loss(out: torch.Tensor, rows: slice) -> torch.Tensor:  # a KL per row, weighted: not linear in out
+        kl = F.kl_div(torch.log_softmax(out, dim=-1), target[rows], reduction="none", log_target=True).sum(-1)
+        return (kl * weights[rows]).sum()
+
+    whole = chunk_loss(F.linear(x, _explicit_weight(ws, c), b), slice(None))
+    torch.testing.assert_close(_DAMLinearLossFunction.apply(x, ws, c, b, chunk_loss, 2), whole)
+    assert torch.autograd.gradcheck(
+        lambda x, c, b: _DAMLinearLossFunction.apply(x, ws, c, b, chunk_loss, 2), (x, c, b)
+    )
 
 
 @pytest.mark.parametrize("granularity", list(WIDTHS))

@@ -14,7 +14,9 @@ from dam.adaptive.losses import (
     kl_divergence,
     l1_penalty,
     l2_penalty,
+    prediction_entropy,
     teacher_distribution,
+    teacher_mixture,
     teacher_spread,
     topk_kl_divergence,
 )
@@ -153,8 +155,6 @@ def test_coefficient_losses_weights_and_zero_disables():
 
 
 def test_prediction_entropy_bounds_mask_and_gradient() -> None:
-    from dam.adaptive.losses import prediction_entropy
-
     v = 7
     uniform = torch.zeros(2, 3, v)
     assert float(prediction_entropy(uniform)) == pytest.approx(math.log(v))  # the maximum, log V
@@ -228,11 +228,18 @@ def reference_topk_kl(s, values, indices, mask, temperature):
     return temperature**2 * (kl * mask).sum() / mask.sum()
 
 
+def reference_entropy(s, mask):
+    """prediction_entropy as plain autograd over the whole (..., V) tensor (the code before chunking)."""
+    log_p = torch.log_softmax(s.float(), dim=-1)
+    return (-(log_p.exp() * log_p).sum(-1) * mask).sum() / mask.sum()
+
+
 @pytest.mark.parametrize("rows", [3, 4, 100])  # 3 and 4 split 10 tokens unevenly and evenly; 100: one chunk
 def test_chunked_kl_equals_autograd_over_whole_tensors(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
     import dam.adaptive.losses as losses
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", rows * 11)  # rows tokens of the vocabulary of 11 per chunk
+    monkeypatch.setattr(losses, "MIN_CHUNK_ROWS", 1)
     student, mask = _logits(30), torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
     parts = [teacher_distribution(_logits(31 + k), temperature=2.0) for k in range(3)]
     log_mean = (sum(log_p.exp() for log_p, _ in parts) / 3).log()
@@ -249,6 +256,7 @@ def test_chunked_kl_equals_autograd_over_whole_tensors(monkeypatch: pytest.Monke
             lambda s: reference_topk_kl(s, values, indices, mask, 2.0),
         ),
     ]
+    cases.append((lambda s: prediction_entropy(s, mask), lambda s: reference_entropy(s, mask)))
     overwriting = [  # the gradient written into the logits' storage: logits of a forward (here s * 1), not a leaf
         (lambda s: distribution_kl(s * 1, log_mean, spread, mask, 2.0, overwrite_logits=True), cases[0][1]),
         (lambda s: topk_kl_divergence(s * 1, values, indices, mask, 2.0, overwrite_logits=True), cases[1][1]),
@@ -261,3 +269,16 @@ def test_chunked_kl_equals_autograd_over_whole_tensors(monkeypatch: pytest.Monke
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         assert torch.equal(g_got, g_want)
         assert g_got.abs().max() > 1e-3 and g_got[0, 2].abs().max() == 0  # a real gradient; none on masked tokens
+
+
+def test_teacher_mixture_is_the_mean_distribution_and_its_spread() -> None:
+    teachers = [_logits(51 + k) for k in range(3)]
+    log_mean, spread = teacher_mixture(teachers, temperature=2.0)
+    probs = [torch.softmax(t.double() / 2.0, dim=-1) for t in teachers]
+    mean = sum(probs) / 3
+    spreads = sum((p * (p.log() - mean.log())).sum(-1) for p in probs) / 3  # mean_s KL(p_s || pbar)
+    # float32 against float64 sums of 11 terms of order 1: a few ulps of float32
+    torch.testing.assert_close(log_mean.double(), mean.log(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(spread.double(), spreads, rtol=1e-4, atol=1e-6)
+    one, none = teacher_mixture([teachers[0]], temperature=2.0)
+    assert torch.equal(one, teacher_distribution(teachers[0], 2.0)[0]) and not none.any()

@@ -22,8 +22,17 @@ from dam.errors import DamError
 from dam.testing import make_family
 from dam.training.config import DAMConfig, TrainConfig, load_saved_config, portable_config
 from dam.training.data import ALL_SOURCES, DataCollator, build_train_dataset
-from dam.training.loop import _setup_model, _Teachers, distillation_sum, loss_mask, teacher_targets, train
+from dam.training.loop import (
+    _setup_model,
+    _Teachers,
+    distillation_loss,
+    distillation_sum,
+    loss_mask,
+    teacher_targets,
+    train,
+)
 from dam.training.run_dir import LATEST_FILE, latest_checkpoint
+from dam.training.teacher_cache import teacher_distributions
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +63,7 @@ def mean_distillation_loss(config: DAMConfig, coefficients_file: Path | None) ->
     batch = DataCollator(pad_token_id=tokenizer.pad_token_id)([data[i] for i in range(len(data))])
     targets = teacher_targets(batch, _Teachers(model, model), model.num_sources, config.loss.temperature, None)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    total = distillation_sum(logits, batch["labels"], targets, config.loss.temperature)
+    total = distillation_sum(logits, batch["labels"], targets, config.loss.temperature, None, model.source_logits)
     return float(total) / float((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -133,7 +142,12 @@ def test_chunked_distillation_gives_the_unchunked_coefficient_gradients(
     source = torch.tensor([ALL_SOURCES] * 3) if pairing != "own" else torch.tensor([2, 0, 2])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "source": source}
     top_k = 8 if pairing == "top_k" else None
-    targets = teacher_targets(batch, _Teachers(model, model), model.num_sources, 2.0, top_k)
+    if top_k is None:  # full-vocabulary targets as one [B, T, V] tensor (for a model whose head is not fusable)
+        args = (model, ids, batch["attention_mask"], source, model.num_sources, 2.0)
+        mean_logprobs, spread = teacher_distributions(*args)
+        targets = {"mean_logprobs": mean_logprobs, "spread": spread}
+    else:
+        targets = teacher_targets(batch, _Teachers(model, model), model.num_sources, 2.0, top_k)
     mask = loss_mask(labels)
 
     def reference(logits: torch.Tensor) -> torch.Tensor:
@@ -151,6 +165,7 @@ def test_chunked_distillation_gives_the_unchunked_coefficient_gradients(
         return float(loss.detach()), [p.grad.clone() for p in model.trainable_coefficients()]
 
     monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * 64)  # 3 tokens of the vocabulary of 64 per chunk
+    monkeypatch.setattr(losses, "MIN_CHUNK_ROWS", 1)
     got, g_got = coefficient_grads(lambda logits: distillation_sum(logits, labels, targets, 2.0))
     want, g_want = coefficient_grads(reference)
     # the value: the same float32 terms summed per chunk of 3 tokens, then over chunks (a few ulps); the logit
@@ -159,6 +174,73 @@ def test_chunked_distillation_gives_the_unchunked_coefficient_gradients(
     for a, b in zip(g_got, g_want, strict=True):
         assert torch.equal(a, b)
     assert max(float(g.abs().max()) for g in g_got) > 1e-4  # a real gradient
+
+
+@pytest.mark.parametrize("pairing", ["own", "all", "top_k"])
+def test_loss_fused_with_the_lm_head_gives_the_whole_logits_loss(
+    family: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch, pairing: str
+) -> None:
+    """The training step's path, ``model(..., chunk_loss=...)`` (the lm_head run 4 tokens at a time with the loss,
+    on-the-fly full-vocabulary targets from the teachers' final hidden states), against the loss of the whole
+    logits with [B, T, V] targets from the teachers' logits: the same value and coefficient gradients."""
+    base, sources = family
+    model = DAMModel.from_pretrained(str(base), [str(s) for s in sources])
+    ids = torch.randint(4, 60, (3, 10), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[2, :3] = -100
+    source = torch.tensor([ALL_SOURCES] * 3) if pairing == "all" else torch.tensor([1, 0, 1])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "source": source}
+    top_k = 8 if pairing == "top_k" else None
+    targets = teacher_targets(batch, _Teachers(model, model), model.num_sources, 2.0, top_k)
+    assert model.head_fusable() and ("hidden" in targets) == (top_k is None)
+    if top_k is None:
+        mean_logprobs, spread = teacher_distributions(model, ids, batch["attention_mask"], source, 3, 2.0)
+        whole_targets = {"mean_logprobs": mean_logprobs, "spread": spread}
+    else:
+        whole_targets = targets
+    params = model.trainable_coefficients()
+
+    def grads(loss: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+        return float(loss.detach()), list(torch.autograd.grad(loss, params))
+
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 4 * 64)  # 4 tokens of the vocabulary of 64 per chunk
+    monkeypatch.setattr(losses, "MIN_CHUNK_ROWS", 1)
+    chunk_loss, total = distillation_loss(labels, targets, 2.0, None, model.source_logits)
+    got, g_got = grads(model(input_ids=ids, attention_mask=batch["attention_mask"], chunk_loss=chunk_loss) * total)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+    want, g_want = grads(distillation_sum(logits, labels, whole_targets, 2.0))
+    # float32 rounding only: the lm_head GEMM of 4-token chunks differs from the whole batch's in the last bits
+    # (~1e-7 of logits of order 1), and each token's KL (~0.01) is a difference of cross-entropies of order log V:
+    # 2.7e-5 relative seen on the value, so 1e-4; gradients of up to 2e-2 differed by at most 2e-8, so atol 1e-7
+    assert got == pytest.approx(want, rel=1e-4)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert max(float(g.abs().max()) for g in g_got) > 1e-4  # a real gradient
+
+
+def test_soft_capped_logits_are_not_fused(family: tuple[Path, list[Path]]) -> None:
+    """A model whose logits are not its lm_head's output (here scaled after it, as Gemma 2's soft-capping or
+    Cohere's logit scale do) is probed as not fusable: the loss then runs over its real logits, and on-the-fly
+    targets are [B, T, V] log-probabilities of the teachers' real logits."""
+    base, sources = family
+    model = DAMModel.from_pretrained(str(base), [str(s) for s in sources])
+
+    def scaled(_module, _args, out):
+        out.logits = 0.5 * out.logits
+        return out
+
+    model.model.register_forward_hook(scaled)
+    ids = torch.randint(4, 60, (2, 8), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "source": torch.tensor([0, 2])}
+    targets = teacher_targets(batch, _Teachers(model, model), 3, 2.0, None)
+    assert not model.head_fusable() and set(targets) == {"mean_logprobs", "spread"}
+    chunk_loss, total = distillation_loss(ids, targets, 2.0)
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=batch["attention_mask"], chunk_loss=chunk_loss) * total
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        assert float(fused) == float(distillation_sum(logits, ids, targets, 2.0))  # the same computation
+    with pytest.raises(RuntimeError, match="not lm_head"):
+        model(input_ids=ids, last_hidden=True)
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
@@ -212,7 +294,8 @@ def test_loss_weight_multiplies_its_sources_rows_in_the_gradient(
         for k in range(3):
             rows = batch["dataset_index"] == k
             part = {name: t[rows] for name, t in targets.items()}
-            sums.append(distillation_sum(logits[rows], batch["labels"][rows], part, config.loss.temperature))
+            args = (logits[rows], batch["labels"][rows], part, config.loss.temperature, None, model.source_logits)
+            sums.append(distillation_sum(*args))
         return sums
 
     weighted = torch.autograd.grad(sum(w * s for w, s in zip(weights, source_sums(), strict=True)) / tokens, params)

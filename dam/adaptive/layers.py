@@ -39,7 +39,7 @@ This module imports only torch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -230,6 +230,79 @@ class _DAMLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_c, grad_b
 
 
+class _DAMLinearLossFunction(torch.autograd.Function):
+    """``sum over row chunks of chunk_loss(x[rows] W^T + b, rows)`` with ``W = merge(weight_sources,
+    coefficients)``: a linear layer fused with a loss that adds up over rows (the ``lm_head`` and a distillation
+    loss), whose output exists one chunk of ``rows`` rows at a time. Saves x, never W nor the output.
+
+    Shapes: x (M, in), weight_sources (N, out, in), coefficients as in :class:`_DAMLinearFunction`, bias (out,) or
+    None; ``chunk_loss`` maps a chunk's output (r, out) and its row slice to a scalar. Backward recomputes each
+    chunk's output, takes the loss's gradient ``g`` (r, out) by autograd, and accumulates ``dL/dx = g W`` per chunk
+    and ``dL/dW = sum_chunks g^T x`` (float32, one (out, in) tensor) before the coefficient reduction, as
+    :class:`_DAMLinearFunction` does with the whole ``g``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight_sources: Tensor,
+        coefficients: Tensor,
+        bias: Tensor | None,
+        chunk_loss: Callable[[Tensor, slice], Tensor],
+        rows: int,
+    ) -> Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            weight, b = _merged_for(weight_sources, coefficients, bias, dtype)
+            total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
+            for start in range(0, xc.shape[0], rows):
+                chunk = slice(start, start + rows)
+                total += chunk_loss(F.linear(xc[chunk], weight, b), chunk)
+        ctx.save_for_backward(xc, weight_sources, coefficients, bias)
+        ctx.chunk_loss, ctx.rows, ctx.x_dtype = chunk_loss, rows, x.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight_sources, coefficients, bias = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):
+            weight, b = _merged_for(weight_sources, coefficients, bias, x.dtype)
+            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+            acc = torch.promote_types(x.dtype, torch.float32)  # accumulators over the chunks
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if ctx.needs_input_grad[2] else None
+            grad_b = None
+            if bias is not None and ctx.needs_input_grad[3]:
+                grad_b = torch.zeros(bias.shape, dtype=acc, device=x.device)
+            for start in range(0, x.shape[0], ctx.rows):
+                chunk = slice(start, start + ctx.rows)
+                with torch.enable_grad():
+                    out = F.linear(x[chunk], weight, b).detach().requires_grad_()
+                    (g,) = torch.autograd.grad(ctx.chunk_loss(out, chunk), out, grad_output)  # (r, out)
+                if grad_x is not None:
+                    grad_x[chunk] = g @ weight
+                if grad_w is not None:
+                    grad_w += g.t() @ x[chunk]  # (out, in)
+                if grad_b is not None:
+                    grad_b += g.sum(0, dtype=acc)
+            del weight
+        grad_c = None if grad_w is None else _coefficient_grads(grad_w, weight_sources, coefficients)
+        grad_x = None if grad_x is None else grad_x.to(ctx.x_dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_x, None, grad_c, grad_b, None, None
+
+
+def _merged_for(
+    weight_sources: Tensor, coefficients: Tensor, bias: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """The merged weight (and the bias) as :class:`_DAMLinearFunction` computes with them: rounded to the
+    sources' dtype, then in ``dtype``."""
+    rows = row_count(weight_sources.shape, coefficients.shape)
+    weight = merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(dtype)  # (out, in)
+    return weight, None if bias is None else bias.to(dtype)
+
+
 class _DAMEmbeddingFunction(torch.autograd.Function):
     """Rows of ``E = merge(weight_sources, coefficients)`` for ``ids``, gathering per source; saves the ids only.
 
@@ -408,6 +481,22 @@ class DAMLinear(DAMModule):
         if self.selected is not None:
             return F.linear(x, self.weight_sources[self.selected], bias)
         return _DAMLinearFunction.apply(x, self.weight_sources, self.coefficients("weight"), bias)
+
+    def chunked_loss(self, x: Tensor, chunk_loss: Callable[[Tensor, slice], Tensor], rows: int) -> Tensor:
+        """``sum over chunks of chunk_loss(self(x)[rows], rows)`` for x (M, in), ``rows`` rows at a time: the
+        merged layer's output (M, out) never exists whole (:class:`_DAMLinearLossFunction`). Merged mode only."""
+        if self.selected is not None:
+            raise RuntimeError("chunked_loss runs the merged layer, not a selected source")
+        bias = self._merged_bias()
+        return _DAMLinearLossFunction.apply(
+            x, self.weight_sources, self.coefficients("weight"), bias, chunk_loss, rows
+        )
+
+    def source_forward(self, x: Tensor, k: int) -> Tensor:
+        """Source ``k``'s own layer on x (..., in) -> (..., out): what ``selected = k`` computes, without grad."""
+        with torch.no_grad():
+            bias = None if self.bias_sources is None else self.bias_sources[k]
+            return F.linear(x, self.weight_sources[k], bias)
 
 
 class DAMEmbedding(DAMModule):

@@ -19,10 +19,13 @@ Several teachers at once: with ``pbar = mean_s p_s``, the mean over teachers s o
 the student, or equally ``KL(pbar || q) + mean_s KL(p_s || pbar)``. So the student's log-softmax is taken once
 whatever the number of teachers, and full-vocabulary targets are one ``(..., V)`` tensor, not one per teacher.
 
-The distillation KLs never hold the student's float32 ``(..., V)`` log-softmax or its gradient whole: they run
-over :data:`CHUNK_ELEMENTS` ``// V`` tokens at a time, recomputed chunk by chunk in backward
-(:func:`_chunked_loss`), so a sequence adds its logits (whose storage then takes their gradient) to the peak
-memory, not the loss's float32 temporaries.
+The losses over the vocabulary (the KLs, the entropy) never hold a float32 ``(..., V)`` tensor whole: each is a
+:data:`ChunkLoss`, a sum over tokens taken :func:`chunk_rows` tokens at a time and recomputed chunk by chunk in
+backward. :func:`chunked_loss` runs one over logits given whole; the training loop instead fuses it with the
+``lm_head`` (:meth:`dam.adaptive.layers.DAMLinear.chunked_loss`), so that the student's logits exist one chunk at
+a time too, and on-the-fly full-vocabulary targets come from the teachers' final hidden states through their own
+``lm_head``, chunk by chunk (:func:`teacher_mixture`): a sequence then adds its activations to the peak memory and
+no ``(T, V)`` tensor.
 
 The training loop combines them as ``loss = kl_weight * kl + sum(coefficient_losses(...).values())``. All
 arithmetic is in float32 whatever the logits' dtype.
@@ -35,19 +38,12 @@ and a large model. A weight ``w`` of the former sums equals ``w * modules`` (sim
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of ``values`` (...) over positions where ``mask`` (...) is non-zero; 0 when there are none."""
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def kl_divergence(
@@ -96,7 +92,7 @@ def distribution_kl(
     are constants: no gradient flows to them. Since ``mean_s KL(p_s || q) = mean_s KL(p_s || pbar) + KL(pbar || q)``,
     this is the mean over the S teachers of ``KL(p_s || q)``, with one student log-softmax and one (..., V) target
     whatever S. The KL is summed term by term, ``pbar (log pbar - log q)``, which keeps its float32 precision when
-    it is small. Computed a chunk of tokens at a time (:func:`_chunked_loss`); ``overwrite_logits``: backward
+    it is small. Computed a chunk of tokens at a time (:func:`chunked_loss`); ``overwrite_logits``: backward
     writes the gradient into the student logits' storage, which then no longer holds the logits (for a training
     step, whose logits nothing reads after backward: one (..., V) tensor instead of two at the peak; a second
     backward through the same graph, ``retain_graph``, then raises autograd's error on a tensor modified in place).
@@ -108,14 +104,42 @@ def distribution_kl(
         )
     vocab = student_logits.shape[-1]
     target, spread = teacher_logprobs.reshape(-1, vocab), teacher_spread.reshape(-1)
-    weights, count = _token_mask(mask, student_logits.shape[:-1], student_logits.device)
+    weights, count = token_weights(mask, student_logits.shape[:-1], student_logits.device)
+    loss = distribution_kl_loss(lambda rows: (target[rows], spread[rows]), weights, count, temperature)
+    return chunked_loss(student_logits.reshape(-1, vocab), loss, overwrite_logits)
 
-    def chunk_loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``
+
+def distribution_kl_loss(
+    target: Callable[[slice], tuple[Tensor, Tensor]], weights: Tensor, count: Tensor, temperature: float
+) -> ChunkLoss:
+    """:func:`distribution_kl` as a :data:`ChunkLoss`: ``target(rows)`` gives the chunk's ``log pbar`` (r, V) and
+    spread (r,); ``weights`` (tokens,) and ``count`` from :func:`token_weights`."""
+
+    def loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``
+        log_pbar, spread = target(rows)
         log_q = F.log_softmax(logits.float() / temperature, dim=-1)  # (r, V)
-        kl = F.kl_div(log_q, target[rows].float(), reduction="none", log_target=True).sum(-1)  # (r,)
-        return temperature**2 * ((spread[rows].float() + kl) * weights[rows]).sum() / count
+        kl = F.kl_div(log_q, log_pbar.float(), reduction="none", log_target=True).sum(-1)  # (r,)
+        return temperature**2 * ((spread.float() + kl) * weights[rows]).sum() / count
 
-    return _chunked_loss(student_logits.reshape(-1, vocab), chunk_loss, overwrite_logits)
+    return loss
+
+
+def teacher_mixture(teacher_logits: Iterable[Tensor], temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``log pbar`` (..., V) float32 and the spread (...) (:func:`teacher_spread`, 0 for one teacher) of S
+    teachers given by their logits (..., V) each, taken one at a time: what :func:`distribution_kl_loss` takes."""
+    log_mean = neg_entropy = None
+    count = 0
+    for logits in teacher_logits:
+        log_p, h = teacher_distribution(logits, temperature)
+        log_mean = log_p if log_mean is None else torch.logaddexp(log_mean, log_p)
+        neg_entropy = h if neg_entropy is None else neg_entropy + h
+        count += 1
+    if log_mean is None or neg_entropy is None:
+        raise ValueError("no teacher logits given")
+    if count == 1:
+        return log_mean, torch.zeros_like(neg_entropy)
+    log_mean -= math.log(count)
+    return log_mean, teacher_spread(log_mean, neg_entropy / count)
 
 
 def topk_kl_divergence(
@@ -131,7 +155,7 @@ def topk_kl_divergence(
     student_logits: (..., V); teacher_topk_logits: (..., K) (any float dtype; top-K log-probabilities work as
     well, since a per-token shift cancels in the softmax over K) or (..., S, K) for S teachers, whose KLs are
     averaged with one student log-softmax; teacher_topk_indices: vocabulary ids, same shape; mask as in
-    :func:`kl_divergence`. Computed a chunk of tokens at a time (:func:`_chunked_loss`); ``overwrite_logits`` as in
+    :func:`kl_divergence`. Computed a chunk of tokens at a time (:func:`chunked_loss`); ``overwrite_logits`` as in
     :func:`distribution_kl`.
 
     Approximation: the teacher distribution is replaced by ``p~_t``, its softmax over the K cached logits
@@ -153,49 +177,76 @@ def topk_kl_divergence(
     ):
         raise ValueError(f"student logits {tuple(student_logits.shape)} vs top-k {tuple(teacher_topk_logits.shape)}")
     slots = teacher_topk_logits.shape[-2] if several else 1
-    width = slots * teacher_topk_logits.shape[-1]
-    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1).reshape(-1, width)  # (tokens, S*K)
-    indices = teacher_topk_indices.reshape(log_p.shape).long()  # (tokens, S*K)
-    weights, count = _token_mask(mask, lead, student_logits.device)
+    shape = (-1, slots, teacher_topk_logits.shape[-1])
+    weights, count = token_weights(mask, lead, student_logits.device)
+    loss = topk_kl_loss(
+        teacher_topk_logits.reshape(shape), teacher_topk_indices.reshape(shape), weights, count, temperature
+    )
+    return chunked_loss(student_logits.reshape(-1, student_logits.shape[-1]), loss, overwrite_logits)
 
-    def chunk_loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``
+
+def topk_kl_loss(
+    teacher_topk_logits: Tensor, teacher_topk_indices: Tensor, weights: Tensor, count: Tensor, temperature: float
+) -> ChunkLoss:
+    """:func:`topk_kl_divergence` as a :data:`ChunkLoss`: ``teacher_topk_logits`` and ``teacher_topk_indices``
+    (tokens, S, K) for S teachers per token; ``weights`` and ``count`` from :func:`token_weights`."""
+    tokens, slots, k = teacher_topk_logits.shape
+    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1).reshape(
+        tokens, slots * k
+    )  # (tokens, S*K)
+    indices = teacher_topk_indices.reshape(tokens, slots * k).long()  # (tokens, S*K)
+
+    def loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``
         s = logits.float() / temperature  # (r, V)
         log_q = s.gather(-1, indices[rows]) - torch.logsumexp(s, dim=-1, keepdim=True)  # (r, S*K)
         kl = (log_p[rows].exp() * (log_p[rows] - log_q)).sum(-1) / slots  # (r,): the mean of the S teachers' KLs
         return temperature**2 * (kl * weights[rows]).sum() / count
 
-    return _chunked_loss(student_logits.reshape(-1, student_logits.shape[-1]), chunk_loss, overwrite_logits)
+    return loss
 
+
+ChunkLoss = Callable[[Tensor, slice], Tensor]
+"""A loss that adds up over tokens, given one chunk of them: the student's logits (r, V) of the flattened tokens
+``rows`` -> a scalar. The whole loss is the sum over chunks (:func:`chunked_loss`, or fused with the ``lm_head``:
+:meth:`dam.adaptive.layers.DAMLinear.chunked_loss`)."""
 
 CHUNK_ELEMENTS = 2**22
-"""Student logits are taken ``CHUNK_ELEMENTS // V`` tokens at a time by the distillation losses: each float32
-temporary of a chunk is then 16 MiB (512 tokens of an 8k vocabulary, 32 of a 128k one), whatever the batch."""
+"""Logits are taken ``chunk_rows(V) = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // V)`` tokens at a time: each float32
+temporary of a chunk is 16 MiB for 512 tokens of an 8k vocabulary, whatever the batch."""
+MIN_CHUNK_ROWS = 256
+"""At least this many tokens per chunk: with a 128k vocabulary, 256 tokens (128 MiB per float32 temporary) rather
+than 32, so that the ``lm_head`` GEMM of a chunk is not dominated by reading the weight once per chunk."""
 
 
-def _token_mask(mask: Tensor | None, lead: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The mask flattened to (tokens,) float32 (all ones when None) and its sum (at least 1), the masked mean's
-    denominator (like :func:`_masked_mean`)."""
+def chunk_rows(vocab: int) -> int:
+    """Tokens per chunk for a vocabulary of ``vocab`` (:data:`CHUNK_ELEMENTS`, :data:`MIN_CHUNK_ROWS`)."""
+    return max(1, MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)
+
+
+def token_weights(mask: Tensor | None, lead: torch.Size, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The mask flattened to (tokens,) float32 (all ones when None) and its sum (at least 1): each token's weight
+    in a masked mean and the mean's denominator."""
     mask = torch.ones(lead, device=device) if mask is None else mask
     mask = mask.reshape(-1).to(device=device, dtype=torch.float32)
     return mask, mask.sum().clamp_min(1.0)
 
 
-def _chunked_loss(logits: Tensor, chunk_loss: Callable[[Tensor, slice], Tensor], overwrite: bool) -> Tensor:
-    """``sum over chunks of chunk_loss(logits[rows], rows)``, a loss that adds up over the tokens, chunk by chunk.
+def chunked_loss(logits: Tensor, loss: ChunkLoss, overwrite: bool = False) -> Tensor:
+    """``sum over chunks of loss(logits[rows], rows)``, chunk by chunk.
 
-    logits (M, V), any float dtype; ``chunk_loss`` maps a chunk's logits (r, V) and its rows to a scalar. Each
-    chunk is :data:`CHUNK_ELEMENTS` ``// V`` tokens. Its float32 temporaries (log-softmax, KL terms, their
-    gradients) exist one chunk at a time: forward runs without autograd and keeps only the logits; backward runs
-    each chunk again under autograd, as ``torch.utils.checkpoint`` would, and writes its gradient into an (M, V)
-    tensor, the logits' own storage with ``overwrite``. Every operation of the losses is per token but the final
-    sum, so the gradient is bit for bit autograd's over the whole tensor.
+    logits (M, V), any float dtype. Each chunk is :func:`chunk_rows` tokens. Its float32 temporaries (log-softmax,
+    KL terms, their gradients) exist one chunk at a time: forward runs without autograd and keeps only the logits;
+    backward runs each chunk again under autograd, as ``torch.utils.checkpoint`` would, and writes its gradient
+    into an (M, V) tensor, the logits' own storage with ``overwrite`` (then nothing may read the logits after
+    backward, and a second backward through the graph raises autograd's error on a tensor modified in place).
+    Every operation of the losses is per token but the final sum, so the gradient is bit for bit autograd's over
+    the whole tensor.
     """
-    rows = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-    return _ChunkedLoss.apply(logits, chunk_loss, rows, overwrite)
+    return _ChunkedLoss.apply(logits, loss, chunk_rows(logits.shape[-1]), overwrite)
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """:func:`_chunked_loss` (the gradient to the logits only: everything else in the loss is a constant)."""
+    """:func:`chunked_loss` (the gradient to the logits only: everything else in the loss is a constant)."""
 
     @staticmethod
     def forward(
@@ -226,14 +277,24 @@ class _ChunkedLoss(torch.autograd.Function):
 
 
 def prediction_entropy(logits: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``mean_tokens H(softmax(logits)) = -sum_v p_v log p_v`` in nats.
+    """``mean_tokens H(softmax(logits)) = -sum_v p_v log p_v`` in nats, a chunk of tokens at a time
+    (:func:`chunked_loss`).
 
     logits: (..., V); mask as in :func:`kl_divergence`. Returns a scalar. Minimising it over merge coefficients on
     unlabeled inputs is AdaMerging (Yang et al., 2024): confident predictions correlate with low loss.
     """
-    log_p = F.log_softmax(logits.float(), dim=-1)  # (..., V)
-    entropy = -(log_p.exp() * log_p).sum(-1)  # (...)
-    return _masked_mean(entropy, mask)
+    weights, count = token_weights(mask, logits.shape[:-1], logits.device)
+    return chunked_loss(logits.reshape(-1, logits.shape[-1]), entropy_loss(weights, count))
+
+
+def entropy_loss(weights: Tensor, count: Tensor) -> ChunkLoss:
+    """:func:`prediction_entropy` as a :data:`ChunkLoss` (``weights`` and ``count`` from :func:`token_weights`)."""
+
+    def loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``
+        log_p = F.log_softmax(logits.float(), dim=-1)  # (r, V)
+        return (-(log_p.exp() * log_p).sum(-1) * weights[rows]).sum() / count
+
+    return loss
 
 
 def coefficient_similarity(coefficients: Iterable[Tensor]) -> Tensor:

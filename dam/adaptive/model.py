@@ -63,6 +63,7 @@ from dam.adaptive.layers import (
     inverse_transform_coefficients,
     row_count,
 )
+from dam.adaptive.losses import ChunkLoss, chunk_rows, chunked_loss
 from dam.adaptive.options import DAMOptions
 from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader, dtype_name, parse_dtype
@@ -193,6 +194,7 @@ class DAMModel(nn.Module):
         self.init_weights = init_weights
         self.merged_tensors = merged_tensors  # name -> (module, "weight"|"bias", kind); a plain dict: not submodules
         self.tied = tied
+        self._head_fusable: bool | None = None  # :meth:`head_fusable`, probed on first use
         self.dtype = dtype
 
     # -- building --------------------------------------------------------------------------------------------
@@ -284,8 +286,67 @@ class DAMModel(nn.Module):
 
     # -- forward and teachers --------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+    def forward(
+        self, *args: Any, chunk_loss: ChunkLoss | None = None, last_hidden: bool = False, **kwargs: Any
+    ) -> Any:
+        """The Hugging Face model's output; or, with ``chunk_loss``, the sum over the tokens of that loss of the
+        logits, the logits never whole (:meth:`dam.adaptive.layers.DAMLinear.chunked_loss` on the final hidden
+        states when :meth:`head_fusable`, else :func:`dam.adaptive.losses.chunked_loss` over the logits, whose
+        storage then takes their gradient); or, with ``last_hidden``, the final hidden states (B, T, hidden) that
+        the ``lm_head`` takes (only when :meth:`head_fusable`; teachers: :meth:`source_logits` projects them)."""
+        if chunk_loss is None and not last_hidden:
+            return self.model(*args, **kwargs)
+        if self._head_fusable is None:  # inside this forward, so through the inner model (FSDP's root is self)
+            self._head_fusable = self._probe_head(self.model)
+        if not self._head_fusable:
+            if last_hidden:
+                raise RuntimeError("last_hidden: the model's logits are not lm_head(final hidden states)")
+            logits = self.model(*args, **kwargs).logits
+            return chunked_loss(logits.reshape(-1, logits.shape[-1]), chunk_loss, overwrite=True)
+        hidden = self.model.get_decoder()(*args, **kwargs)[0]  # (B, T, hidden)
+        if last_hidden:
+            return hidden
+        head = self.model.get_output_embeddings()
+        return head.chunked_loss(hidden.reshape(-1, hidden.shape[-1]), chunk_loss, chunk_rows(head.out_features))
+
+    def head_fusable(self) -> bool:
+        """Whether the logits are exactly the ``lm_head`` (a :class:`DAMLinear`) of the decoder's final hidden
+        states, so that they can be taken chunk by chunk from those states. Probed once, by a forward of 4 tokens
+        that records the decoder's output and the ``lm_head``'s input and output (a final logit soft-capping or
+        scaling, as in Gemma 2 or Cohere, makes it False). Every process of a sharded run must call it together."""
+        if self._head_fusable is None:
+            self._head_fusable = self._probe_head(self)
+        return self._head_fusable
+
+    def _probe_head(self, call: nn.Module) -> bool:
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        if not isinstance(head, DAMLinear) or decoder is None or decoder is self.model:
+            return False
+        seen: dict[str, Tensor] = {}
+        hooks = [
+            decoder.register_forward_hook(lambda _m, _a, out: seen.update(hidden=out[0])),
+            head.register_forward_hook(lambda _m, a, out: seen.update(head_in=a[0], head_out=out)),
+        ]
+        device = head.weight_coefficients.device
+        ids = torch.arange(4, device=device)[None] % head.out_features  # (1, 4)
+        try:
+            with torch.no_grad():
+                logits = call(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        fusable = (
+            "hidden" in seen
+            and torch.equal(seen["head_in"], seen["hidden"])
+            and torch.equal(seen["head_out"].float(), logits.float())
+        )
+        logger.info("logits taken chunk by chunk from the final hidden states: %s", "yes" if fusable else "no")
+        return bool(fusable)
+
+    def source_logits(self, hidden: Tensor, k: int) -> Tensor:
+        """Source ``k``'s logits (..., V) from final hidden states (..., hidden) (:meth:`forward`'s
+        ``last_hidden`` under :meth:`select_source`), without grad."""
+        return self.model.get_output_embeddings().source_forward(hidden, k)
 
     @property
     def config(self) -> Any:

@@ -9,8 +9,10 @@ save and export. One optimizer step:
    gradient averaging divides out): the gradient is the token mean over the global batch whatever its split into
    processes and micro-batches;
 3. per micro-batch: teacher targets first (cached top-K log-probabilities from ``dam cache-logits``, or teacher k
-   run on the fly as the wrapper with source k selected, under no_grad), then the student forward and backward;
-   gradients are all-reduced only on the last micro-batch (``accelerator.no_sync`` before it);
+   run on the fly as the wrapper with source k selected, under no_grad, to its final hidden states), then the
+   student forward, fused with the loss (``model(..., chunk_loss=...)``: the ``lm_head`` and the loss run a chunk
+   of tokens at a time, so no ``[B, T, V]`` tensor is made), and backward; gradients are all-reduced only on the
+   last micro-batch (``accelerator.no_sync`` before it);
    With ``loss.objective: entropy`` (AdaMerging) no teacher runs: the term is the student's prediction entropy,
    token-summed and scaled the same way;
 4. the coefficient regularisers (``loss.similarity``, ``loss.l1``, ``loss.l2``) once per step;
@@ -40,6 +42,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,15 @@ from typing import Any
 import torch
 
 from dam.adaptive.coefficients import save_coefficients
-from dam.adaptive.losses import coefficient_losses, distribution_kl, prediction_entropy, topk_kl_divergence
+from dam.adaptive.losses import (
+    ChunkLoss,
+    chunked_loss,
+    coefficient_losses,
+    distribution_kl_loss,
+    entropy_loss,
+    token_weights,
+    topk_kl_loss,
+)
 from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
@@ -69,8 +80,10 @@ from dam.training.run_dir import (
 from dam.training.sharding import average_gradients, shard_sources, source_bytes
 from dam.training.teacher_cache import (
     data_fingerprint,
+    hidden_state_target,
     load_training_dataset,
     teacher_distributions,
+    teacher_hidden_states,
     teacher_logprobs,
 )
 
@@ -347,8 +360,8 @@ class _Teachers:
     def select_source(self, k: int) -> contextlib.AbstractContextManager[None]:
         return self.wrapper.select_source(k)
 
-    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        return self.prepared(input_ids=input_ids, attention_mask=attention_mask)
+    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
+        return self.prepared(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
 def loss_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -368,17 +381,23 @@ def teacher_targets(
 ) -> dict[str, torch.Tensor]:
     """The batch's teacher targets, computed before the student's forward (so no teacher runs while the student's
     graph is alive): cached or on-the-fly top-K log-probabilities and indices (``logprobs``/``indices``
-    [B, S, T, K]), or, on the fly without ``top_k``, the mean teacher distribution (``mean_logprobs`` [B, T, V]
-    and ``spread`` [B, T]; see :func:`dam.training.teacher_cache.teacher_distributions`)."""
+    [B, S, T, K]); or, on the fly without ``top_k``, the teachers' final hidden states and the teacher of each
+    slot (``hidden`` [B, S, T, hidden], ``teacher`` [B, S]; :func:`~dam.training.teacher_cache.teacher_hidden_states`),
+    projected to the vocabulary chunk by chunk in the loss, or, for a model whose logits are not the ``lm_head`` of
+    its final hidden states (:meth:`~dam.adaptive.model.DAMModel.head_fusable`), the mean teacher distribution
+    (``mean_logprobs`` [B, T, V] and ``spread`` [B, T]; :func:`~dam.training.teacher_cache.teacher_distributions`)."""
     if teachers is None:
         return {"logprobs": batch["teacher_logprobs"], "indices": batch["teacher_indices"]}
     args = (teachers, batch["input_ids"], batch["attention_mask"], batch["source"], num_sources)
-    every = getattr(teachers, "sharded", False)  # sharded sources: every process runs the same teacher forwards
-    if top_k is None:
-        mean_logprobs, spread = teacher_distributions(*args, temperature, every_teacher=every)
-        return {"mean_logprobs": mean_logprobs, "spread": spread}
-    values, indices = teacher_logprobs(*args, top_k, every_teacher=every)
-    return {"logprobs": values, "indices": indices}
+    every = teachers.sharded  # sharded sources: every process runs the same teacher forwards
+    if top_k is not None:
+        values, indices = teacher_logprobs(*args, top_k, every_teacher=every)
+        return {"logprobs": values, "indices": indices}
+    if teachers.wrapper.head_fusable():
+        hidden, teacher = teacher_hidden_states(*args, every_teacher=every)
+        return {"hidden": hidden, "teacher": teacher}
+    mean_logprobs, spread = teacher_distributions(*args, temperature, every_teacher=every)
+    return {"mean_logprobs": mean_logprobs, "spread": spread}
 
 
 def weighted_loss_mask(labels: torch.Tensor, row_weights: torch.Tensor | None) -> torch.Tensor:
@@ -388,28 +407,50 @@ def weighted_loss_mask(labels: torch.Tensor, row_weights: torch.Tensor | None) -
     return mask if row_weights is None else mask * row_weights[:, None].to(mask)
 
 
+def distillation_loss(
+    labels: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    temperature: float,
+    row_weights: torch.Tensor | None = None,
+    source_logits: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> tuple[ChunkLoss, torch.Tensor]:
+    """The distillation loss of a batch as a chunk loss over its flattened ``[B, T]`` tokens, and the weight sum
+    ``W``: the chunk losses add up to ``(1 / W) sum over loss tokens of w T^2 KL(teacher || student)``, averaged
+    over the teachers of each row (S of them: 1 for ``pairing: own``, N for ``all``) with one student log-softmax;
+    ``w`` is the row's weight.
+
+    ``labels`` [B, T]; ``targets`` from :func:`teacher_targets`; ``row_weights`` [B] or None (1 for every row);
+    ``source_logits`` projects ``hidden`` targets (:meth:`dam.adaptive.model.DAMModel.source_logits`).
+    """
+    weights, count = token_weights(weighted_loss_mask(labels, row_weights), labels.shape, labels.device)
+    if "hidden" in targets:
+        if source_logits is None:
+            raise ValueError("hidden-state targets need source_logits")
+        target = hidden_state_target(targets["hidden"], targets["teacher"], source_logits, temperature)
+        return distribution_kl_loss(target, weights, count, temperature), count
+    if "mean_logprobs" in targets:
+        vocab = targets["mean_logprobs"].shape[-1]
+        log_pbar, spread = targets["mean_logprobs"].reshape(-1, vocab), targets["spread"].reshape(-1)
+        return distribution_kl_loss(lambda rows: (log_pbar[rows], spread[rows]), weights, count, temperature), count
+    # [B, S, T, K] -> [B * T, S, K]: the S teachers' KLs averaged per token
+    slots, width = targets["logprobs"].shape[1], targets["logprobs"].shape[-1]
+    logprobs, indices = (targets[k].transpose(1, 2).reshape(-1, slots, width) for k in ("logprobs", "indices"))
+    return topk_kl_loss(logprobs, indices, weights, count, temperature), count
+
+
 def distillation_sum(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     targets: dict[str, torch.Tensor],
     temperature: float,
     row_weights: torch.Tensor | None = None,
+    source_logits: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``sum over loss tokens of w T^2 KL(teacher || student)``, averaged over the teachers of each row (S of them:
-    1 for ``pairing: own``, N for ``all``), with one student log-softmax; ``w`` is the row's weight.
-
-    ``student_logits`` [B, T, V]; ``labels`` [B, T]; ``targets`` from :func:`teacher_targets`; ``row_weights``
-    [B] or None (1 for every row). Backward writes the logits' gradient into their storage: the logits must not be
-    read after it.
-    """
-    mask = weighted_loss_mask(labels, row_weights)
-    if "mean_logprobs" in targets:
-        args = (student_logits, targets["mean_logprobs"], targets["spread"], mask, temperature)
-        mean = distribution_kl(*args, overwrite_logits=True)
-    else:  # [B, S, T, K] -> [B, T, S, K]: the S teachers' KLs averaged per token
-        logprobs, indices = targets["logprobs"].transpose(1, 2), targets["indices"].transpose(1, 2)
-        mean = topk_kl_divergence(student_logits, logprobs, indices, mask, temperature, overwrite_logits=True)
-    return mean * mask.sum()  # the losses take the weighted mean over the mask; the loop needs the weighted sum
+    """:func:`distillation_loss` over whole logits ``[B, T, V]`` (the training loop instead fuses it with the
+    ``lm_head``: ``model(..., chunk_loss=...)``), times its weight sum: the weighted token sum. Backward writes the
+    logits' gradient into their storage: the logits must not be read after it."""
+    loss, total = distillation_loss(labels, targets, temperature, row_weights, source_logits)
+    return chunked_loss(student_logits.reshape(-1, student_logits.shape[-1]), loss, overwrite=True) * total
 
 
 # ---------------------------------------------------------------------------------------------------- loop
@@ -528,14 +569,19 @@ def _step(
                 targets = teacher_targets(
                     batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
                 )
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             rows = source_weights[batch["dataset_index"]] if weighted else None  # [B]: each row's loss_weight
             if config.loss.objective == "entropy":  # AdaMerging: no teachers
-                mask = weighted_loss_mask(batch["labels"], rows)
-                term = prediction_entropy(logits, mask) * mask.sum()  # the token sum, like distillation_sum
+                labels = batch["labels"]
+                weights, total = token_weights(weighted_loss_mask(labels, rows), labels.shape, labels.device)
+                chunk_loss = entropy_loss(weights, total)
             else:
-                term = distillation_sum(logits, batch["labels"], targets, config.loss.temperature, rows)
-            del targets
+                chunk_loss, total = distillation_loss(
+                    batch["labels"], targets, config.loss.temperature, rows, wrapper.source_logits
+                )
+            # the student: the loss's mean over the batch's tokens, the logits never whole; times W, the token sum
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            term = model(**inputs, chunk_loss=chunk_loss) * total
+            del targets, chunk_loss
             loss = weight * term * scale
             if last:
                 regularisers = coefficient_losses(

@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,7 +36,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm import tqdm
 
-from dam.adaptive.losses import teacher_distribution, teacher_spread
+from dam.adaptive.losses import teacher_distribution, teacher_mixture, teacher_spread
 from dam.errors import DamError
 from dam.io.checkpoint import resolve_folder
 from dam.io.lora import split_reference
@@ -62,7 +62,7 @@ class TeacherModel(Protocol):
 
     def select_source(self, k: int) -> AbstractContextManager[Any]: ...
 
-    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any: ...
+    def __call__(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any: ...
 
 
 def _sha256(data: bytes) -> str:
@@ -265,14 +265,84 @@ def _teacher_plan(
 
 
 def _teacher_forward(
-    model: TeacherModel, k: int, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor
+    model: TeacherModel,
+    k: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    last_hidden: bool = False,
 ) -> torch.Tensor:
-    """Teacher k's logits ``[len(rows), T, V]`` for ``rows``; with no rows, a forward of the first row whose result
-    is dropped (the forward itself is what the other processes of a sharded run wait for)."""
+    """Teacher k's logits ``[len(rows), T, V]`` for ``rows`` (its final hidden states ``[len(rows), T, hidden]``
+    with ``last_hidden``); with no rows, a forward of the first row whose result is dropped (the forward itself is
+    what the other processes of a sharded run wait for)."""
     picked = rows.to(input_ids.device) if len(rows) else torch.zeros(1, dtype=torch.long, device=input_ids.device)
     with model.select_source(k):
-        logits = model(input_ids=input_ids[picked], attention_mask=attention_mask[picked]).logits
-    return logits[: len(rows)]
+        inputs = {"input_ids": input_ids[picked], "attention_mask": attention_mask[picked]}
+        out = model(**inputs, last_hidden=True) if last_hidden else model(**inputs).logits
+    return out[: len(rows)]
+
+
+@torch.no_grad()
+def teacher_hidden_states(
+    model: TeacherModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    source: torch.Tensor,
+    num_sources: int,
+    every_teacher: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary teacher targets for one batch, before the ``lm_head``: each row's teachers' final hidden
+    states ``[B, S, T, hidden]`` (compute dtype) and the teacher of each slot ``[B, S]`` (int64); S is 1, or N for
+    :data:`ALL_SOURCES` rows. The loss projects them chunk by chunk (:func:`hidden_state_target`), so no
+    ``[B, T, V]`` tensor is made. Needs ``model(..., last_hidden=True)`` (a DAM model whose
+    :meth:`~dam.adaptive.model.DAMModel.head_fusable` is True). ``every_teacher``: see :func:`_teacher_plan`."""
+    batch, length = input_ids.shape
+    plan, slots = _teacher_plan(source, num_sources, every_teacher)
+    hidden = None
+    teacher = torch.zeros((batch, slots), dtype=torch.long, device=input_ids.device)
+    for k, slot, rows in plan:
+        states = _teacher_forward(model, k, input_ids, attention_mask, rows, last_hidden=True)
+        if hidden is None:
+            hidden = states.new_zeros((batch, slots, length, states.shape[-1]))
+        rows_out = rows.to(states.device)
+        hidden[rows_out, slot] = states
+        teacher[rows_out, slot] = k
+    assert hidden is not None  # a plan has at least one teacher
+    return hidden, teacher
+
+
+def hidden_state_target(
+    hidden: torch.Tensor,
+    teacher: torch.Tensor,
+    source_logits: Callable[[torch.Tensor, int], torch.Tensor],
+    temperature: float,
+) -> Callable[[slice], tuple[torch.Tensor, torch.Tensor]]:
+    """``target(rows)`` for :func:`dam.adaptive.losses.distribution_kl_loss`: ``log pbar`` (r, V) float32 and the
+    spread (r,) of the flattened tokens ``rows`` (row-major over ``[B, T]``), from :func:`teacher_hidden_states`'
+    ``hidden`` ``[B, S, T, hidden]`` and ``teacher`` ``[B, S]``; ``source_logits(states, k)`` is teacher k's
+    ``lm_head`` (:meth:`dam.adaptive.model.DAMModel.source_logits`). Equal to :func:`teacher_distributions`' rows,
+    up to the rounding of a GEMM over a chunk of rows instead of whole sequences."""
+    batch, slots, length, width = hidden.shape
+    states = hidden.transpose(1, 2).reshape(batch * length, slots, width)  # (M, S, hidden)
+    owners = teacher[:, None, :].expand(batch, length, slots).reshape(batch * length, slots)  # (M, S)
+
+    def slot_logits(rows: slice, slot: int) -> torch.Tensor:  # (r, V): each token through its own teacher's head
+        h, owner = states[rows, slot], owners[rows, slot]
+        ks = owner.unique().tolist()
+        if len(ks) == 1:
+            return source_logits(h, ks[0])
+        out = None
+        for k in ks:
+            picked = (owner == k).nonzero().flatten()
+            logits = source_logits(h[picked], k)
+            out = logits.new_empty((len(owner), logits.shape[-1])) if out is None else out
+            out[picked] = logits
+        return out
+
+    def target(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return teacher_mixture((slot_logits(rows, s) for s in range(slots)), temperature)
+
+    return target
 
 
 @torch.no_grad()
