@@ -21,7 +21,8 @@ excluded), which is what "one model's activations" means.
 
 Rows also for N = 3 with ``pairing: all`` (cached top-K of every teacher for every sequence), and, with
 ``--memory-batches 1 2 4 8``, peak memory against the batch size for N = 3 with full-vocabulary teachers run on the
-fly (pairing own and all): the slope is the memory each sequence of a batch adds. On CPU that peak RSS includes
+fly (pairing own and all, and own with ``train.gradient_checkpointing``): the slope is the memory each sequence of
+a batch adds (``--memory-only``: that table alone). On CPU that peak RSS includes
 what glibc's malloc keeps after frees (its heap returns only its top to the system); run the script with
 ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment to give every block above 128 KiB its own mapping, returned
 at free, so that the peak follows the tensors alive (the subprocesses inherit it).
@@ -62,20 +63,22 @@ def build_models(workdir: Path) -> tuple[Path, list[Path]]:
     return base, sources
 
 
-def parse_kind(kind: str) -> tuple[int, str, bool]:
-    """``dam3`` (cached, own), ``dam3-all`` (cached, all), ``dam3-fly`` / ``dam3-fly-all`` (teachers on the fly)
-    -> (N, pairing, on the fly); ``plain`` -> (0, "own", False)."""
+def parse_kind(kind: str) -> tuple[int, str, bool, bool]:
+    """``dam3`` (cached, own), ``dam3-all`` (cached, all), ``dam3-fly`` / ``dam3-fly-all`` (teachers on the fly),
+    ``-ckpt`` (gradient checkpointing) -> (N, pairing, on the fly, checkpointing); ``plain`` -> (0, "own", False,
+    False)."""
     if kind == "plain":
-        return 0, "own", False
+        return 0, "own", False, False
     parts = kind.split("-")
-    return int(parts[0].removeprefix("dam")), "all" if "all" in parts else "own", "fly" in parts
+    return int(parts[0].removeprefix("dam")), "all" if "all" in parts else "own", "fly" in parts, "ckpt" in parts
 
 
 def label(kind: str) -> str:
-    n, pairing, on_the_fly = parse_kind(kind)
+    n, pairing, on_the_fly, checkpointing = parse_kind(kind)
     if kind == "plain":
         return "plain fine-tune"
-    return f"DAM, N={n}, pairing {pairing}" + (", teachers on the fly" if on_the_fly else "")
+    text = f"DAM, N={n}, pairing {pairing}" + (", teachers on the fly" if on_the_fly else "")
+    return text + (", gradient checkpointing" if checkpointing else "")
 
 
 def rss_bytes() -> int:
@@ -112,13 +115,13 @@ def worker(args: argparse.Namespace) -> None:
     from dam.adaptive.model import DAMModel
     from dam.adaptive.options import DAMOptions
     from dam.training.data import ALL_SOURCES
-    from dam.training.loop import distillation_sum, teacher_targets
+    from dam.training.loop import _Teachers, distillation_loss, teacher_targets
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    n, pairing, on_the_fly = parse_kind(args.worker)
+    n, pairing, on_the_fly, checkpointing = parse_kind(args.worker)
     batch = make_batch(args, device, n if pairing == "all" and not on_the_fly else 1)
     if on_the_fly:
         del batch["teacher_logprobs"], batch["teacher_indices"]
@@ -139,15 +142,20 @@ def worker(args: argparse.Namespace) -> None:
     else:
         model = DAMModel.from_pretrained(str(base), args.sources[:n], DAMOptions(), dtype=dtype, device=device)
         model.model.config.use_cache = False
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+            model.train()
         params = model.trainable_coefficients()
         if pairing == "all":
             batch["source"].fill_(ALL_SOURCES)
+        teachers = _Teachers(model, model) if on_the_fly else None
 
-        def loss_fn() -> torch.Tensor:  # as dam.training.loop._step: teachers first, then the student
+        def loss_fn() -> torch.Tensor:  # as dam.training.loop._step: teachers first, then the student with the loss
             # on the fly: full-vocabulary teachers (no top-K); cached: the batch's random top-K targets
-            targets = teacher_targets(batch, model if on_the_fly else None, n, 2.0, None)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            kl = distillation_sum(logits, batch["labels"], targets, 2.0) / tokens
+            targets = teacher_targets(batch, teachers, n, 2.0, None)
+            chunk_loss, total = distillation_loss(batch["labels"], targets, 2.0, None, model.source_logits)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            kl = model(**inputs, chunk_loss=chunk_loss) * total / tokens
             return kl + sum(coefficient_losses(model.coefficients(), similarity=0.01).values())
 
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -224,8 +232,9 @@ def main() -> None:
         nargs="*",
         default=[],
         help="also measure peak memory against the batch size (e.g. 1 2 4 8) for N=3 with full-vocabulary teachers "
-        "on the fly, pairing own and all (one round each)",
+        "on the fly, pairing own and all, and own with gradient checkpointing (one round each)",
     )
+    parser.add_argument("--memory-only", action="store_true", help="only the memory-vs-batch table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--sources", nargs="*", help=argparse.SUPPRESS)
@@ -235,6 +244,9 @@ def main() -> None:
         worker(args)
         return
     base, sources = build_models(args.workdir)
+    if args.memory_only:
+        memory_table(args, base, sources)
+        return
     print(
         f"device {args.device}, {args.dtype}, batch {args.batch} x {args.seq} tokens, K={TOP_K}, threads "
         f"{args.threads or torch.get_num_threads()}: best of {args.rounds} rounds of a median of {args.steps} steps "
@@ -276,7 +288,7 @@ def memory_table(args: argparse.Namespace, base: Path, sources: list[Path]) -> N
     print(f"\n| N=3, teachers on the fly, {args.seq} tokens | " + " | ".join(f"batch {b}" for b in batches), end="")
     print(" | MiB per sequence | CPU s per 1k tokens |")
     print("|---" * (len(batches) + 3) + "|")
-    for kind in ("dam3-fly", "dam3-fly-all"):
+    for kind in ("dam3-fly", "dam3-fly-all", "dam3-fly-ckpt"):
         runs = [run(kind, args, base, sources, batch=b) for b in batches]
         peaks = [r["peak_bytes"] / MIB for r in runs]
         mean_b, mean_p = statistics.mean(batches), statistics.mean(peaks)

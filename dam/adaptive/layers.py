@@ -252,14 +252,19 @@ class _DAMLinearLossFunction(torch.autograd.Function):
         chunk_loss: Callable[[Tensor, slice], Tensor],
         rows: int,
     ) -> Tensor:
+        device = x.device.type
         dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        # the loss runs under the caller's autocast (in backward too), the layer in ``dtype`` as _DAMLinearFunction
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        with torch.autocast(device, enabled=False):
             xc = x.to(dtype)
             weight, b = _merged_for(weight_sources, coefficients, bias, dtype)
-            total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
-            for start in range(0, xc.shape[0], rows):
-                chunk = slice(start, start + rows)
-                total += chunk_loss(F.linear(xc[chunk], weight, b), chunk)
+        total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
+        for start in range(0, xc.shape[0], rows):
+            chunk = slice(start, start + rows)
+            with torch.autocast(device, enabled=False):
+                out = F.linear(xc[chunk], weight, b)
+            total += chunk_loss(out, chunk)
         ctx.save_for_backward(xc, weight_sources, coefficients, bias)
         ctx.chunk_loss, ctx.rows, ctx.x_dtype = chunk_loss, rows, x.dtype
         return total
@@ -277,8 +282,9 @@ class _DAMLinearLossFunction(torch.autograd.Function):
                 grad_b = torch.zeros(bias.shape, dtype=acc, device=x.device)
             for start in range(0, x.shape[0], ctx.rows):
                 chunk = slice(start, start + ctx.rows)
-                with torch.enable_grad():
-                    out = F.linear(x[chunk], weight, b).detach().requires_grad_()
+                out = F.linear(x[chunk], weight, b).detach().requires_grad_()
+                device, autocast_dtype, autocast = ctx.autocast
+                with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
                     (g,) = torch.autograd.grad(ctx.chunk_loss(out, chunk), out, grad_output)  # (r, out)
                 if grad_x is not None:
                     grad_x[chunk] = g @ weight
