@@ -20,9 +20,9 @@ excluded), which is what "one model's activations" means.
     python benchmarks/step_time.py [--device cpu|cuda] [--workdir DIR] [--batch 1 --seq 256] [--threads N]
 
 Rows also for N = 3 with ``pairing: all`` (cached top-K of every teacher for every sequence), and, with
-``--memory-batches 1 2 4 8``, peak memory against the batch size for N = 3 with full-vocabulary teachers run on the
-fly (pairing own and all, and own with ``train.gradient_checkpointing``): the slope is the memory each sequence of
-a batch adds (``--memory-only``: that table alone). On CPU that peak RSS includes
+``--memory-batches 1 2 4 8``, peak memory against the batch size for the plain step and for N = 3 with
+full-vocabulary teachers run on the fly (pairing own and all, and own with ``train.gradient_checkpointing``): the
+slope is the memory each sequence of a batch adds (``--memory-only``: that table alone). On CPU that peak RSS includes
 what glibc's malloc keeps after frees (its heap returns only its top to the system); run the script with
 ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment to give every block above 128 KiB its own mapping, returned
 at free, so that the peak follows the tensors alive (the subprocesses inherit it).
@@ -231,8 +231,9 @@ def main() -> None:
         type=int,
         nargs="*",
         default=[],
-        help="also measure peak memory against the batch size (e.g. 1 2 4 8) for N=3 with full-vocabulary teachers "
-        "on the fly, pairing own and all, and own with gradient checkpointing (one round each)",
+        help="also measure peak memory against the batch size (e.g. 1 2 4 8) for the plain step and for N=3 with "
+        "full-vocabulary teachers on the fly, pairing own and all, and own with gradient checkpointing (one round "
+        "each)",
     )
     parser.add_argument("--memory-only", action="store_true", help="only the memory-vs-batch table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -282,13 +283,14 @@ def main() -> None:
 
 
 def memory_table(args: argparse.Namespace, base: Path, sources: list[Path]) -> None:
-    """Peak memory against the batch size, N=3, full-vocabulary teachers on the fly; the per-sequence growth is the
-    least-squares slope of peak memory over the batch sizes."""
+    """Peak memory against the batch size: the plain fine-tuning step (the baseline, same batches) and DAM at N=3
+    with full-vocabulary teachers on the fly; the per-sequence growth is the least-squares slope of peak memory
+    over the batch sizes."""
     batches = sorted(args.memory_batches)
-    print(f"\n| N=3, teachers on the fly, {args.seq} tokens | " + " | ".join(f"batch {b}" for b in batches), end="")
+    print(f"\n| {args.seq} tokens a sequence | " + " | ".join(f"batch {b}" for b in batches), end="")
     print(" | MiB per sequence | CPU s per 1k tokens |")
     print("|---" * (len(batches) + 3) + "|")
-    for kind in ("dam3-fly", "dam3-fly-all", "dam3-fly-ckpt"):
+    for kind in ("plain", "dam3-fly", "dam3-fly-all", "dam3-fly-ckpt"):
         runs = [run(kind, args, base, sources, batch=b) for b in batches]
         peaks = [r["peak_bytes"] / MIB for r in runs]
         mean_b, mean_p = statistics.mean(batches), statistics.mean(peaks)

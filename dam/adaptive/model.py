@@ -19,6 +19,12 @@ API for the training loop::
     out = model(input_ids=ids, attention_mask=mask)  # student; labels optional; autocast/checkpointing work
     with model.select_source(k):                   # teacher k: exact source-k weights, no grad, no copy
         teacher_logits = model(input_ids=ids, attention_mask=mask).logits
+    # memory-lean training (dam.training.loop): teachers to their final hidden states, projected chunk by chunk
+    # (model.source_logits) inside a loss fused with the student's lm_head; no [B, T, V] tensor is made
+    if model.head_fusable():
+        with model.select_source(k):
+            hidden = model(input_ids=ids, attention_mask=mask, last_hidden=True)
+    loss = model(input_ids=ids, attention_mask=mask, chunk_loss=loss_of_a_chunk)  # a ChunkLoss, summed
     reg = coefficient_losses(model.coefficients(), similarity=..., init=model.initial_coefficients())
     model.save_coefficients(run_dir / COEFFICIENTS_FILE, training_config=cfg)  # or model.export(out_dir)
 
