@@ -98,6 +98,25 @@ def test_teacher_k_is_exactly_source_k(families, arch):
             pass
 
 
+def _check_fused_head(model: DAMModel, k: int) -> None:
+    """The probe accepts the model; teacher k's final hidden states through its own lm_head are its logits bit for
+    bit; the student's loss fused with the lm_head is the loss of its whole logits."""
+    assert model.head_fusable()
+    with model.select_source(k):
+        logits = model(input_ids=IDS, attention_mask=MASK).logits
+        hidden = model(input_ids=IDS, attention_mask=MASK, last_hidden=True)
+    assert torch.equal(model.source_logits(hidden, k), logits)
+    with torch.no_grad():
+        fused = model(input_ids=IDS, attention_mask=MASK, chunk_loss=lambda z, rows: z.logsumexp(-1).sum())
+    # one chunk of 16 tokens: the same GEMM, summed in another order (float32 rounding of a sum of 16 terms)
+    torch.testing.assert_close(fused, _logits(model).logsumexp(-1).sum())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_lm_head_is_fused_with_the_loss(families, arch):
+    _check_fused_head(_build(families[arch]), 2)
+
+
 def test_teacher_is_exact_in_bf16(families):
     model = _build(families["qwen2"], dtype=torch.bfloat16)
     original = AutoModelForCausalLM.from_pretrained(families["qwen2"][1][1], dtype=torch.bfloat16).eval()
@@ -458,6 +477,7 @@ def test_other_architectures_by_module_swapping(tmp_path, model_type, config):
         assert torch.equal(model(input_ids=IDS, attention_mask=MASK).logits, _logits(original))
     model(input_ids=IDS).logits.logsumexp(-1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_coefficients())
+    _check_fused_head(model, 1)
     _perturb(model)
     exported = AutoModelForCausalLM.from_pretrained(model.export(tmp_path / "out"), dtype=torch.float32).eval()
     _close(_logits(exported), _logits(model))

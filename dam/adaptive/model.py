@@ -309,7 +309,7 @@ class DAMModel(nn.Module):
                 raise RuntimeError("last_hidden: the model's logits are not lm_head(final hidden states)")
             logits = self.model(*args, **kwargs).logits
             return chunked_loss(logits.reshape(-1, logits.shape[-1]), chunk_loss, overwrite=True)
-        hidden = self.model.get_decoder()(*args, **kwargs)[0]  # (B, T, hidden)
+        hidden = self.model.base_model(*args, **kwargs)[0]  # (B, T, hidden)
         if last_hidden:
             return hidden
         head = self.model.get_output_embeddings()
@@ -325,8 +325,8 @@ class DAMModel(nn.Module):
         return self._head_fusable
 
     def _probe_head(self, call: nn.Module) -> bool:
-        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        if not isinstance(head, DAMLinear) or decoder is None or decoder is self.model:
+        decoder, head = self.model.base_model, self.model.get_output_embeddings()
+        if not isinstance(head, DAMLinear) or decoder is self.model:
             return False
         seen: dict[str, Tensor] = {}
         hooks = [
