@@ -26,13 +26,26 @@ from dam.training.loop import (
     _setup_model,
     _Teachers,
     distillation_loss,
-    distillation_sum,
     loss_mask,
     teacher_targets,
     train,
 )
 from dam.training.run_dir import LATEST_FILE, latest_checkpoint
 from dam.training.teacher_cache import teacher_distributions
+
+
+def distillation_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    temperature: float,
+    row_weights: torch.Tensor | None = None,
+    source_logits=None,
+) -> torch.Tensor:
+    """The loop's distillation loss over whole logits [B, T, V] (the loop fuses it with the lm_head instead), as
+    the weighted token sum; backward writes the logits' gradient into their storage."""
+    loss, total = distillation_loss(labels, targets, temperature, row_weights, source_logits)
+    return losses.chunked_loss(logits.reshape(-1, logits.shape[-1]), loss, overwrite=True) * total
 
 
 @pytest.fixture(scope="module")

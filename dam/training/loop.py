@@ -52,7 +52,6 @@ import torch
 from dam.adaptive.coefficients import save_coefficients
 from dam.adaptive.losses import (
     ChunkLoss,
-    chunked_loss,
     coefficient_losses,
     distribution_kl_loss,
     entropy_loss,
@@ -436,21 +435,6 @@ def distillation_loss(
     slots, width = targets["logprobs"].shape[1], targets["logprobs"].shape[-1]
     logprobs, indices = (targets[k].transpose(1, 2).reshape(-1, slots, width) for k in ("logprobs", "indices"))
     return topk_kl_loss(logprobs, indices, weights, count, temperature), count
-
-
-def distillation_sum(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    targets: dict[str, torch.Tensor],
-    temperature: float,
-    row_weights: torch.Tensor | None = None,
-    source_logits: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """:func:`distillation_loss` over whole logits ``[B, T, V]`` (the training loop instead fuses it with the
-    ``lm_head``: ``model(..., chunk_loss=...)``), times its weight sum: the weighted token sum. Backward writes the
-    logits' gradient into their storage: the logits must not be read after it."""
-    loss, total = distillation_loss(labels, targets, temperature, row_weights, source_logits)
-    return chunked_loss(student_logits.reshape(-1, student_logits.shape[-1]), loss, overwrite=True) * total
 
 
 # ---------------------------------------------------------------------------------------------------- loop
