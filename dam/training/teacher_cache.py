@@ -360,6 +360,8 @@ def teacher_distributions(
     the teachers' spread around it (:func:`dam.adaptive.losses.teacher_spread`, 0 for one teacher), ``[B, T]``: what
     :func:`dam.adaptive.losses.distribution_kl` takes. One ``[B, T, V]`` tensor whatever the number of teachers,
     where per-teacher log-probabilities would be ``[B, S, T, V]``. ``every_teacher``: see :func:`_teacher_plan`.
+    The training loop uses it only for models whose logits are not their ``lm_head``'s output (see
+    :func:`teacher_hidden_states` for the others).
     """
     batch, length = input_ids.shape
     plan, slots = _teacher_plan(source, num_sources, every_teacher)
