@@ -317,7 +317,8 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
     count, _ = _spent(study)
-    logger.info("evolve: %s study in %s, %d candidate(s) done", "resuming the" if resumed else "new", out, count)
+    state = "joining or resuming the" if resumed else "new"  # another worker may be running on the same study
+    logger.info("evolve: %s study in %s, %d candidate(s) done so far", state, out, count)
     evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
     log = SearchLog(None, config.wandb, saved_config(config, out), out, "evolve")
     bar = tqdm(
