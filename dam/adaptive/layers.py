@@ -202,8 +202,7 @@ class _DAMLinearFunction(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            rows = row_count(weight_sources.shape, coefficients.shape)
-            weight = merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(dtype)  # (out, in)
+            weight = _merged_weight(weight_sources, coefficients, dtype)  # (out, in)
             out = F.linear(xc, weight, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(xc, weight_sources, coefficients)
         ctx.x_dtype = x.dtype
@@ -216,8 +215,7 @@ class _DAMLinearFunction(torch.autograd.Function):
         g = grad_out.to(x.dtype)  # (..., out)
         grad_x = grad_c = grad_b = None
         if ctx.needs_input_grad[0]:
-            rows = row_count(weight_sources.shape, coefficients.shape)
-            weight = merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(x.dtype)  # (out, in)
+            weight = _merged_weight(weight_sources, coefficients, x.dtype)  # (out, in)
             grad_x = (g @ weight).to(ctx.x_dtype)  # (..., in)
             del weight
         if ctx.needs_input_grad[2]:
@@ -258,7 +256,8 @@ class _DAMLinearLossFunction(torch.autograd.Function):
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         with torch.autocast(device, enabled=False):
             xc = x.to(dtype)
-            weight, b = _merged_for(weight_sources, coefficients, bias, dtype)
+            weight = _merged_weight(weight_sources, coefficients, dtype)  # (out, in)
+            b = None if bias is None else bias.to(dtype)
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         for start in range(0, xc.shape[0], rows):
             chunk = slice(start, start + rows)
@@ -273,17 +272,18 @@ class _DAMLinearLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x, weight_sources, coefficients, bias = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            weight, b = _merged_for(weight_sources, coefficients, bias, x.dtype)
+            weight = _merged_weight(weight_sources, coefficients, x.dtype)  # (out, in)
+            b = None if bias is None else bias.to(x.dtype)
             grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(x.dtype, torch.float32)  # accumulators over the chunks
             grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if ctx.needs_input_grad[2] else None
             grad_b = None
             if bias is not None and ctx.needs_input_grad[3]:
                 grad_b = torch.zeros(bias.shape, dtype=acc, device=x.device)
+            device, autocast_dtype, autocast = ctx.autocast
             for start in range(0, x.shape[0], ctx.rows):
                 chunk = slice(start, start + ctx.rows)
                 out = F.linear(x[chunk], weight, b).detach().requires_grad_()
-                device, autocast_dtype, autocast = ctx.autocast
                 with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast):
                     (g,) = torch.autograd.grad(ctx.chunk_loss(out, chunk), out, grad_output)  # (r, out)
                 if grad_x is not None:
@@ -299,14 +299,11 @@ class _DAMLinearLossFunction(torch.autograd.Function):
         return grad_x, None, grad_c, grad_b, None, None
 
 
-def _merged_for(
-    weight_sources: Tensor, coefficients: Tensor, bias: Tensor | None, dtype: torch.dtype
-) -> tuple[Tensor, Tensor | None]:
-    """The merged weight (and the bias) as :class:`_DAMLinearFunction` computes with them: rounded to the
-    sources' dtype, then in ``dtype``."""
+def _merged_weight(weight_sources: Tensor, coefficients: Tensor, dtype: torch.dtype) -> Tensor:
+    """The merged weight (out, in) that the linear functions compute with: folded in the coefficients' dtype,
+    rounded to the sources' dtype (what an exported checkpoint holds), then in ``dtype``."""
     rows = row_count(weight_sources.shape, coefficients.shape)
-    weight = merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(dtype)  # (out, in)
-    return weight, None if bias is None else bias.to(dtype)
+    return merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(dtype)
 
 
 class _DAMEmbeddingFunction(torch.autograd.Function):

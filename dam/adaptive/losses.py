@@ -102,11 +102,16 @@ def distribution_kl(
             f"student logits {tuple(student_logits.shape)} vs teacher log-probabilities "
             f"{tuple(teacher_logprobs.shape)} and spread {tuple(teacher_spread.shape)}"
         )
-    vocab = student_logits.shape[-1]
-    target, spread = teacher_logprobs.reshape(-1, vocab), teacher_spread.reshape(-1)
     weights, count = token_weights(mask, student_logits.shape[:-1], student_logits.device)
-    loss = distribution_kl_loss(lambda rows: (target[rows], spread[rows]), weights, count, temperature)
-    return chunked_loss(student_logits.reshape(-1, vocab), loss, overwrite_logits)
+    loss = distribution_kl_loss(flat_target(teacher_logprobs, teacher_spread), weights, count, temperature)
+    return chunked_loss(student_logits.reshape(-1, student_logits.shape[-1]), loss, overwrite_logits)
+
+
+def flat_target(teacher_logprobs: Tensor, teacher_spread: Tensor) -> Callable[[slice], tuple[Tensor, Tensor]]:
+    """``target(rows)`` for :func:`distribution_kl_loss` from whole targets: ``log pbar`` (..., V) and the spread
+    (...), read at the flattened tokens ``rows``."""
+    target, spread = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1]), teacher_spread.reshape(-1)
+    return lambda rows: (target[rows], spread[rows])
 
 
 def distribution_kl_loss(
@@ -191,9 +196,8 @@ def topk_kl_loss(
     """:func:`topk_kl_divergence` as a :data:`ChunkLoss`: ``teacher_topk_logits`` and ``teacher_topk_indices``
     (tokens, S, K) for S teachers per token; ``weights`` and ``count`` from :func:`token_weights`."""
     tokens, slots, k = teacher_topk_logits.shape
-    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1).reshape(
-        tokens, slots * k
-    )  # (tokens, S*K)
+    log_p = F.log_softmax(teacher_topk_logits.float() / temperature, dim=-1)
+    log_p = log_p.reshape(tokens, slots * k)  # (tokens, S*K)
     indices = teacher_topk_indices.reshape(tokens, slots * k).long()  # (tokens, S*K)
 
     def loss(logits: Tensor, rows: slice) -> Tensor:  # logits (r, V) of the tokens ``rows``

@@ -55,6 +55,7 @@ from dam.adaptive.losses import (
     coefficient_losses,
     distribution_kl_loss,
     entropy_loss,
+    flat_target,
     token_weights,
     topk_kl_loss,
 )
@@ -428,9 +429,8 @@ def distillation_loss(
         target = hidden_state_target(targets["hidden"], targets["teacher"], source_logits, temperature)
         return distribution_kl_loss(target, weights, count, temperature), count
     if "mean_logprobs" in targets:
-        vocab = targets["mean_logprobs"].shape[-1]
-        log_pbar, spread = targets["mean_logprobs"].reshape(-1, vocab), targets["spread"].reshape(-1)
-        return distribution_kl_loss(lambda rows: (log_pbar[rows], spread[rows]), weights, count, temperature), count
+        target = flat_target(targets["mean_logprobs"], targets["spread"])
+        return distribution_kl_loss(target, weights, count, temperature), count
     # [B, S, T, K] -> [B * T, S, K]: the S teachers' KLs averaged per token
     slots, width = targets["logprobs"].shape[1], targets["logprobs"].shape[-1]
     logprobs, indices = (targets[k].transpose(1, 2).reshape(-1, slots, width) for k in ("logprobs", "indices"))
