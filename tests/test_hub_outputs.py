@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from dam.adaptive.coefficients import COEFFICIENTS_FILE, read_coefficients
 from dam.adaptive.model import DAMModel
 from dam.cli import main
-from dam.io.paths import portable_paths, portable_reference, resolve_reference
+from dam.io.paths import portable_paths, portable_reference, resolve_paths, resolve_reference
 from dam.testing import make_family
 from dam.training.run_dir import LATEST_FILE, checkpoint_root
 
@@ -55,6 +55,17 @@ def test_references_relative_to_the_written_file(tmp_path: Path) -> None:
     assert resolve_reference("org/name", out) == "org/name"
     data = {"a": [str(model), "org/name", 3], "b": {"c": str(out / "x")}}
     assert portable_paths(data, out) == {"a": ["../models/m", "org/name", 3], "b": {"c": "./x"}}
+    # MODEL+ADAPTER strings anywhere in the data (a training config's models): both parts; other strings with "+"
+    # (a chat template in an export section) are no references and stay as they are, written and read
+    template = "{{ '<|' + m['role'] + '|>' + m['content'] }}"
+    data = {"models": [{"model": f"{model}+{tmp_path / 'adapter'}"}, {"model": f"org/name+{tmp_path / 'a'}"}]}
+    data["export"] = {"chat_template": template, "note": "a+b"}
+    written = portable_paths(data, out)
+    assert written["models"] == [{"model": "../models/m+../adapter"}, {"model": "org/name+../a"}]
+    assert written["export"] == {"chat_template": template, "note": "a+b"}
+    read = resolve_paths(written, out)
+    assert read["models"][0]["model"] == f"{model.resolve()}+{(tmp_path / 'adapter').resolve()}"
+    assert read["export"] == written["export"]
 
 
 @pytest.fixture
@@ -118,7 +129,7 @@ def test_dam_export_files_hold_no_machine_path_and_export_again(family, tmp_path
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
-def _tiny_run_config(project: Path, base: Path, sources: list[Path]) -> Path:
+def _tiny_run_config(project: Path, base: Path, sources: list[str | Path]) -> Path:
     """The tiny DAM config with every path absolute inside ``project`` (datasets copied there) and cached teacher
     logits."""
     config = yaml.safe_load((ROOT / "configs" / "dam" / "tiny.yaml").read_text())
@@ -137,19 +148,29 @@ def _tiny_run_config(project: Path, base: Path, sources: list[Path]) -> Path:
 
 def test_training_outputs_hold_no_machine_path_and_a_moved_project_resumes(tmp_path: Path, monkeypatch) -> None:
     """The run folder (config.yaml, checkpoints' trainer states, coefficients, merged/), the teacher-logit cache's
-    key and RegMean's output name local paths relative to themselves; a project folder moved elsewhere with its
-    run, models, data and cache resumes from inside the run folder with the saved config.yaml."""
+    key, RegMean's output and ``dam export``'s name local paths relative to themselves, both parts of a
+    ``MODEL+ADAPTER`` source included; a project folder moved elsewhere with its run, models, adapter, data and
+    cache resumes from inside the run folder with the saved config.yaml."""
+    from test_lora import make_adapter
+
     project = tmp_path / "project"
     base, sources = make_family(project / "family", 3, num_layers=2)
-    config = _tiny_run_config(project, base, sources)
+    adapter = make_adapter(sources[0], project / "adapter", 1, r=2, target_modules=["q_proj"])
+    config = _tiny_run_config(project, base, [f"{sources[0]}+{adapter}", *sources[1:]])
     assert main(["cache-logits", str(config)]) == 0
     assert main(["train", str(config)]) == 0
     assert main(["regmean", str(config), str(project / "regmean")]) == 0
-    for folder in ("run", "cache", "regmean"):
+    assert main(["export", str(project / "run"), str(project / "exported")]) == 0
+    for folder in ("run", "cache", "regmean", "exported"):
         assert_no_absolute_paths(project / folder, tmp_path)
     saved = yaml.safe_load((project / "run" / "config.yaml").read_text())
     assert saved["base_model"] == "../family/base" and saved["output_dir"] == "."
     assert saved["data"]["cache_dir"] == "../cache" and saved["models"][0]["dataset"] == "../data/arithmetic.jsonl"
+    assert saved["models"][0]["model"] == "../family/source0+../adapter"
+    for folder in ("run", "run/merged", "exported"):  # the metadata's training config too, not only "sources"
+        metadata = json.loads((project / folder / "dam_coefficients.json").read_text())
+        up = "../" * folder.count("/")
+        assert metadata["training"]["models"][0]["model"] == f"../{up}family/source0+../{up}adapter"
 
     moved = tmp_path / "elsewhere" / "moved"
     shutil.move(project, moved)  # a rename: the models' mtimes, which the cache key records, stay

@@ -20,6 +20,21 @@ def _relative(path: Path, folder: Path) -> str:
     return rel if rel.startswith("../") or rel in (".", "..") else f"./{rel}"
 
 
+def _lora_parts(text: str) -> tuple[str, str] | None:
+    """``(model, adapter)`` when ``text`` has the ``MODEL+ADAPTER`` form (:func:`dam.io.lora.split_reference`),
+    else None. Never raises: arbitrary metadata strings (a chat template, a note) may hold a ``+`` too, and are
+    left as they are by the callers, which change only parts that are paths."""
+    parts = text.split("+")
+    if len(parts) != 2 or not all(parts) or "\n" in text:
+        return None
+    try:
+        if Path(text).expanduser().exists():  # a folder whose name holds a "+": a plain path
+            return None
+    except OSError:  # a name too long to be a path
+        return None
+    return parts[0], parts[1]
+
+
 def is_relative_reference(reference: str) -> bool:
     """True for the ``./...`` / ``../...`` form :func:`portable_reference` gives local paths."""
     return reference in (".", "..") or reference.startswith(("./", "../"))
@@ -39,23 +54,29 @@ def portable_reference(name_or_path: str | Path, folder: str | Path) -> str:
 
 def resolve_reference(reference: str, folder: str | Path) -> str:
     """The inverse of :func:`portable_reference` for a file read from ``folder``: ``./x`` and ``../x`` become
-    absolute paths, the rest (Hub ids, older files' absolute paths) is returned as given."""
-    model, adapter = split_reference(reference)
-    if adapter is not None:
-        return f"{resolve_reference(model, folder)}+{resolve_reference(adapter, folder)}"
+    absolute paths, the rest (Hub ids, older files' absolute paths) is returned as given; so is a string with
+    several ``+``, which is no model reference (its reader says so)."""
+    parts = _lora_parts(reference)
+    if parts is not None:
+        return f"{resolve_reference(parts[0], folder)}+{resolve_reference(parts[1], folder)}"
     if is_relative_reference(reference):
         return str((Path(folder).expanduser().absolute() / reference).resolve())
     return reference
 
 
 def portable_paths(data: Any, folder: str | Path) -> Any:
-    """``data`` (JSON-like: dicts, lists, strings) with every absolute path string made relative to ``folder``."""
+    """``data`` (JSON-like: dicts, lists, strings) with every absolute path string made relative to ``folder``,
+    both parts of a ``MODEL+ADAPTER`` reference included."""
     if isinstance(data, dict):
         return {k: portable_paths(v, folder) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [portable_paths(v, folder) for v in data]
-    if isinstance(data, str) and os.path.isabs(os.path.expanduser(data)):
-        return _relative(Path(data), Path(folder))
+    if isinstance(data, str):
+        parts = _lora_parts(data)
+        if parts is not None and any(os.path.isabs(os.path.expanduser(p)) for p in parts):
+            return f"{portable_reference(parts[0], folder)}+{portable_reference(parts[1], folder)}"
+        if os.path.isabs(os.path.expanduser(data)):
+            return _relative(Path(data), Path(folder))
     return data
 
 
