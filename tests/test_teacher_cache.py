@@ -313,3 +313,49 @@ def test_every_teacher_runs_for_sharded_sources(family):
     log_mean, _ = tc.teacher_distributions(Recording(), *args, 2.0, every_teacher=True)
     assert calls == [0, 1, 2]
     torch.testing.assert_close(log_mean, tc.teacher_distributions(model, *args, 2.0)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pairing", ["own", "all"])
+def test_topk_from_hidden_states_equals_the_whole_logits_topk(family, monkeypatch, pairing):
+    """On-the-fly top-K as the training step takes it (the teachers to their final hidden states, then each
+    teacher's lm_head over 3 tokens at a time: no [rows, T, V] logits) against the top-K of each teacher's whole
+    logits (teacher_logprobs): the same targets, and the same loss and coefficient gradients."""
+    import dam.adaptive.losses as losses
+    from dam.training.loop import _Teachers, distillation_loss, teacher_targets
+
+    dataset, _ = _build(family)
+    batch = DataCollator(pad_token_id=0)([dataset[i] for i in range(4)])
+    model = family[3]
+    source = torch.full((4,), ALL_SOURCES) if pairing == "all" else batch["source"]
+    assert pairing == "all" or len(source.unique()) > 1  # own: each chunk's tokens go through several teachers
+    batch = {**batch, "source": source}
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 3 * 128)  # 3 tokens of the vocabulary of 128 per chunk
+    monkeypatch.setattr(losses, "MIN_CHUNK_ROWS", 1)
+    whole = tc.teacher_logprobs(model, ids, mask, source, 3, top_k=K)
+    chunked = teacher_targets(batch, _Teachers(model, model), 3, 2.0, K)
+    assert set(chunked) == {"logprobs", "indices"} and chunked["logprobs"].shape == whole[0].shape
+    # the same float32 logits up to the lm_head GEMM's rounding over 3 rows instead of whole sequences: values are
+    # log-probabilities down to about -5, whose ulp is 4.8e-7; 9.5e-7 (2 ulps) seen, 4e-6 allowed. The ids are
+    # equal: a near-tie at the K-th place could swap two, which no token here has (a wrong teacher or token
+    # order changes most of them)
+    torch.testing.assert_close(chunked["logprobs"], whole[0], atol=4e-6, rtol=0)
+    assert torch.equal(chunked["indices"], whole[1])
+
+    params = model.trainable_coefficients()
+
+    def loss_and_grads(targets):
+        chunk_loss, total = distillation_loss(batch["labels"], targets, 2.0)
+        loss = model(input_ids=ids, attention_mask=mask, chunk_loss=chunk_loss) * total
+        return float(loss.detach()), torch.autograd.grad(loss, params)
+
+    got, g_got = loss_and_grads(chunked)
+    want, g_want = loss_and_grads({"logprobs": whole[0], "indices": whole[1]})
+    # the same loss computation on targets equal to a few ulps: 1e-6 relative on the value (~300: sums of KLs);
+    # gradients up to ~0.7 differed by 9e-8 at most: rtol 1e-5, atol 1e-6
+    assert got == pytest.approx(want, rel=1e-6)
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert max(float(g.abs().max()) for g in g_got) > 1e-3  # a real gradient
+    with pytest.raises(DamError, match="top_k=500 is larger than the vocabulary"):
+        teacher_targets(batch, _Teachers(model, model), 3, 2.0, 500)

@@ -71,16 +71,20 @@ from dam.training.run_dir import (
     RESUMABLE_CHANGES,
     TRAINER_STATE_FILE,
     WANDB_ID_FILE,
+    checkpoint_problem,
     checkpoint_root,
     clear_partial_checkpoints,
+    complete_checkpoints,
     config_changes,
-    latest_checkpoint,
+    read_trainer_state,
+    resume_checkpoint,
     save_checkpoint,
 )
-from dam.training.sharding import average_gradients, shard_sources, source_bytes
+from dam.training.sharding import average_gradients, gathered, shard_sources, source_bytes
 from dam.training.teacher_cache import (
     data_fingerprint,
     hidden_state_target,
+    hidden_state_topk,
     load_training_dataset,
     teacher_distributions,
     teacher_hidden_states,
@@ -281,18 +285,25 @@ def _setup_tracking(accelerator: Any, config: DAMConfig, run_dir: Path) -> None:
 
 
 def _find_resume_checkpoint(config: DAMConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``train.resume_from`` (which must be readable), else with ``resume: auto``
+    the run folder's newest readable one (damaged ones skipped with a warning; all damaged: DamError)."""
     if config.train.resume_from is not None:
         path = Path(config.train.resume_from)
         if not (path / TRAINER_STATE_FILE).is_file():
             raise DamError(f"train.resume_from: {path} is not a complete checkpoint (no {TRAINER_STATE_FILE})")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise DamError(f"train.resume_from: {problem}")
         return path
-    latest = latest_checkpoint(run_dir)
-    if latest is not None and config.train.resume == "never":
-        raise DamError(
-            f"train.resume is 'never' but {run_dir} already holds checkpoints ({latest.name}); "
-            "use another output_dir, remove it, or set train.resume=auto"
-        )
-    path = latest if config.train.resume == "auto" else None
+    if config.train.resume == "never":
+        existing = complete_checkpoints(run_dir)
+        if existing:
+            raise DamError(
+                f"train.resume is 'never' but {run_dir} already holds checkpoints ({existing[-1].name}); "
+                "use another output_dir, remove it, or set train.resume=auto"
+            )
+        return None
+    path = resume_checkpoint(run_dir)
     if path is not None:
         _check_resumable(config, path)
     return path
@@ -301,7 +312,7 @@ def _find_resume_checkpoint(config: DAMConfig, run_dir: Path) -> Path | None:
 def _check_resumable(config: DAMConfig, checkpoint: Path) -> None:
     """Refuse, before anything loads, a restart whose config differs from the checkpoint's outside
     :data:`RESUMABLE_CHANGES` (the checkpoint's optimizer state, schedule and data order were made under it)."""
-    saved = json.loads((checkpoint / TRAINER_STATE_FILE).read_text()).get("config")
+    saved = read_trainer_state(checkpoint).get("config")
     # paths compared resolved: the checkpoint's are relative to its folder, so a run folder moved together with
     # the models and data it names resumes; one moved away from them names other paths and is refused
     current = resolve_config_paths(portable_config(config, checkpoint), checkpoint)
@@ -322,7 +333,7 @@ def _resume(accelerator: Any, checkpoint: Path, data_hash: str, scheduler: Any) 
     process count (which sets the global batch) must match too. The learning rate is then re-read from the
     schedule sized for this run's ``max_steps``: extending a finished run continues on the schedule a run started
     with the new ``max_steps`` would follow (a decayed linear or cosine schedule rises again to that curve)."""
-    state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    state = read_trainer_state(checkpoint)
     if state.get("data_fingerprint", data_hash) != data_hash:
         raise DamError(
             f"the training data differs from the run being resumed ({checkpoint}): same config, other contents "
@@ -334,7 +345,13 @@ def _resume(accelerator: Any, checkpoint: Path, data_hash: str, scheduler: Any) 
             f"the run being resumed ({checkpoint}) ran on {processes} processes, this one on "
             f"{accelerator.num_processes}: the global batch and data order would change. Resume with {processes}"
         )
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # damage the structural checks cannot see (bytes changed inside a file)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamError(
+            f"checkpoint {checkpoint} could not be loaded ({detail}); move it away to resume from the one before"
+        ) from e
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper holds the LambdaLR
     inner._last_lr = [
         base * rule(inner.last_epoch) for base, rule in zip(inner.base_lrs, inner.lr_lambdas, strict=True)
@@ -381,21 +398,29 @@ def teacher_targets(
 ) -> dict[str, torch.Tensor]:
     """The batch's teacher targets, computed before the student's forward (so no teacher runs while the student's
     graph is alive): cached or on-the-fly top-K log-probabilities and indices (``logprobs``/``indices``
-    [B, S, T, K]); or, on the fly without ``top_k``, the teachers' final hidden states and the teacher of each
-    slot (``hidden`` [B, S, T, hidden], ``teacher`` [B, S]; :func:`~dam.training.teacher_cache.teacher_hidden_states`),
-    projected to the vocabulary chunk by chunk in the loss, or, for a model whose logits are not the ``lm_head`` of
-    its final hidden states (:meth:`~dam.adaptive.model.DAMModel.head_fusable`), the mean teacher distribution
-    (``mean_logprobs`` [B, T, V] and ``spread`` [B, T]; :func:`~dam.training.teacher_cache.teacher_distributions`)."""
+    [B, S, T, K]; on the fly, the teachers run to their final hidden states and
+    :func:`~dam.training.teacher_cache.hidden_state_topk` projects them a chunk of tokens at a time); or, on the fly
+    without ``top_k``, the teachers' final hidden states and the teacher of each slot (``hidden`` [B, S, T, hidden],
+    ``teacher`` [B, S]; :func:`~dam.training.teacher_cache.teacher_hidden_states`), projected to the vocabulary
+    chunk by chunk in the loss. A model whose logits are not the ``lm_head`` of its final hidden states
+    (:meth:`~dam.adaptive.model.DAMModel.head_fusable` False: Gemma 2's soft-capping, Cohere's logit scale) takes
+    its teachers' whole logits instead, one teacher at a time: top-K from
+    :func:`~dam.training.teacher_cache.teacher_logprobs`, or the mean teacher distribution (``mean_logprobs``
+    [B, T, V] and ``spread`` [B, T]; :func:`~dam.training.teacher_cache.teacher_distributions`)."""
     if teachers is None:
         return {"logprobs": batch["teacher_logprobs"], "indices": batch["teacher_indices"]}
     args = (teachers, batch["input_ids"], batch["attention_mask"], batch["source"], num_sources)
     every = teachers.sharded  # sharded sources: every process runs the same teacher forwards
+    if teachers.wrapper.head_fusable():
+        hidden, teacher = teacher_hidden_states(*args, every_teacher=every)
+        if top_k is None:
+            return {"hidden": hidden, "teacher": teacher}
+        with gathered(teachers.wrapper) if teachers.sharded else contextlib.nullcontext():  # the lm_head, whole
+            values, indices = hidden_state_topk(hidden, teacher, teachers.wrapper.source_logits, top_k)
+        return {"logprobs": values, "indices": indices}
     if top_k is not None:
         values, indices = teacher_logprobs(*args, top_k, every_teacher=every)
         return {"logprobs": values, "indices": indices}
-    if teachers.wrapper.head_fusable():
-        hidden, teacher = teacher_hidden_states(*args, every_teacher=every)
-        return {"hidden": hidden, "teacher": teacher}
     mean_logprobs, spread = teacher_distributions(*args, temperature, every_teacher=every)
     return {"mean_logprobs": mean_logprobs, "spread": spread}
 

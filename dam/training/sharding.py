@@ -23,7 +23,9 @@ test suite); accelerate only launches the processes (``configs/accelerate/fsdp.y
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -154,3 +156,20 @@ def average_gradients(params: list[nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """``module``'s own FSDP unit gathered (whole tensors registered on it) for the duration, outside any forward;
+    resharded after. A no-op for a module that is not sharded. Collective: every process enters it together. The
+    training loop projects the teachers' final hidden states through their ``lm_head`` (the root unit) this way."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()

@@ -36,7 +36,7 @@ import torch
 from datasets.arrow_writer import ArrowWriter
 from tqdm import tqdm
 
-from dam.adaptive.losses import teacher_distribution, teacher_mixture, teacher_spread
+from dam.adaptive.losses import chunk_rows, teacher_distribution, teacher_mixture, teacher_spread
 from dam.errors import DamError
 from dam.io.checkpoint import resolve_folder
 from dam.io.lora import split_reference
@@ -311,22 +311,17 @@ def teacher_hidden_states(
     return hidden, teacher
 
 
-def hidden_state_target(
-    hidden: torch.Tensor,
-    teacher: torch.Tensor,
-    source_logits: Callable[[torch.Tensor, int], torch.Tensor],
-    temperature: float,
-) -> Callable[[slice], tuple[torch.Tensor, torch.Tensor]]:
-    """``target(rows)`` for :func:`dam.adaptive.losses.distribution_kl_loss`: ``log pbar`` (r, V) float32 and the
-    spread (r,) of the flattened tokens ``rows`` (row-major over ``[B, T]``), from :func:`teacher_hidden_states`'
-    ``hidden`` ``[B, S, T, hidden]`` and ``teacher`` ``[B, S]``; ``source_logits(states, k)`` is teacher k's
-    ``lm_head`` (:meth:`dam.adaptive.model.DAMModel.source_logits`). Equal to :func:`teacher_distributions`' rows,
-    up to the rounding of a GEMM over a chunk of rows instead of whole sequences."""
+def _slot_projector(
+    hidden: torch.Tensor, teacher: torch.Tensor, source_logits: Callable[[torch.Tensor, int], torch.Tensor]
+) -> Callable[[slice, int], torch.Tensor]:
+    """``slot_logits(rows, slot)``: the logits (r, V) of the flattened tokens ``rows`` (row-major over ``[B, T]``)
+    of slot ``slot``, each token through its own teacher's ``lm_head``, from :func:`teacher_hidden_states`'
+    ``hidden`` ``[B, S, T, hidden]`` and ``teacher`` ``[B, S]``."""
     batch, slots, length, width = hidden.shape
     states = hidden.transpose(1, 2).reshape(batch * length, slots, width)  # (M, S, hidden)
     owners = teacher[:, None, :].expand(batch, length, slots).reshape(batch * length, slots)  # (M, S)
 
-    def slot_logits(rows: slice, slot: int) -> torch.Tensor:  # (r, V): each token through its own teacher's head
+    def slot_logits(rows: slice, slot: int) -> torch.Tensor:
         h, owner = states[rows, slot], owners[rows, slot]
         ks = owner.unique().tolist()
         if len(ks) == 1:
@@ -339,10 +334,65 @@ def hidden_state_target(
             out[picked] = logits
         return out
 
+    return slot_logits
+
+
+def hidden_state_target(
+    hidden: torch.Tensor,
+    teacher: torch.Tensor,
+    source_logits: Callable[[torch.Tensor, int], torch.Tensor],
+    temperature: float,
+) -> Callable[[slice], tuple[torch.Tensor, torch.Tensor]]:
+    """``target(rows)`` for :func:`dam.adaptive.losses.distribution_kl_loss`: ``log pbar`` (r, V) float32 and the
+    spread (r,) of the flattened tokens ``rows`` (row-major over ``[B, T]``), from :func:`teacher_hidden_states`'
+    ``hidden`` ``[B, S, T, hidden]`` and ``teacher`` ``[B, S]``; ``source_logits(states, k)`` is teacher k's
+    ``lm_head`` (:meth:`dam.adaptive.model.DAMModel.source_logits`). Equal to :func:`teacher_distributions`' rows,
+    up to the rounding of a GEMM over a chunk of rows instead of whole sequences."""
+    slot_logits = _slot_projector(hidden, teacher, source_logits)
+
     def target(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return teacher_mixture((slot_logits(rows, s) for s in range(slots)), temperature)
+        return teacher_mixture((slot_logits(rows, s) for s in range(hidden.shape[1])), temperature)
 
     return target
+
+
+@torch.no_grad()
+def hidden_state_topk(
+    hidden: torch.Tensor,
+    teacher: torch.Tensor,
+    source_logits: Callable[[torch.Tensor, int], torch.Tensor],
+    top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-the-fly top-K targets from the teachers' final hidden states, a chunk of tokens at a time: what
+    :func:`teacher_logprobs` returns with ``top_k``, ``[B, S, T, K]`` float32 log-probabilities ``z_k - logsumexp(z)``
+    of each token's K most likely tokens (best first) and their int64 ids, without its ``[rows, T, V]`` logits.
+
+    ``hidden`` ``[B, S, T, hidden]`` and ``teacher`` ``[B, S]`` from :func:`teacher_hidden_states`;
+    ``source_logits(states, k)`` is teacher k's ``lm_head`` (:meth:`dam.adaptive.model.DAMModel.source_logits`;
+    sharded sources must have the ``lm_head``'s unit gathered around this call). The logits exist
+    :func:`dam.adaptive.losses.chunk_rows` ``(V)`` tokens of one slot at a time, as the loss's do (a float32
+    temporary of 16 MiB up to a 16k vocabulary, 256 tokens' worth above), whatever the batch. Equal to
+    :func:`teacher_logprobs`' top-K up to the rounding of a GEMM over a chunk of rows instead of whole sequences;
+    an index can differ only where two logits tie to that rounding at the K-th place.
+    """
+    batch, slots, length, _ = hidden.shape
+    slot_logits = _slot_projector(hidden, teacher, source_logits)
+    vocab = slot_logits(slice(0, 1), 0).shape[-1]  # one token's logits: the vocabulary's size
+    if top_k > vocab:
+        raise DamError(f"loss.top_k={top_k} is larger than the vocabulary ({vocab})")
+    tokens, step = batch * length, chunk_rows(vocab)
+    values = torch.empty((tokens, slots, top_k), dtype=torch.float32, device=hidden.device)
+    indices = torch.empty((tokens, slots, top_k), dtype=torch.long, device=hidden.device)
+    for start in range(0, tokens, step):
+        rows = slice(start, start + step)
+        for slot in range(slots):
+            logits = slot_logits(rows, slot)  # (r, V), the compute dtype
+            top = logits.topk(top_k, dim=-1)
+            values[rows, slot] = top.values.float() - logits.float().logsumexp(-1, keepdim=True)
+            indices[rows, slot] = top.indices
+            del logits, top
+    shape = (batch, length, slots, top_k)
+    return values.view(shape).transpose(1, 2), indices.view(shape).transpose(1, 2)
 
 
 @torch.no_grad()
