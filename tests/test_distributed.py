@@ -1,4 +1,5 @@
-"""DDP with two CPU processes (torchrun, gloo) gives the coefficients of one process on the same global batch."""
+"""DDP with two CPU processes (torchrun, gloo) gives the coefficients of one process on the same global batch;
+accelerate's own FSDP and DeepSpeed modes are refused."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import ROOT, TINY, tiny_overrides
+from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
 
+from dam.errors import DamError
 from dam.testing import make_family
+from dam.training.loop import train
 
 
 def free_port() -> int:
@@ -63,3 +66,29 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path, granularity: str) ->
     # differ by rounding (coefficients ~0.3): 1e-6. The gradients themselves are compared in test_gradients.py
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_accelerate_fsdp_and_deepspeed_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """An accelerate config of distributed_type FSDP or DEEPSPEED (its plugin would shard the coefficients and wrap
+    the model by its own policy) stops the run in one line pointing at train.shard_sources, before the run folder
+    is made. accelerate picks these types only on GPUs (and DeepSpeed needs its package), so the Accelerator is
+    replaced by one that reports the type, as a GPU launch with such a config would."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    created: list[dict] = []
+
+    class Launched:
+        distributed_type = DistributedType[kind]
+
+        def __init__(self, **kwargs: object) -> None:
+            created.append(kwargs)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Launched)
+    base, sources = make_family(tmp_path / "family", 3)
+    out = tmp_path / "run"
+    with pytest.raises(DamError, match=rf"distributed_type {kind} is not supported: .* train.shard_sources=true$"):
+        train(tiny_config(base, sources, out))
+    assert len(created) == 1  # the refusal is the loop's, on the Accelerator it made
+    assert not out.exists()

@@ -14,8 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_distributed import free_port
-from tiny_run import ROOT, TINY, tiny_overrides
+from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
+from torch.torch_version import TorchVersion
 
+import dam.training.sharding as sharding
+from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader
 from dam.testing import make_family
 from dam.training.config import load_config
@@ -42,6 +45,22 @@ def test_get_rows_reads_a_slice_of_the_first_dimension(tmp_path: Path) -> None:
         assert reader.get_rows(name, 0, 4, dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="rows"):
         reader.get_rows("model.norm.weight", 0, 10**6)
+
+
+def test_sharded_sources_need_torch_2_7(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fully_shard takes ignored_params (the coefficients stay whole) from torch 2.7; the package's floor is 2.6, so
+    a sharded run under 2.6 is refused in one line before anything is read or written. Under the floor's torch
+    (.ci/min_versions runs this test: it is not slow) the refusal is real; under a newer torch, fully_shard is made
+    to look like 2.6's. The detection itself is checked against the version either way."""
+    supported = TorchVersion(torch.__version__.split("+")[0]) >= (2, 7)
+    assert sharding.fully_shard_takes_ignored_params() == supported, torch.__version__
+    if supported:
+        monkeypatch.setattr(sharding, "fully_shard_takes_ignored_params", lambda: False)
+    base, sources = make_family(tmp_path / "family", 3)
+    out = tmp_path / "run"
+    with pytest.raises(DamError, match=r"train.shard_sources needs torch 2.7 or later .* this is torch \S+\. Upgrade"):
+        train(tiny_config(base, sources, out, "train.shard_sources=true"))
+    assert not out.exists()  # refused before the run folder is made
 
 
 def torchrun_two(*args: str) -> subprocess.CompletedProcess:

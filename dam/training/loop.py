@@ -80,7 +80,13 @@ from dam.training.run_dir import (
     resume_checkpoint,
     save_checkpoint,
 )
-from dam.training.sharding import average_gradients, gathered, shard_sources, source_bytes
+from dam.training.sharding import (
+    average_gradients,
+    check_torch_for_sharding,
+    gathered,
+    shard_sources,
+    source_bytes,
+)
 from dam.training.teacher_cache import (
     data_fingerprint,
     hidden_state_target,
@@ -104,6 +110,8 @@ def train(config: DAMConfig) -> Path:
     run_dir = Path(config.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DamError(f"output_dir {str(run_dir)!r} is a file, not a folder; name a folder for the run")
+    if config.train.shard_sources:
+        check_torch_for_sharding()  # before anything is read or written
     accelerator = _setup_accelerator(config, run_dir)
     resume_dir = _find_resume_checkpoint(config, run_dir)
     if accelerator.is_main_process:
@@ -143,7 +151,9 @@ def train(config: DAMConfig) -> Path:
     accelerator.print(
         f"DAM: {len(config.models)} sources, {len(dataset)} sequences, {steps_per_epoch} steps per epoch, "
         f"global batch {config.train.batch_size * config.train.grad_accum * accelerator.num_processes}, "
-        f"steps {start_step}->{total_steps}, teacher logits {config.data.teacher_logits}"
+        f"steps {start_step}->{total_steps}, teacher logits {config.data.teacher_logits}, sources "
+        f"{'sharded over' if config.train.shard_sources else 'whole on each of'} {accelerator.num_processes} "
+        f"process{'es' if accelerator.num_processes > 1 else ''}"
     )
     try:
         _fit(
@@ -190,7 +200,7 @@ def _setup_accelerator(config: DAMConfig, run_dir: Path) -> Any:
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         raise DamError(
             f"accelerate config: distributed_type {accelerator.distributed_type.value} is not supported: DAM shards "
-            "its sources itself. Launch with configs/accelerate/fsdp.yaml (a multi-GPU launch) and set "
+            "its sources itself. Launch with configs/accelerate/ddp.yaml (a multi-GPU launch) and set "
             "train.shard_sources=true"
         )
     return accelerator

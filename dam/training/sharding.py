@@ -1,7 +1,7 @@
 """The frozen sources sharded over the processes with torch's FSDP2 (``fully_shard``): ``train.shard_sources``.
 
 For N sources that do not fit one device. The same code runs on GPUs (NCCL) and on CPU processes (gloo, the
-test suite); accelerate only launches the processes (``configs/accelerate/fsdp.yaml``), it does not wrap the model.
+test suite); accelerate only launches the processes (``configs/accelerate/ddp.yaml``), it does not wrap the model.
 
 - **Units**: every decoder layer (the classes in the Hugging Face model's ``_no_split_modules``, e.g.
   ``LlamaDecoderLayer``) is one FSDP unit, and the root (embedding, final norm, ``lm_head``, so a tied embedding
@@ -24,6 +24,7 @@ test suite); accelerate only launches the processes (``configs/accelerate/fsdp.y
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -39,6 +40,26 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from dam.adaptive.model import DAMModel
+
+
+def fully_shard_takes_ignored_params() -> bool:
+    """Whether this torch's ``fully_shard`` takes ``ignored_params``, which keeps the coefficients whole (torch 2.7
+    and later; 2.6, the package's floor, has ``fully_shard`` without it)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return False
+    return "ignored_params" in inspect.signature(fully_shard).parameters
+
+
+def check_torch_for_sharding() -> None:
+    """DamError, in one line, unless this torch can shard the sources (:func:`fully_shard_takes_ignored_params`):
+    checked before a sharded run reads anything, on every process alike."""
+    if not fully_shard_takes_ignored_params():
+        raise DamError(
+            f"train.shard_sources needs torch 2.7 or later (fully_shard's ignored_params keeps the coefficients "
+            f"whole); this is torch {torch.__version__}. Upgrade torch, or train without train.shard_sources"
+        )
 
 
 def device_mesh(device: torch.device) -> DeviceMesh:
@@ -70,6 +91,7 @@ def shard_sources(model: DAMModel, device: torch.device) -> None:
     ``model`` comes from ``DAMModel.from_pretrained(..., device="meta")``; afterwards its sources are DTensors
     (``Shard(1)`` over the mesh of all processes) on ``device`` and its coefficients ordinary tensors on ``device``.
     """
+    check_torch_for_sharding()
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
