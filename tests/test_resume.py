@@ -1,9 +1,10 @@
 """Checkpoints and resumption: 2 steps + resume + 2 steps equals 4 straight; a process killed mid-run (SIGKILL)
-and restarted ends with the coefficients of an uninterrupted run; resume refusals."""
+and restarted ends with the coefficients of an uninterrupted run; damaged checkpoints skipped; resume refusals."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.testing import make_family
 from dam.training.loop import train
-from dam.training.run_dir import latest_checkpoint
+from dam.training.run_dir import checkpoint_problem, latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,82 @@ def test_partial_checkpoints_are_ignored_and_cleared(family: tuple[Path, list[Pa
     train(tiny_config(*family, out, "train.max_steps=3", "train.save_every=1"))
     assert not (root / ".step_3.tmp").exists()
     assert latest_checkpoint(out) == root / "step_3"
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+def _garbage(file: Path) -> None:
+    """The same number of bytes, none of them the format's: a size check alone would not see it."""
+    file.write_bytes(bytes(range(7, 256)) * (file.stat().st_size // 249) + b"x" * (file.stat().st_size % 249))
+
+
+def _flip_middle(file: Path) -> None:
+    """Bytes inverted inside the file, its structure (zip directory at the end) intact: the CRC check sees it."""
+    data = bytearray(file.read_bytes())
+    for i in range(len(data) // 4, len(data) // 4 + 16):
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated coefficients": ("step_2/model.safetensors", _truncate),
+    "garbage coefficients": ("step_2/model.safetensors", _garbage),
+    "truncated optimizer state": ("step_2/optimizer.bin", _truncate),
+    "garbage optimizer state": ("step_2/optimizer.bin", _garbage),
+    "flipped scheduler state": ("step_2/scheduler.bin", _flip_middle),
+    "missing RNG state": ("step_2/random_states_0.pkl", Path.unlink),
+    "truncated trainer state": ("step_2/trainer_state.json", _truncate),
+    "garbage trainer state": ("step_2/trainer_state.json", _garbage),
+    "missing trainer state": ("step_2/trainer_state.json", Path.unlink),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before(
+    family: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """The newest checkpoint damaged after it was written (a full disk, a bad copy, a deleted file): the restart
+    warns naming the file and resumes from step 1, exactly (the coefficients of a straight 3-step run)."""
+    common = ("train.save_every=1", "train.schedule=constant")
+    out = tmp_path / "run"
+    train(tiny_config(*family, out, "train.max_steps=2", *common))
+    name, spoil = DAMAGES[damage]
+    spoil(out / "checkpoints" / name)
+    with caplog.at_level(logging.WARNING, logger="dam.training.run_dir"):
+        train(tiny_config(*family, out, "train.max_steps=3", *common))
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped and skipped[0].startswith(f"checkpoint step_2 skipped: {out / 'checkpoints' / name}"), skipped
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3]  # resumed at step 1: step 2 done again
+    latest = latest_checkpoint(out)
+    assert latest == out / "checkpoints" / "step_3" and checkpoint_problem(latest) is None
+    straight = train(tiny_config(*family, tmp_path / "straight", "train.max_steps=3", *common))
+    assert_same_coefficients(coefficients(straight), coefficients(out))
+
+
+def test_a_garbage_latest_pointer_falls_back_to_the_newest_step(family: tuple[Path, list[Path]], tmp_path) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(*family, out, "train.max_steps=2", "train.save_every=1"))
+    (out / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00garbage")
+    assert latest_checkpoint(out) == out / "checkpoints" / "step_2"
+
+
+def test_no_readable_checkpoint_left_is_one_error(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """Every checkpoint damaged: no silent restart from scratch over them, one DamError naming the newest's file;
+    a resume_from naming a damaged checkpoint likewise."""
+    out = tmp_path / "run"
+    train(tiny_config(*family, out, "train.max_steps=2", "train.save_every=1"))
+    _truncate(out / "checkpoints" / "step_2" / "optimizer.bin")
+    (out / "checkpoints" / "step_1" / "trainer_state.json").write_text('{"step": 1, "conf')
+    with pytest.raises(
+        DamError, match="no readable checkpoint in .*step_2/optimizer.bin is truncated .*the 1 older one"
+    ):
+        train(tiny_config(*family, out, "train.max_steps=3", "train.save_every=1"))
+    resume_from = f"train.resume_from={out / 'checkpoints' / 'step_1'}"
+    with pytest.raises(DamError, match="train.resume_from: .*step_1/trainer_state.json is not readable JSON"):
+        train(tiny_config(*family, tmp_path / "other", "train.max_steps=3", resume_from))
 
 
 def test_resume_never_refuses_a_folder_with_checkpoints(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
