@@ -36,10 +36,7 @@ def _merge(args: argparse.Namespace) -> int:
     from dam.io.checkpoint import parse_size
     from dam.merge.multi import run_merge_file
 
-    if args.push_to_hub:
-        from dam.io.hub import check_repo_id
-
-        check_repo_id(args.push_to_hub)
+    _check_push(args)
     summaries = run_merge_file(
         args.config,
         args.out,
@@ -57,15 +54,31 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_push(args: argparse.Namespace) -> None:
+    """The repo id and the Hub timeout of --push-to-hub, checked before any heavy work."""
+    if args.push_to_hub:
+        from dam.io.hub import check_repo_id, hub_timeout_seconds
+
+        check_repo_id(args.push_to_hub)
+        hub_timeout_seconds(args.hub_timeout)
+
+
 def _push(folder: Path, args: argparse.Namespace) -> None:
     from dam.io.hub import push_folder
 
-    print(f"pushed to {push_folder(folder, args.push_to_hub, private=args.private)}")
+    print(f"pushed to {push_folder(folder, args.push_to_hub, private=args.private, timeout=args.hub_timeout)}")
 
 
 def _add_push_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="upload the output folder to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument(
+        "--hub-timeout",
+        metavar="SECONDS",
+        default=None,
+        help="with --push-to-hub: the most each Hub request waits for the server before the push fails (the output "
+        "is kept); default $DAM_HUB_TIMEOUT, else 60",
+    )
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -97,10 +110,7 @@ def _train(args: argparse.Namespace) -> int:
     from dam.training.config import load_config
 
     config = load_config(args.config, args.overrides)
-    if args.push_to_hub:
-        from dam.io.hub import check_repo_id
-
-        check_repo_id(args.push_to_hub)
+    _check_push(args)
     from accelerate import PartialState
 
     from dam.training.loop import train  # heavy imports (accelerate, transformers) only once the config is valid
@@ -136,10 +146,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from dam.adaptive.export import export_merged
 
-    if args.push_to_hub:
-        from dam.io.hub import check_repo_id
-
-        check_repo_id(args.push_to_hub)
+    _check_push(args)
     out = export_merged(
         args.run_or_coeffs,
         args.out,

@@ -1,11 +1,17 @@
 """Hub-ready outputs: model cards through huggingface_hub, no absolute machine path in any written file, and
-``--push-to-hub`` on merge, export and train, tested at huggingface_hub's ``HfApi`` boundary (no network)."""
+``--push-to-hub`` on merge, export and train, tested at huggingface_hub's ``HfApi`` boundary (no network) and
+against a local server that never answers (the timeout)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -308,3 +314,94 @@ def test_export_and_train_push_to_hub(family, tmp_path: Path, monkeypatch) -> No
     hub.calls.clear()
     assert main(["train", "--push-to-hub", "me/trained", "--private", str(config)]) == 0
     assert hub.calls[1][1]["folder_path"] == tmp_path / "trained" / "merged" and hub.calls[0][1]["private"] is True
+
+
+@pytest.fixture
+def silent_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A local server that accepts every connection and never answers, made the Hub endpoint (``HF_ENDPOINT``, and
+    huggingface_hub's constant, read once at its import)."""
+    from huggingface_hub import constants
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.1)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # create_repo needs one before any request
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("DAM_HUB_TIMEOUT", raising=False)
+    yield url
+    stop.set()
+    thread.join()
+    for connection in [*held, server]:
+        connection.close()
+    assert held, "nothing connected to the silent server: the test did not test the timeout"
+
+
+def _ends_within(seconds: float, command: Callable[[], int]) -> tuple[int, float]:
+    """``command()``'s result and duration; fails (instead of hanging the suite) if it runs past ``seconds``."""
+    result: list[int] = []
+    start = time.monotonic()
+    thread = threading.Thread(target=lambda: result.append(command()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting for the Hub after {seconds} s"
+    return result[0], time.monotonic() - start
+
+
+def test_push_to_a_hub_that_never_answers_ends_in_one_line(
+    merge_config: Path, tmp_path: Path, silent_hub: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--hub-timeout 0.5: create_repo's request fails after 0.5 s (plus huggingface_hub's own 3 s agent-registry
+    fetch on the first request of a process); the merge stays complete at OUT. 60 s: far above that, far below
+    forever."""
+    out = tmp_path / "merged"
+    command = ["merge", str(merge_config), str(out), "--quiet", "--push-to-hub", "me/x", "--hub-timeout", "0.5"]
+    status, _ = _ends_within(60, lambda: main(command))
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: --push-to-hub 'me/x': the Hub ({silent_hub}) did not answer within 0.5 s")
+    assert f"the output at {out} is complete and kept" in err
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_hub_timeout_from_the_environment_for_export_and_downloads(
+    family, tmp_path: Path, silent_hub: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DAM_HUB_TIMEOUT bounds ``dam export --push-to-hub`` and the Hub download of a model id (``resolve_folder``'s
+    snapshot_download, whose repo_info request huggingface_hub sends without a timeout); a bad value is refused
+    before any work."""
+    base, sources = family
+    run = tmp_path / "run"
+    DAMModel.from_pretrained(str(base), [str(s) for s in sources]).save_coefficients(run / COEFFICIENTS_FILE)
+    monkeypatch.setenv("DAM_HUB_TIMEOUT", "0.5")
+    status, _ = _ends_within(60, lambda: main(["export", str(run), str(tmp_path / "out"), "--push-to-hub", "me/x"]))
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and len(err.splitlines()) == 1 and "did not answer within 0.5 s" in err, err
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    config = tmp_path / "hub.yaml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n  - model: me/absent-model\n")
+    status, _ = _ends_within(60, lambda: main(["merge", str(config), str(tmp_path / "merged"), "--quiet"]))
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: model 'me/absent-model': not a local folder, and the Hub download failed (")
+    assert "each request waits at most 0.5 s: DAM_HUB_TIMEOUT" in err and not (tmp_path / "merged").exists()
+
+    monkeypatch.setenv("DAM_HUB_TIMEOUT", "never")
+    assert main(["export", str(run), str(tmp_path / "other"), "--push-to-hub", "me/x"]) == 1
+    assert capsys.readouterr().err.strip() == "error: DAM_HUB_TIMEOUT 'never': expected a number of seconds, e.g. 60"
+    assert main(["export", str(run), str(tmp_path / "other"), "--push-to-hub", "me/x", "--hub-timeout", "-1"]) == 1
+    assert "--hub-timeout '-1': expected a positive" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -118,12 +118,20 @@ def resolve_folder(name_or_path: str | Path) -> Path:
         raise DamError(f"model {text!r}: folder not found")
     from huggingface_hub import snapshot_download
 
+    from dam.io.hub import HUB_TIMEOUT_ENV, hub_timeout, hub_timeout_seconds
+
+    seconds = hub_timeout_seconds()  # DAM_HUB_TIMEOUT: a server that never answers fails the download
     try:
-        folder = Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(text, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+        with hub_timeout(seconds):
+            folder = Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+            if not any(folder.glob("*.safetensors")):
+                folder = Path(snapshot_download(text, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
     except Exception as e:  # any Hub failure becomes one clear line
-        raise DamError(f"model {text!r}: not a local folder, and the Hub download failed: {e}") from e
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DamError(
+            f"model {text!r}: not a local folder, and the Hub download failed ({detail}; each request waits at most "
+            f"{seconds:g} s: {HUB_TIMEOUT_ENV})"
+        ) from e
     return folder
 
 
