@@ -13,6 +13,7 @@ from dam.io.checkpoint import resolve_model_path
 NON_FORWARD_KEYS = frozenset(
     {
         "_name_or_path",
+        "_model_name_or_path",  # a GGUF's general.name, as transformers' GGUF config reading names it
         "architectures",  # compared on its own, with its own message
         "transformers_version",
         "dtype",
@@ -21,6 +22,7 @@ NON_FORWARD_KEYS = frozenset(
         "bos_token_id",
         "eos_token_id",
         "pad_token_id",
+        "unk_token_id",  # written by transformers' GGUF config reading
         "sep_token_id",
         "decoder_start_token_id",
         "id2label",

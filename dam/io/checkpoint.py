@@ -1,7 +1,9 @@
 """Reading checkpoints: dtype and size names, Hub/local model folders, lazy tensor-by-tensor safetensors reads.
 
 Reading never maps or loads a whole checkpoint: safetensors tensors are read with one ``readinto`` each from the
-byte range their header names, so resident memory holds only the tensors in use. Nothing here does math.
+byte range their header names, so resident memory holds only the tensors in use. A ``.gguf`` file is a model too:
+its config and tokenizer come from a cache folder, its tensors are dequantized one at a time (:mod:`dam.io.gguf`).
+Nothing here does math.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from dam.errors import DamError
+from dam.io.gguf import GGUFCheckpoint, gguf_source
 from dam.io.lora import LoraAdapter, split_reference
 
 logger = logging.getLogger(__name__)
@@ -101,17 +104,24 @@ def parse_size(size: str | int | float) -> int:
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
     """A local model folder as given, or a Hugging Face Hub id downloaded (weights, config, tokenizer) to the cache.
-    For ``MODEL+LORA`` (:mod:`dam.io.lora`), MODEL's folder: its config and tokenizer are the merged model's."""
+    For ``MODEL+LORA`` (:mod:`dam.io.lora`), MODEL's folder: its config and tokenizer are the merged model's. For a
+    ``.gguf`` file, the cache folder of its config, tokenizer and generation config (:func:`dam.io.gguf.gguf_folder`;
+    its weights stay in the file: :class:`CheckpointReader` and :func:`load_causal_lm` read them)."""
     return resolve_folder(split_reference(name_or_path)[0])
 
 
 def resolve_folder(name_or_path: str | Path) -> Path:
-    """A local folder as given, or a Hub repo's files (weights, configs, tokenizer) downloaded to the cache."""
+    """A local folder as given, a Hub repo's files (weights, configs, tokenizer) downloaded to the cache, or a
+    ``.gguf`` file's cache folder."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.suffix.lower() == ".gguf":
+        from dam.io.gguf import gguf_folder
+
+        return gguf_folder(path)
     if path.exists():
-        raise DamError(f"model {str(name_or_path)!r}: {path} is a file, expected a model folder")
+        raise DamError(f"model {str(name_or_path)!r}: {path} is a file, expected a model folder or a .gguf file")
     text = str(name_or_path)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith(".")
     if not looks_like_hub_id:
@@ -135,6 +145,40 @@ def resolve_folder(name_or_path: str | Path) -> Path:
     return folder
 
 
+def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32) -> Any:
+    """A whole causal LM (eval mode, on the CPU) from a folder, a Hub id or a GGUF file (or its cache folder: what
+    :func:`resolve_model_path` gives for one), in ``dtype``. A folder loads through ``from_pretrained``; a GGUF is
+    built from its cached config and filled from :class:`CheckpointReader`'s tensors, the state dict transformers'
+    own GGUF loading gives. ``MODEL+LORA``: the tensors the adapter changes replaced by their merged values, as
+    :class:`CheckpointReader` reads them. Any failure is a DamError naming the model."""
+    from transformers import AutoModelForCausalLM
+
+    from dam.io.gguf import load_gguf_causal_lm
+
+    model, adapter = split_reference(name_or_path)
+    gguf_file = gguf_source(model)
+    try:
+        if gguf_file is not None:
+            lm = load_gguf_causal_lm(gguf_file, dtype=dtype)
+        else:
+            path = resolve_folder(model)
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except DamError:
+        raise
+    except Exception as e:  # missing config or weights, unknown architecture
+        raise DamError(f"model {str(name_or_path)!r}: cannot load a causal LM: {e}") from e
+    if adapter is not None:
+        with CheckpointReader(name_or_path) as reader:
+            assert reader.adapter is not None
+            changed = {name: reader.get(name, dtype=dtype) for name in reader.adapter.tensor_names}
+        unexpected = lm.load_state_dict(changed, strict=False).unexpected_keys
+        if unexpected:
+            raise DamError(
+                f"model {str(name_or_path)!r}: the adapter changes {unexpected[0]!r}, which the model lacks"
+            )
+    return lm.eval()
+
+
 def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     """(header dict, offset of the data block). Checks that the file is as long as its header says."""
     size = file.stat().st_size
@@ -153,33 +197,40 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
 
 
 class CheckpointReader:
-    """Lazy, tensor-by-tensor access to a Hugging Face checkpoint folder (or Hub id).
+    """Lazy, tensor-by-tensor access to a Hugging Face checkpoint folder (or Hub id), or a GGUF file.
 
     Supports a single ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, and
     ``pytorch_model*.bin`` as a fallback (loaded one file at a time with ``mmap``). Shapes and dtypes come from
-    headers alone for safetensors, so compatibility checks need no tensor data.
+    headers alone for safetensors, so compatibility checks need no tensor data. A ``.gguf`` file (or its cache
+    folder) is read through :class:`dam.io.gguf.GGUFCheckpoint`: Hugging Face names and shapes, every tensor
+    dequantized to float32 when read; ``path`` is then the cache folder of its config and tokenizer.
     """
 
     def __init__(self, name_or_path: str | Path):
         self.name = str(name_or_path)
         model, adapter = split_reference(name_or_path)
-        self.path = resolve_folder(model)
+        self._gguf: GGUFCheckpoint | None = None
+        gguf_file = gguf_source(model)
+        if gguf_file is not None:
+            self._gguf = GGUFCheckpoint(gguf_file, self.name)
+            self.path = self._gguf.folder
+        else:
+            self.path = resolve_folder(model)
         self.adapter = LoraAdapter(adapter, resolve_folder(adapter)) if adapter is not None else None
         config_file = self.path / "config.json"
         self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
         self._entries: dict[str, tuple[Path, dict[str, Any], int]] = {}  # name -> (file, header entry, data start)
         self._bin_files: dict[str, Path] = {}
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
-        st_files = self._safetensors_files()
-        if st_files:
-            for file in st_files:
-                header, start = _read_safetensors_header(file)
-                for key, entry in header.items():
-                    if key != "__metadata__":
-                        self._entries[key] = (file, entry, start)
-        else:
+        st_files = self._safetensors_files() if self._gguf is None else []
+        for file in st_files:
+            header, start = _read_safetensors_header(file)
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    self._entries[key] = (file, entry, start)
+        if self._gguf is None and not st_files:
             self._index_bin_files()
-        if not self._entries and not self._bin_files:
+        if self._gguf is None and not self._entries and not self._bin_files:
             raise DamError(f"model {self.name!r}: no weights found in {self.path} (*.safetensors or *.bin)")
         if self.adapter is not None:
             unknown = [n for n in self.adapter.tensor_names if n not in self]
@@ -221,9 +272,13 @@ class CheckpointReader:
     @property
     def names(self) -> list[str]:
         """Tensor names, in checkpoint order."""
+        if self._gguf is not None:
+            return self._gguf.names
         return list(self._entries) if self._entries else list(self._bin_files)
 
     def __contains__(self, name: object) -> bool:
+        if self._gguf is not None:
+            return name in self._gguf
         return name in self._entries or name in self._bin_files
 
     def _require(self, name: str) -> None:
@@ -232,12 +287,17 @@ class CheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         self._require(name)
+        if self._gguf is not None:
+            return self._gguf.shape(name)
         if name in self._entries:
             return tuple(self._entries[name][1]["shape"])
         return tuple(self._load_bin(self._bin_files[name])[name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype; float32 for every tensor of a GGUF file (dequantized when read)."""
         self._require(name)
+        if self._gguf is not None:
+            return torch.float32
         if name in self._entries:
             code = self._entries[name][1]["dtype"]
             if code not in _ST_DTYPES:
@@ -248,7 +308,9 @@ class CheckpointReader:
     def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor (a fresh tensor, not a view of the file), optionally cast and moved."""
         self._require(name)
-        if name in self._entries:
+        if self._gguf is not None:
+            tensor = self._gguf.get(name)
+        elif name in self._entries:
             file, entry, start = self._entries[name]
             begin, end = entry["data_offsets"]
             tensor = torch.empty(entry["shape"], dtype=self.dtype(name))
@@ -275,7 +337,9 @@ class CheckpointReader:
             raise ValueError(f"model {self.name!r}: rows {start}:{end} of tensor {name!r} with shape {shape}")
         if self.adapter is not None and name in self.adapter.tensor_names:  # the update spans every row
             return self.get(name, dtype=dtype)[start:end].clone()
-        if name in self._entries:
+        if self._gguf is not None:
+            rows = self._gguf.get_rows(name, start, end)
+        elif name in self._entries:
             file, entry, data_start = self._entries[name]
             rows = torch.empty((end - start, *shape[1:]), dtype=self.dtype(name))
             row_bytes = rows[0].numel() * rows.element_size() if len(rows) else 0
@@ -290,6 +354,8 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._bin_cache = None
+        if self._gguf is not None:
+            self._gguf.close()
 
     def __enter__(self) -> CheckpointReader:
         return self

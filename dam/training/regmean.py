@@ -29,7 +29,7 @@ from torch import nn
 from dam.adaptive.checks import check_configs, load_source_config
 from dam.adaptive.regmean import GramRecorder, RegMeanAccumulator, scale_off_diagonal
 from dam.errors import DamError
-from dam.io.checkpoint import CheckpointReader, parse_dtype, resolve_model_path
+from dam.io.checkpoint import CheckpointReader, load_causal_lm, parse_dtype, resolve_model_path
 from dam.io.model_folder import write_model_files
 from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, atomic_output_dir
@@ -55,8 +55,6 @@ def run_regmean(
 ) -> dict[str, Any]:
     """RegMean of ``config``'s sources into ``out`` (see the module docstring); returns what ``regmean.json``
     holds (method, alpha, sources, linear layers, tokens per source, seconds)."""
-    from transformers import AutoModelForCausalLM
-
     from dam.training.data import DataCollator, build_train_dataset, load_tokenizer, source_renderings
 
     try:
@@ -82,7 +80,7 @@ def run_regmean(
     accumulators: dict[str, RegMeanAccumulator] = {}
     tokens: dict[str, int] = {}
     for i, source in enumerate(config.models):
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(source.model), dtype=torch.float32).eval()
+        model = load_causal_lm(source.model, dtype=torch.float32)  # a folder, Hub id or GGUF file
         names = linear_weight_names(model)
         recorder = GramRecorder(model, names)
         rows = [r for r in dataset if r["dataset_index"] == i]

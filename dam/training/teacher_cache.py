@@ -73,9 +73,23 @@ def model_identity(name_or_path: str | Path) -> dict[str, Any]:
     """A cheap identity of a checkpoint: resolved folder (a Hub model: ``id@<snapshot revision>``), a hash of
     ``config.json``, and size + mtime of each weight file. Rewriting weights changes the mtime (and usually the
     size), so this catches changed sources without reading any weights; copying a folder also changes mtimes,
-    which only costs a recomputation.
+    which only costs a recomputation. A GGUF source is identified by its file (absolute path, size, mtime), not by
+    the cache folder of its config and tokenizer.
     """
+    from dam.io.gguf import file_identity, gguf_source
+
     model, adapter = split_reference(name_or_path)
+    gguf_file = gguf_source(model)
+    if gguf_file is not None:  # a GGUF file (or its cache folder): the file itself, its size and mtime
+        stat = file_identity(gguf_file)
+        identity = {
+            "path": stat["gguf"],
+            "config": _sha256((resolve_folder(gguf_file) / "config.json").read_bytes()),
+            "weights": {gguf_file.name: [stat["size"], stat["mtime_ns"]]},
+        }
+        if adapter is not None:
+            identity["adapter"] = model_identity(resolve_folder(adapter))
+        return identity
     path = resolve_folder(model).resolve()
     local = Path(model).expanduser().is_dir()
     config = path / "config.json"
