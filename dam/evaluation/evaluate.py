@@ -287,18 +287,18 @@ def evaluate_loaded(
 def load_model(
     model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from a folder (or Hub id); a model without a tokenizer is a DamError."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A causal LM and its tokenizer from a folder, Hub id or GGUF file; a model without a tokenizer is a
+    DamError."""
+    from transformers import AutoTokenizer
+
+    from dam.io.checkpoint import load_causal_lm
 
     path = resolve_model_path(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # missing or unreadable tokenizer files
         raise DamError(f"model {str(model)!r}: cannot load a tokenizer from {path}: {e}") from e
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as e:  # missing config or weights, unknown architecture
-        raise DamError(f"model {str(model)!r}: cannot load a causal LM from {path}: {e}") from e
+    lm = load_causal_lm(split_reference(model)[0], dtype=dtype)  # missing weights, unknown architecture: DamError
     if split_reference(model)[1] is not None:  # MODEL+LORA: the tensors the adapter changes, as dam reads them
         with CheckpointReader(model) as reader:
             assert reader.adapter is not None
