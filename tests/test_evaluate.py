@@ -140,9 +140,17 @@ def test_loss_matches_an_unpadded_forward_and_batching_changes_nothing(tmp_path:
             logp = torch.log_softmax(logits.double(), -1)
             total -= sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(r))
             count += len(r)
-    nll, n = response_nll(model, encoded, tok.pad_token_id)
+    nll, n, agreed = response_nll(model, encoded, tok.pad_token_id)
     assert n == count
     assert nll == pytest.approx(total, rel=1e-5)
+    with torch.no_grad():  # greedy agreement counted one unpadded example at a time
+        expected = sum(
+            int(
+                (model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1].argmax(-1) == torch.tensor(r)).sum()
+            )
+            for p, r in encoded
+        )
+    assert agreed == expected
 
     single = [greedy_generate(model, [p], 6, [tok.eos_token_id], tok.pad_token_id)[0] for p, _ in encoded]
     batched = greedy_generate(model, [p for p, _ in encoded], 6, [tok.eos_token_id], tok.pad_token_id)
@@ -256,3 +264,43 @@ def test_generation_is_greedy_whatever_the_model_generation_config(chain: Path, 
     files = _tasks(tmp_path)
     result = evaluate_model(sampled, [files["right"]])
     assert result.tasks[0].accuracy == 100.0
+
+
+def test_task_json_chat_and_agreement(tmp_path: Path) -> None:
+    """A task folder's task.json: chat renders the prompt through the tokenizer's chat template; agreement scores
+    the share of reference tokens that are the model's greedy choice (100 on its own greedy answers)."""
+    from dam.testing import SIMPLE_CHAT_TEMPLATE, tiny_config
+
+    tok = demo_tokenizer()
+    tok.chat_template = SIMPLE_CHAT_TEMPLATE
+    model = random_model(tiny_config(vocab_size=len(tok), hidden_size=32, num_layers=2), seed=5).eval()
+    prompt_ids, response_ids = encode_example(tok, "ab=", "ba", chat=True)
+    assert tok.decode(prompt_ids) == "<|user|>ab=\n<|assistant|>"
+    assert response_ids[-1] == tok.eos_token_id
+    prompts = ["ab=", "xyz=", "hello="]
+    encoded = [encode_example(tok, p, "", chat=True)[0] for p in prompts]
+    own = greedy_generate(model, encoded, 5, [tok.eos_token_id], tok.pad_token_id)
+    rows = [{"prompt": p, "response": tok.decode(t)} for p, (t, _) in zip(prompts, own, strict=True)]
+    # the greedy answers re-tokenize to the same ids (a character tokenizer): the reference is the model itself
+    assert all(encode_example(tok, "", r["response"])[1][:-1] == t for r, (t, _) in zip(rows, own, strict=True))
+    _write_jsonl(tmp_path / "general" / "test.jsonl", rows)
+    (tmp_path / "general" / "task.json").write_text(json.dumps({"chat": True, "metric": "agreement"}))
+    task = load_task("general", data_dir=tmp_path)
+    assert task.chat and task.metric == "agreement"
+    ended = [e for _, e in own]
+    result = evaluate_loaded(model, tok, [task], batch_size=2)
+    # the EOS after an answer that did not end within 5 tokens is not the model's choice: exactly those miss
+    total = sum(len(encode_example(tok, "", r["response"])[1]) for r in rows)
+    assert result.tasks[0].accuracy == pytest.approx(100.0 * (total - ended.count(False)) / total)
+    other = random_model(tiny_config(vocab_size=len(tok), hidden_size=32, num_layers=2), seed=6).eval()
+    assert evaluate_loaded(other, tok, [task], batch_size=2).tasks[0].accuracy < result.tasks[0].accuracy
+
+
+@pytest.mark.parametrize(
+    "text", ['{"chat": "yes"}', '{"metric": "bleu"}', '{"other": 1}', "{not json", "[1]"], ids=lambda t: t[:9]
+)
+def test_task_json_bad_content_is_one_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    _write_jsonl(tmp_path / "t" / "test.jsonl", [{"prompt": "a", "response": "b"}])
+    (tmp_path / "t" / "task.json").write_text(text)
+    with pytest.raises(DamError, match="task.json"):
+        load_task("t", data_dir=tmp_path)

@@ -11,14 +11,13 @@ import pytest
 import yaml
 
 from dam.cli import main
+from dam.demo.paths import CONFIG_DIR, rebase
 from dam.demo.run import (
     CLASSIC_METHODS,
-    CONFIG_DIR,
     LEARNED_BASELINES,
     MERGE_CONFIG_DIR,
     dam_config,
     merge_config_text,
-    rebase,
     run_demo,
 )
 from dam.errors import DamError

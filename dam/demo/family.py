@@ -155,14 +155,22 @@ def train_lm(
     seed: int,
     desc: str = "train",
     progress: bool = True,
+    chat: bool = False,
+    freeze_embeddings: bool = False,
 ) -> list[float]:
-    """Full fine-tuning with AdamW (no weight decay) on the response tokens; returns the loss of every step."""
+    """Full fine-tuning with AdamW (no weight decay) on the response tokens; returns the loss of every step.
+
+    ``chat``: examples in the tokenizer's chat format (:func:`dam.evaluation.evaluate.encode_example`).
+    ``freeze_embeddings``: the input embedding (and so a ``lm_head`` tied to it) is not trained."""
     from tqdm.auto import tqdm
 
-    encoded = [encode_example(tokenizer, ex["prompt"], ex["response"]) for ex in examples]
+    encoded = [encode_example(tokenizer, ex["prompt"], ex["response"], chat=chat) for ex in examples]
     batch_size = min(batch_size, len(encoded))
     batches = _batches(len(encoded), batch_size, torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
@@ -173,7 +181,7 @@ def train_lm(
         logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits  # (B, T, V)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

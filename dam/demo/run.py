@@ -36,14 +36,14 @@ from typing import Any
 
 import yaml
 
-from dam.demo.paths import CONFIG_DIR, rebase
+from dam.demo.paths import SMOLLM2, TOY, Family
 from dam.errors import DamError
 from dam.io.paths import portable_reference
 
 logger = logging.getLogger(__name__)
 
-DAM_CONFIG = CONFIG_DIR / "dam.yaml"
-MERGE_CONFIG_DIR = CONFIG_DIR / "merge"
+DAM_CONFIG = TOY.config_dir / "dam.yaml"
+MERGE_CONFIG_DIR = TOY.config_dir / "merge"
 CLASSIC_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
     # layer-wise AdaMerging (Yang et al., 2024): one coefficient per source and tensor, trained on the merged
@@ -55,9 +55,11 @@ LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
 """The learned merges the demo's DAM (the default config, row ``dam``) is compared with: name -> overrides of
 the default DAM config. A baseline whose resolved config equals the default's is the ``dam`` row itself and is
 not run twice. RegMean (row ``regmean``, ``REGMEAN_ALPHA``) needs no training and is run besides."""
+FAMILY_BASELINES: dict[str, tuple[str, ...]] = {"toy": tuple(LEARNED_BASELINES), "smollm2": ("adamerging",)}
+"""Which :data:`LEARNED_BASELINES` each family's run trains (each costs a DAM run: the real family's runs only
+AdaMerging beside DAM)."""
 REGMEAN_ALPHA = 0.9  # the off-diagonal scale the RegMean paper recommends for language models (0.9-0.95)
 COST_FILE = "cost.json"
-GENERIC = "generic"
 # --quick: a smoke run (seconds): few DAM steps on few examples, a short evaluation
 _QUICK_OVERRIDES = ("train.max_steps=6", "train.warmup_steps=1", "train.log_every=2", "data.num_examples=48")
 QUICK_EVAL_LIMIT = 20
@@ -73,29 +75,36 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def dam_config(
-    root: str | Path, out: str | Path, *, seed: int = 0, overrides: Sequence[str] = (), quick: bool = False
+    root: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    quick: bool = False,
+    family: Family = TOY,
 ) -> Any:
-    """The DAM run config of the demo: ``dam/demo/configs/dam.yaml`` pointed at ``root`` and ``out``, seeded with
+    """The DAM run config of the demo: the family's ``dam.yaml`` pointed at ``root`` and ``out``, seeded with
     ``seed``, then ``overrides`` (``key=value``, they win). Returns a :class:`dam.training.config.DAMConfig`."""
     from dam.training.config import load_config
 
-    data = _read_yaml(DAM_CONFIG)
-    moved = [f"base_model={rebase(data['base_model'], root)}"]
+    config_file = family.config_dir / "dam.yaml"
+    data = _read_yaml(config_file)
+    moved = [f"base_model={family.rebase(data['base_model'], root)}"]
     for m in data["models"]:
-        moved += [f"models.{m['name']}.model={rebase(m['model'], root)}"]
-        moved += [f"models.{m['name']}.dataset={rebase(m['dataset'], root)}"]
+        moved += [f"models.{m['name']}.model={family.rebase(m['model'], root)}"]
+        moved += [f"models.{m['name']}.dataset={family.rebase(m['dataset'], root)}"]
     run = [f"output_dir={out}", f"train.seed={seed}", f"data.seed={seed}"]
-    return load_config(DAM_CONFIG, [*moved, *run, *(_QUICK_OVERRIDES if quick else ()), *overrides])
+    return load_config(config_file, [*moved, *run, *(_QUICK_OVERRIDES if quick else ()), *overrides])
 
 
-def merge_config_text(method: str, root: str | Path, seed: int) -> str:
-    """The mergekit YAML of ``dam/demo/configs/merge/<method>.yaml`` with its model paths moved under ``root``, headed
+def merge_config_text(method: str, root: str | Path, seed: int, family: Family = TOY) -> str:
+    """The mergekit YAML of the family's ``merge/<method>.yaml`` with its model paths moved under ``root``, headed
     by the seed it is run with (so a merge made with another DARE seed is not mistaken for this one)."""
-    data = _read_yaml(MERGE_CONFIG_DIR / f"{method}.yaml")
+    data = _read_yaml(family.config_dir / "merge" / f"{method}.yaml")
     if data.get("base_model"):
-        data["base_model"] = rebase(data["base_model"], root)
+        data["base_model"] = family.rebase(data["base_model"], root)
     for m in data.get("models", []):
-        m["model"] = rebase(m["model"], root)
+        m["model"] = family.rebase(m["model"], root)
     return f"# dam demo run: {method} of {root}/models, --seed {seed}\n" + yaml.safe_dump(data, sort_keys=False)
 
 
@@ -187,10 +196,17 @@ def _regmean(config: Any, folder: Path) -> None:
 
 
 def learned_merges(
-    default: Any, root: str | Path, out: Path, *, seed: int, overrides: Sequence[str], quick: bool
+    default: Any,
+    root: str | Path,
+    out: Path,
+    *,
+    seed: int,
+    overrides: Sequence[str],
+    quick: bool,
+    family: Family = TOY,
 ) -> tuple[dict[str, Path], dict[str, dict[str, float] | None]]:
-    """RegMean and the :data:`LEARNED_BASELINES` next to the default DAM config ``default``: ``({name: model
-    folder}, {name: cost})``. Finished ones are reused."""
+    """RegMean and the family's :data:`LEARNED_BASELINES` next to the default DAM config ``default``: ``({name:
+    model folder}, {name: cost})``. Finished ones are reused."""
     from dam.training.config import config_to_dict
     from dam.training.run_dir import MERGED_DIR
 
@@ -204,8 +220,10 @@ def learned_merges(
         _, costs["regmean"] = measured(regmean, _regmean, default, regmean)
     folders["regmean"] = regmean
     reference = {k: v for k, v in config_to_dict(default).items() if k != "output_dir"}
-    for name, extra in LEARNED_BASELINES.items():
-        config = dam_config(root, out / "learned" / name, seed=seed, overrides=[*overrides, *extra], quick=quick)
+    for name in FAMILY_BASELINES[family.name]:
+        extra = LEARNED_BASELINES[name]
+        folder = out / "learned" / name
+        config = dam_config(root, folder, seed=seed, overrides=[*overrides, *extra], quick=quick, family=family)
         if {k: v for k, v in config_to_dict(config).items() if k != "output_dir"} == reference:
             continue  # this is the default config: the ``dam`` row
         run, _, costs[name] = train_dam(config)
@@ -220,7 +238,7 @@ def _classic_merge(config: Any, folder: Path, seed: int) -> None:
 
 
 def classic_merges(
-    root: str | Path, merges: Path, *, seed: int = 0
+    root: str | Path, merges: Path, *, seed: int = 0, family: Family = TOY
 ) -> tuple[dict[str, Path], dict[str, dict[str, float] | None]]:
     """Run every classic demo merge into ``merges/<method>`` (measured, like the learned ones); a folder made from
     the same config text is reused, one made from another is refused (DamError). ``(folders, costs)``."""
@@ -228,10 +246,11 @@ def classic_merges(
 
     folders, costs = {}, {}
     for method in CLASSIC_METHODS:
-        text = merge_config_text(method, root, seed)
+        text = merge_config_text(method, root, seed, family)
         folder = merges / method
         written = folder / "mergekit_config.yml"
-        config = parse_merge_config(yaml.safe_load(text), text, origin=str(MERGE_CONFIG_DIR / f"{method}.yaml"))
+        origin = str(family.config_dir / "merge" / f"{method}.yaml")
+        config = parse_merge_config(yaml.safe_load(text), text, origin=origin)
         if (
             written.is_file()
             and written.read_text(encoding="utf-8") == config.portable_text(folder)
@@ -246,7 +265,13 @@ def classic_merges(
 
 
 def evaluate_models(
-    models: dict[str, Path], root: str | Path, tasks: Sequence[str], *, split: str, limit: int | None = None
+    models: dict[str, Path],
+    root: str | Path,
+    tasks: Sequence[str],
+    *,
+    split: str,
+    limit: int | None = None,
+    batch_size: int = 100,
 ) -> list[Any]:
     """:func:`dam.evaluation.evaluate.evaluate_model` of every model on every task's ``split`` (``validation`` or
     ``test``) under ``root``."""
@@ -256,7 +281,7 @@ def evaluate_models(
     results = []
     for name, path in models.items():
         t0 = time.perf_counter()
-        results.append(evaluate_model(path, loaded, batch_size=100, name=name))
+        results.append(evaluate_model(path, loaded, batch_size=batch_size, name=name))
         logger.info("demo: evaluated %s on %s in %.1f s", name, split, time.perf_counter() - t0)
     return results
 
@@ -269,8 +294,14 @@ def skills_mean(accuracy: dict[str, float], skills: Sequence[str]) -> float:
     return sum(accuracy[s] for s in skills) / len(skills)
 
 
-def goal_checks(accuracy: dict[str, dict[str, float]], skills: Sequence[str]) -> dict[str, Any]:
+def goal_checks(
+    accuracy: dict[str, dict[str, float]], skills: Sequence[str], general: str | None = None
+) -> dict[str, Any]:
     """The quality goals of the demo, from ``accuracy[model][task]`` (percent).
+
+    With ``general`` (the base's task), also ``general_retention``: DAM's score there over the base's (goal >= 0.9),
+    and ``best_other``/``other_margin``: DAM's skills mean minus the best other merge's, learned and searched ones
+    included (every row but the base, the experts and ``dam``; goal >= 10 points).
 
     ``margin``: DAM's mean over the skills minus the best classic merge's (goal >= 5 points). ``retention``:
     per skill, DAM's accuracy over that skill's expert's own accuracy (goal >= 0.9 on every skill).
@@ -285,7 +316,20 @@ def goal_checks(accuracy: dict[str, dict[str, float]], skills: Sequence[str]) ->
     worst = {
         m: min(accuracy[m][s] / accuracy[s][s] if accuracy[s][s] else float("nan") for s in skills) for m in learned
     }
+    extra: dict[str, Any] = {}
+    if general is not None:
+        others = {m: skills_mean(accuracy[m], skills) for m in accuracy if m not in ("base", *skills, "dam")}
+        best_other = max(others, key=others.__getitem__)
+        retained = accuracy["dam"][general] / accuracy["base"][general] if accuracy["base"][general] else float("nan")
+        extra = {
+            "general_retention": retained,
+            "general_goal_met": retained >= 0.9,
+            "best_other": best_other,
+            "other_margin": dam - others[best_other],
+            "other_margin_goal_met": dam - others[best_other] >= 10.0,
+        }
     return {
+        **extra,
         "worst_retention": worst,
         "dam_skills_mean": dam,
         "best_classic": best,
@@ -334,14 +378,23 @@ def format_goals(goals: dict[str, Any]) -> str:
         f"DAM / expert on its own skill: {ratios} (goal >= 90% each: "
         f"{'met' if goals['retention_goal_met'] else 'not met'})"
     )
+    lines = [margin, retention]
+    if "general_retention" in goals:
+        met = "met" if goals["general_goal_met"] else "not met"
+        lines.append(f"DAM / base on general: {100 * goals['general_retention']:.0f}% (goal >= 90%: {met})")
+        met = "met" if goals["other_margin_goal_met"] else "not met"
+        lines.append(
+            f"DAM skills mean vs the best other merge ({goals['best_other']}): {goals['other_margin']:+.1f} points "
+            f"(goal >= +10: {met})"
+        )
     if not goals["worst_retention"]:
-        return f"{margin}\n{retention}"
+        return "\n".join(lines)
     learned = ", ".join(f"{m} {100 * r:.0f}%" for m, r in goals["worst_retention"].items())
     best = max(goals["worst_retention"], key=goals["worst_retention"].__getitem__)
     met = goals["worst_retention"][best] >= 0.9
     verdict = "met" if met else "not met"
     worst = f"worst skill / its expert per learned merge: {learned} (best: {best}; goal >= 90%: {verdict})"
-    return f"{margin}\n{retention}\n{worst}"
+    return "\n".join([*lines, worst])
 
 
 def _model_colours(models: Sequence[str], skills: Sequence[str]) -> list[Any]:
@@ -439,12 +492,17 @@ def plot_results(
 # ------------------------------------------------------------------------------------------------ the command
 
 
-def _ensure_family(root: Path, quick: bool) -> dict[str, Any]:
+def _ensure_family(root: Path, quick: bool, family: Family = TOY) -> dict[str, Any]:
     from dam.demo.family import DemoSettings, build_demo
 
     report_file = root / "models" / "build_report.json"
     if report_file.is_file():
         return json.loads(report_file.read_text())
+    if family is SMOLLM2:
+        from dam.demo.real import build_real
+
+        logger.info("demo: no real family at %s: building it (SmolLM2-135M-Instruct and three experts)", root)
+        return build_real(root, progress=not quick)
     settings = None
     if quick:  # a tiny family in seconds, for smoke tests: the numbers mean nothing
         settings = DemoSettings(
@@ -475,6 +533,7 @@ def run_demo(
     dam_overrides: Sequence[str] = (),
     quick: bool = False,
     searches: bool = False,
+    family: Family = TOY,
 ) -> dict[str, Any]:
     """The demo end to end (see the module docstring). Returns what ``out/results.json`` holds, plus ``table``
     (the comparison), ``goals_text`` and ``kinship_text`` (the experts' kinship matrix) as printable strings.
@@ -483,18 +542,20 @@ def run_demo(
     committed datasets). ``quick``: a smoke run (a tiny family if one must be built, 6 DAM steps, 20 eval
     examples per task) whose numbers mean nothing. ``searches``: also run the greedy soup, kinship-greedy merging
     and CMA-ES at two budgets (:mod:`dam.demo.searches`), chosen on validation, evaluated on test beside DAM, and
-    the quality-per-compute table (``compute``, ``compute_text``)."""
+    the quality-per-compute table (``compute``, ``compute_text``). ``family``: :data:`dam.demo.paths.TOY` or
+    :data:`dam.demo.paths.SMOLLM2` (the real family, :mod:`dam.demo.real`: its base and experts are scored once by
+    the build, whose figures the run reuses, and its searches are the greedy soup and a small CMA-ES)."""
     from dam.demo.family import format_kinship_matrix
     from dam.demo.searches import compute_table
 
     root, out = Path(root), Path(out)
-    config = dam_config(root, out, seed=seed, overrides=dam_overrides, quick=quick)
+    config = dam_config(root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family)
     _check_out(out, config, force)
     for method in CLASSIC_METHODS:  # config errors before any heavy work
-        merge_config_text(method, root, seed)
+        merge_config_text(method, root, seed, family)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    report = _ensure_family(root, quick)
+    report = _ensure_family(root, quick, family)
     skills = list(report["skills"])
     seconds["family"] = time.perf_counter() - t0
 
@@ -510,16 +571,19 @@ def run_demo(
         dam_compute_file.write_text(json.dumps(dam_compute) + "\n")
     dam_compute = json.loads(dam_compute_file.read_text())
     t0 = time.perf_counter()
-    merges, costs = classic_merges(root, out / "merges", seed=seed)
+    merges, costs = classic_merges(root, out / "merges", seed=seed, family=family)
     seconds["merges"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    learned, learned_costs = learned_merges(config, root, out, seed=seed, overrides=dam_overrides, quick=quick)
+    learned, learned_costs = learned_merges(
+        config, root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family
+    )
     seconds["learned"] = time.perf_counter() - t0
     costs |= learned_costs | {"dam": dam_cost}
 
     from dam.training.run_dir import MERGED_DIR
 
-    models = {name: root / report["models"][name] for name in ["base", *skills]}
+    reused = family is SMOLLM2 and not quick  # the build scored the base and the experts on both splits
+    models = {} if reused else {name: root / report["models"][name] for name in ["base", *skills]}
     models.update(merges)
     models.update(learned)
     models["dam"] = run / MERGED_DIR
@@ -528,19 +592,24 @@ def run_demo(
         from dam.demo.searches import run_searches
 
         t0 = time.perf_counter()
-        kept = run_searches(root, out, seed=seed, quick=quick, limit=QUICK_EVAL_LIMIT if quick else None)
+        limit = QUICK_EVAL_LIMIT if quick else None
+        kept = run_searches(root, out, seed=seed, quick=quick, limit=limit, family=family)
         seconds["searches"] = time.perf_counter() - t0
         models.update({name: Path(k["path"]) for name, k in kept.items()})
         compute.update({name: {k: v for k, v in c.items() if k != "path"} for name, c in kept.items()})
-    tasks = [GENERIC, *skills]
+    tasks = [family.general, *skills]
     t0 = time.perf_counter()
     limit = QUICK_EVAL_LIMIT if quick else None
-    validation = evaluate_models(models, root, tasks, split="validation", limit=limit)
-    results = evaluate_models(models, root, tasks, split="test", limit=limit)
+    batch = 32 if family is SMOLLM2 else 100
+    validation = evaluate_models(models, root, tasks, split="validation", limit=limit, batch_size=batch)
+    results = evaluate_models(models, root, tasks, split="test", limit=limit, batch_size=batch)
     seconds["eval"] = time.perf_counter() - t0
     accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in results}
     validation_accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in validation}
-    goals = goal_checks(accuracy, skills)
+    if reused:
+        accuracy = {name: report["accuracy"][name] for name in ["base", *skills]} | accuracy
+        validation_accuracy = {n: report["validation_accuracy"][n] for n in ["base", *skills]} | validation_accuracy
+    goals = goal_checks(accuracy, skills, general=family.general if family is SMOLLM2 else None)
 
     t0 = time.perf_counter()
     plot_results(accuracy, tasks, skills, run, out / "results.png")
@@ -549,6 +618,7 @@ def run_demo(
     plot_coefficient_heatmap(load_coefficient_table(run), path=out / "coefficients.png")
     seconds["plots"] = time.perf_counter() - t0
     summary = {
+        "family": family.name,
         "root": portable_reference(root, out),
         "seed": seed,
         "quick": quick,

