@@ -9,6 +9,12 @@ share the cores). A second table merges 1, 2 and 3 models with dam to show that 
 tensor, not the number of models times their size.
 
     python benchmarks/merge_speed.py [--workdir DIR] [--repeats 2]
+    python benchmarks/merge_speed.py --real data/smollm2 --methods all [--workdir DIR]
+
+``--real ROOT``: the real demo family's checkpoints instead (``ROOT/models/{base,reverse,initials,double}``,
+SmolLM2-135M-Instruct and three full fine-tunes of it, written once to bfloat16 in the work folder).
+``--methods all``: every config of ``configs/merge/`` (its model names mapped in order onto the base and the three
+sources), instead of linear, ties and dare_ties.
 
 Not part of the test suite. Needs mergekit (``pip install mergekit==0.1.5``).
 """
@@ -16,6 +22,7 @@ Not part of the test suite. Needs mergekit (``pip install mergekit==0.1.5``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -51,11 +58,62 @@ def build_models(workdir: Path) -> tuple[Path, list[Path]]:
     return base, sources
 
 
-def write_config(workdir: Path, name: str, base: Path, sources: list[Path]) -> Path:
-    spec = dict(CONFIGS[name.split("@")[0]])
+REAL_BUILD = """
+import sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM, AutoTokenizer
+for name in ("base", "reverse", "initials", "double"):
+    src, dst = Path(sys.argv[1]) / "models" / name, Path(sys.argv[2]) / name
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+"""
+
+
+def real_models(workdir: Path, root: Path) -> tuple[Path, list[Path]]:
+    """The real family's base and experts in bfloat16 under ``workdir/real`` (written once)."""
+    target = workdir / "real"
+    names = ("base", "reverse", "initials", "double")
+    if not all((target / n / "model.safetensors").exists() for n in names):
+        print(f"writing the real family of {root} in bfloat16 ...", flush=True)
+        subprocess.run([sys.executable, "-c", REAL_BUILD, str(root), str(target)], check=True, capture_output=True)
+    return target / "base", [target / n for n in names[1:]]
+
+
+def shipped_config(path: Path, base: Path, sources: list[Path]) -> dict:
+    """A ``configs/merge`` example with its model names replaced: the base model by ``base``, every other model
+    name, in order of appearance, by the next of ``sources`` (cycling)."""
+    spec = yaml.safe_load(path.read_text())
+    names: dict[str, str] = {}
     if spec.get("base_model"):
-        spec["base_model"] = str(base)
-    spec["models"] = [{"model": str(s)} for s in sources]
+        names[spec["base_model"]] = str(base)
+
+    def walk(node: object) -> object:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key in ("model", "base_model") and isinstance(value, str):
+                    if value not in names:
+                        names[value] = str(sources[(len(names) - ("base_model" in spec)) % len(sources)])
+                    out[key] = names[value]
+                else:
+                    out[key] = walk(value)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(spec)
+
+
+def write_config(workdir: Path, name: str, base: Path, sources: list[Path]) -> Path:
+    shipped = Path(__file__).resolve().parent.parent / "configs" / "merge" / f"{name}.yaml"
+    if name.split("@")[0] in CONFIGS:
+        spec = dict(CONFIGS[name.split("@")[0]])
+        if spec.get("base_model"):
+            spec["base_model"] = str(base)
+        spec["models"] = [{"model": str(s)} for s in sources]
+    else:
+        spec = shipped_config(shipped, base, sources)
     spec["dtype"] = "bfloat16"
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -94,20 +152,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, help="keep models here between runs (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--real", type=Path, help="the real demo family's folder (dam demo build --family smollm2)")
+    parser.add_argument("--methods", choices=["three", "all"], default="three", help="linear/ties/dare_ties or all")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dam-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        base, sources = build_models(workdir)
+        base, sources = real_models(workdir, args.real) if args.real else build_models(workdir)
         model_mb = (sources[0] / "model.safetensors").stat().st_size / 1e6
         importing = [sys.executable, "-c", "import torch, safetensors, yaml, pydantic"]
         baseline = best_of([run_child(importing) for _ in range(args.repeats)])
-        largest_mb = MODEL["vocab_size"] * MODEL["hidden_size"] * 2 / 1e6
+        shapes = json.loads((sources[0] / "config.json").read_text())
+        largest_mb = shapes["vocab_size"] * shapes["hidden_size"] * 2 / 1e6  # the embedding, in bfloat16
         print(f"models: 1 base + 3 sources, {model_mb:.0f} MB each (bfloat16), largest tensor {largest_mb:.0f} MB")
+        if args.real:
+            print(f"the real family of {args.real}: SmolLM2-135M-Instruct and three full fine-tunes")
         print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; best of {args.repeats} runs")
         print(f"python + torch import alone: {baseline[0]:.1f} s, {baseline[2]:.0f} MB peak RSS\n")
         rows = []
-        for name in CONFIGS:
+        methods = list(CONFIGS)
+        if args.methods == "all":
+            methods = sorted(
+                p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "merge").glob("*.yaml")
+            )
+        for name in methods:
             config = write_config(workdir, name, base, sources)
             runs: dict[str, list[tuple[float, float, float]]] = {"mergekit": [], "dam": []}
             for _ in range(args.repeats):

