@@ -77,15 +77,27 @@ def _closeness(family: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
 # ------------------------------------------------------------------------------------------- pure logic
 
 
-def test_greedy_soup_keeps_a_candidate_only_when_the_score_strictly_improves() -> None:
-    own = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 0.5}
-    averages = {("b", "c"): 3.5, ("b", "c", "a"): 3.5, ("b", "c", "d"): 4.0}
+def _soup_of(averages: dict[tuple[str, ...], float]) -> tuple[dict[str, Score], object]:
+    own = {"a": 1.0, "b": 3.0, "c": 2.0, "d": 0.5}  # tried in the order b, c, a, d
 
     def evaluate(models: list[str]) -> Score:
         return Score(averages[tuple(models)], {}, 0.0, None)
 
-    candidates = {m: Score(s, {}, 0.0, None) for m, s in own.items()}
+    return {m: Score(s, {}, 0.0, None) for m, s in own.items()}, evaluate
+
+
+def test_greedy_soup_keeps_a_candidate_when_the_score_does_not_drop() -> None:
+    """The paper's rule (Wortsman et al. 2022, Recipe 1: keep if the held-out accuracy is >= the soup's): the tie
+    of b + c + a with b + c keeps a; d, which lowers the score, is dropped."""
+    candidates, evaluate = _soup_of({("b", "c"): 3.5, ("b", "c", "a"): 3.5, ("b", "c", "a", "d"): 3.0})
     kept, best, steps = greedy_soup(candidates, evaluate)
+    assert kept == ["b", "c", "a"] and best == 3.5
+    assert [(s["model"], s["kept"]) for s in steps] == [("b", True), ("c", True), ("a", True), ("d", False)]
+
+
+def test_strict_greedy_soup_keeps_a_candidate_only_when_the_score_strictly_improves() -> None:
+    candidates, evaluate = _soup_of({("b", "c"): 3.5, ("b", "c", "a"): 3.5, ("b", "c", "d"): 4.0})
+    kept, best, steps = greedy_soup(candidates, evaluate, strict=True)
     assert kept == ["b", "c", "d"] and best == 4.0
     assert [(s["model"], s["kept"]) for s in steps] == [("b", True), ("c", True), ("a", False), ("d", True)]
 
@@ -451,6 +463,117 @@ def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monk
     assert json.loads((out / "results.json").read_text()) == results  # compute included: kinship times are logged
 
 
+# ------------------------------------------------------------------------------------------- failing candidates
+
+# a fitness that fails on the calls ``fails`` names (counted in this process; each test imports its own copy)
+FLAKY_MODULE = """
+CALLS = 0
+
+
+def score(model, tokenizer):
+    global CALLS
+    CALLS += 1
+    if {fails}:
+        raise RuntimeError(f"flaky call {{CALLS}}")
+    return float(model.lm_head.weight.detach().sum())
+"""
+
+
+def _flaky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fails: str, run: int = 0) -> dict:
+    """A callable fitness failing when ``fails`` (an expression of ``CALLS``, 1 for the first call) holds."""
+    name = f"fit_flaky_{tmp_path.name}_{run}"  # a module of its own: its call count starts at 0
+    (tmp_path / f"{name}.py").write_text(FLAKY_MODULE.format(fails=fails))
+    monkeypatch.chdir(tmp_path)
+    return {"callable": f"{name}:score"}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_failed_candidates_count_against_the_evolve_budget(
+    family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Candidates 1 and 3 fail: with a budget of 4 the search evaluates candidates 0-3 and stops (it used to
+    evaluate 4 more that succeeded); the failed ones are recorded with their reason, the best is a scored one, and
+    the start score is candidate 0's."""
+    config = _evolve_config(family, monkeypatch, budget={"evaluations": 4})
+    path = _write(tmp_path / "evolve.yaml", {**config, "fitness": _flaky(tmp_path, monkeypatch, "CALLS in (2, 4)")})
+    out = tmp_path / "evolve"
+    assert main(["evolve", str(path), str(out), "--quiet"]) == 0
+    rows = _lines(out / "candidates.jsonl")
+    assert [r["number"] for r in rows] == [0, 1, 2, 3]
+    assert [r["score"] is None for r in rows] == [False, True, False, True]
+    assert rows[1]["error"].endswith("raised RuntimeError: flaky call 2") and rows[1]["seconds"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["compute"]["evaluations"] == 4 and results["compute"]["failed"] == 2
+    assert results["start_score"] == rows[0]["score"]
+    assert results["best"]["score"] == max(rows[0]["score"], rows[2]["score"])
+    assert "4 evaluations (2 failed)" in capsys.readouterr().out
+
+
+def test_evolve_stops_after_max_failures_in_a_row_and_keeps_the_study(
+    family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    config = _evolve_config(family, monkeypatch, budget={"evaluations": 20, "max_failures_in_a_row": 2})
+    config["fitness"] = _flaky(tmp_path, monkeypatch, "CALLS > 1")  # the start scores, every later one fails
+    out = tmp_path / "evolve"
+    assert main(["evolve", str(_write(tmp_path / "evolve.yaml", config)), str(out), "--quiet"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "flaky call 3" in errors[0]
+    assert errors[0].startswith("error: evolve: 2 candidates in a row failed (budget.max_failures_in_a_row)")
+    assert [r["score"] is None for r in _lines(out / "candidates.jsonl")] == [False, True, True]
+    assert (out / "study.db").is_file() and not (out / "results.json").exists()  # kept: a rerun continues it
+
+
+def test_failed_merges_count_against_the_kinship_greedy_budget(
+    family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The three inputs score, every merge fails: with a budget of 5 the two merges of generation 1 spend it; with
+    max_failures_in_a_row 2 the same run stops with an error instead."""
+    fitness = _flaky(tmp_path, monkeypatch, "CALLS > 3")
+    config = {
+        "base_model": family["base"],
+        "models": family["sources"],
+        "strategy": "kinship_greedy",
+        "kinship_greedy": {"k": 2, "max_generations": 3},
+        "fitness": fitness,
+        "budget": {"evaluations": 5},
+    }
+    out = tmp_path / "kg"
+    assert main(["evolve", str(_write(tmp_path / "kg.yaml", config)), str(out)]) == 0
+    assert "gen1-0 = input" in capsys.readouterr().out
+    members = _lines(out / "members.jsonl")
+    assert [m["score"] is None for m in members] == [False, False, False, True, True]
+    assert members[3]["error"].endswith("raised RuntimeError: flaky call 4")
+    results = json.loads((out / "results.json").read_text())
+    assert results["compute"]["evaluations"] == 5 and results["compute"]["failed"] == 2
+    assert results["stop"] == "budget" and results["best"]["parents"] == [] and not (out / "best.yaml").exists()
+    # the same failures, two in a row allowed: the search stops, its folder kept
+    config["fitness"] = _flaky(tmp_path, monkeypatch, "CALLS > 3", run=1)
+    config["budget"] = {"evaluations": 5, "max_failures_in_a_row": 2}
+    out = tmp_path / "kg2"
+    assert main(["evolve", str(_write(tmp_path / "kg.yaml", config)), str(out)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and (out / "members.jsonl").is_file()
+    assert errors[0].startswith("error: kinship_greedy: 2 merges in a row failed (budget.max_failures_in_a_row)")
+
+
+def test_soup_keeps_tied_candidates_unless_strict(
+    family: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fitness that scores every model the same: every average ties the soup, so the paper's rule keeps every
+    candidate and ``strict: true`` none but the first."""
+    (tmp_path / "fit_same.py").write_text("def score(model, tokenizer):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    config = {"models": family["sources"], "fitness": {"callable": "fit_same:score"}}
+    assert main(["soup", str(_write(tmp_path / "soup.yaml", config)), str(tmp_path / "soup")]) == 0
+    assert len(json.loads((tmp_path / "soup" / "soup.json").read_text())["greedy"]["models"]) == 3
+    strict = _write(tmp_path / "strict.yaml", {**config, "strict": True})
+    assert main(["soup", str(strict), str(tmp_path / "strict")]) == 0
+    assert len(json.loads((tmp_path / "strict" / "soup.json").read_text())["greedy"]["models"]) == 1
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 
@@ -464,10 +587,68 @@ def test_dam_evolve_kinship_greedy_end_to_end(family: dict, tmp_path: Path, monk
         ({"fitness": {"tasks": ["nope"], "data_dir": "DATA", "split": "validation"}}, "task 'nope': no file"),
         ({"fitness": {"tasks": ["copy"], "data_dir": "DATA", "split": "test"}}, "task 'copy': no file"),
         ({"fitness": {}}, "fitness needs exactly one of `tasks`"),
-        ({"budget": {"evaluations": 0}}, "budget.evaluations must be > 0"),
-        ({"budget": {"seconds": -1}}, "budget.seconds must be > 0"),
+        ({"budget": {"evaluations": 0}}, "budget.evaluations must be a finite number > 0, got 0"),
+        ({"budget": {"seconds": -1}}, "budget.seconds must be a finite number > 0, got -1"),
+        ({"budget": {"seconds": float("nan")}}, "budget.seconds must be a finite number > 0, got nan"),
+        ({"budget": {"seconds": float("inf")}}, "budget.seconds must be a finite number > 0, got inf"),
+        ({"budget": {"evaluations": 2.5}}, "budget.evaluations: Input should be a valid integer"),
+        ({"budget": {"evaluations": True}}, "budget.evaluations: Input should be a valid integer"),
+        ({"budget": {"evaluations": 2, "max_failures_in_a_row": 0}}, "budget.max_failures_in_a_row must be a finite"),
+        ({"search": {"method": "ties", "ranges": {"weight": [0, float("inf")]}}}, "search.ranges.weight: [0.0, inf]"),
+        ({"search": {"method": "ties", "ranges": {"weight": [float("nan"), 1]}}}, "must be finite numbers"),
+        (
+            {"search": {"method": "ties", "ranges": {"density": [-0.5, 0.5]}}},
+            "search.ranges.density: [-0.5, 0.5] is outside density's domain (0, 1]",
+        ),
+        ({"search": {"method": "ties", "ranges": {"density": [0.5, 1.5]}}}, "outside density's domain (0, 1]"),
+        ({"search": {"method": "slerp", "ranges": {"t": [0, float("inf")]}}}, "search.ranges.t: [0.0, inf] must be"),
+        ({"search": {"method": "ties", "ranges": {"t": [0, 1]}}}, "search.ranges.t: not a searchable parameter"),
+        (
+            {"search": {"method": "ties", "method_parameters": {"lambda": float("inf")}}},
+            "search.method_parameters: ties: parameter 'lambda' must be a finite number, got inf",
+        ),
+        (
+            {"search": {"method": "ties", "method_parameters": {"lamda": 1}}},
+            "search.method_parameters: ties: unknown parameter(s) lamda (valid: int8_mask, normalize, rescale,",
+        ),
+        ({"search": {"method": "slerp"}}, "search.method slerp merges the base with exactly one model; models has 3"),
+        ({"search": {"method": "ties", "layer_groups": 1.5}}, "search.layer_groups: Input should be a valid integer"),
+        ({"search": {"method": "ties"}, "seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"search": {"method": "ties"}, "seed": 2**32}, "seed: Input should be less than or equal to 4294967295"),
+        ({"fitness": {"callable": "m:f", "limit": float("nan")}}, "fitness.limit: Input should be a valid integer"),
         ({"strategy": "kinship_greedy"}, "`search` is the cmaes strategy's section"),
-        ({"search": {"method": "ties"}, "serach": 1}, "serach: unknown key"),
+        (
+            {"search": None, "strategy": "kinship_greedy", "kinship_greedy": {"stop_kinship": float("nan")}},
+            "kinship_greedy.stop_kinship must be a number in [-1, 1], got nan",
+        ),
+        (
+            {"search": None, "strategy": "kinship_greedy", "kinship_greedy": {"method": "linear", "parameters": {}}},
+            "kinship_greedy.parameters: linear: models[0]: missing required parameter 'weight'",
+        ),
+        (
+            {"search": None, "strategy": "kinship_greedy", "kinship_greedy": {"parameters": {"t": float("inf")}}},
+            "kinship_greedy.parameters: slerp: parameter 't' must be a finite number, got inf",
+        ),
+        (
+            {
+                "search": None,
+                "strategy": "kinship_greedy",
+                "kinship_greedy": {"method": "ties", "parameters": {"weight": 1, "density": 1.5}},
+            },
+            "kinship_greedy.parameters: models[0]: density=1.5 is outside (0, 1]",
+        ),
+        (
+            {"search": {"method": "ties"}, "serach": 1},
+            "serach: unknown key; valid: base_model, models, strategy, search, kinship_greedy, fitness, budget, seed",
+        ),
+        (
+            {"search": {"method": "ties", "filter": ["mlp"]}},
+            "search.filter: unknown key; valid: method, parameters, layer_groups, filters, ranges, method_parameters",
+        ),
+        (
+            {"search": {"method": "ties"}, "wandb": {"projct": "x"}},
+            "wandb.projct: unknown key; valid: project, entity",
+        ),
     ],
 )
 def test_bad_evolve_configs_fail_in_one_line_and_write_nothing(
@@ -481,6 +662,7 @@ def test_bad_evolve_configs_fail_in_one_line_and_write_nothing(
         "budget": {"evaluations": 2},
     }
     config.update(yaml.safe_load(yaml.safe_dump(change).replace("DATA", str(family["root"] / "data"))))
+    config = {k: v for k, v in config.items() if v is not None}  # None: the key removed
     out = tmp_path / "out"
     assert main(["evolve", str(_write(tmp_path / "c.yaml", config)), str(out)]) == 1
     err = capsys.readouterr().err

@@ -2,11 +2,16 @@
 
 A soup config names candidate fine-tunes of one base and a fitness; an evolve config adds the base, the strategy
 (``cmaes`` over a classic method's parameters, or ``kinship_greedy``), its section and a budget. Every key is
-checked (unknown keys fail with the valid ones listed) before any model is read.
+checked before any model is read and before anything is written: unknown keys fail with the valid ones listed;
+every number must be finite and inside its domain (integers are YAML integers; budgets positive; search ranges
+inside the searched parameter's domain, :data:`DOMAINS`; fixed merge parameters, ``search.method_parameters`` and
+``kinship_greedy.parameters``, pass the merge registry's own checks, run on tiny stand-in tensors).
 """
 
 from __future__ import annotations
 
+import math
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +29,10 @@ SEARCHABLE = {  # classic method -> its parameters a search may tune (mergekit-e
     "slerp": ("t",),
 }
 DEFAULT_RANGES = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+# the bounded domains of searched parameters, (low, high]: the registry's methods take a density (the kept fraction)
+# in (0, 1]; a weight or slerp's t may be any finite number
+DOMAINS: dict[str, tuple[float, float]] = {"density": (0.0, 1.0)}
+MAX_SEED = 2**32 - 1  # optuna's samplers seed numpy, which takes 32-bit seeds
 PAIR_DEFAULTS: dict[str, dict[str, Any]] = {  # kinship_greedy: how two models are merged, by default
     "slerp": {"t": 0.5},
     "linear": {"weight": 1.0},
@@ -35,6 +44,34 @@ PAIR_DEFAULTS: dict[str, dict[str, Any]] = {  # kinship_greedy: how two models a
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+def _finite(where: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be a finite number, got {value}")
+    return value
+
+
+def check_method_parameters(method: str, parameters: dict[str, Any], n_models: int, where: str) -> None:
+    """Run the registry's ``method`` once on 2x2 stand-in tensors (``n_models`` of them, and a base when the
+    method needs one) with ``parameters``, mergekit's top-level ``parameters`` (a per-model key applies to every
+    model): the registry's own checks of the names, types and ranges fail here, as a ``ValueError`` prefixed by
+    ``where``, before any model is read. Gradient and filter lists are left to the merge plan."""
+    import torch
+
+    from dam.merge.registry import METHODS
+
+    spec = METHODS[method]
+    scalars = {k: v for k, v in parameters.items() if not isinstance(v, list | dict)}
+    per_model = {k: v for k, v in scalars.items() if k in spec.model_params}
+    shared = {k: v for k, v in scalars.items() if k not in spec.model_params}
+    generator = torch.Generator().manual_seed(0)
+    inputs = list(torch.randn(n_models + spec.requires_base, 2, 2, generator=generator))
+    base = inputs.pop() if spec.requires_base else None
+    try:
+        spec.fn(inputs, base, None, [dict(per_model) for _ in inputs], shared, generator)
+    except DamError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 class LmEvalFitness(_Strict):
@@ -50,13 +87,13 @@ class LmEvalFitness(_Strict):
     metric: str = "acc"
     """The metric averaged over the tasks (lm-eval's name without the ``,none`` filter: ``acc``, ``acc_norm``...)."""
 
-    num_fewshot: int | None = None
+    num_fewshot: int | None = Field(default=None, ge=0, strict=True)
     """Few-shot examples (lm-eval's default when unset)."""
 
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1, strict=True)
     """The first ``limit`` documents of each task."""
 
-    batch_size: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=8, ge=1, strict=True)
     """lm-eval's batch size."""
 
     @field_validator("tasks")
@@ -82,15 +119,16 @@ class FitnessConfig(_Strict):
     metric: Literal["accuracy", "loss"] = "accuracy"
     """``accuracy``: mean exact-match accuracy over the tasks (%); ``loss``: minus the mean response NLL."""
 
-    limit: int | None = Field(default=None, ge=1)
+    limit: int | None = Field(default=None, ge=1, strict=True)
     """Score each task on its first ``limit`` examples."""
 
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=32, ge=1, strict=True)
     """Examples per forward / generate call."""
 
     callable: str | None = None
-    """``module:function`` called as ``function(model, tokenizer)``, returning a number or a mapping with a
-    ``score`` (higher is better; other numeric entries are logged). Instead of ``tasks``."""
+    """``module:function`` called as ``function(model, tokenizer)``, returning a finite number or a mapping with a
+    ``score`` (higher is better; other numeric entries are logged). Instead of ``tasks``. A call that raises, or
+    returns anything else (NaN, inf...), fails that candidate (see ``budget.max_failures_in_a_row``)."""
 
     lm_eval: LmEvalFitness | None = None
     """lm-evaluation-harness tasks, instead of ``tasks``."""
@@ -111,22 +149,31 @@ class FitnessConfig(_Strict):
 
 
 class Budget(_Strict):
-    """When a search stops: after ``evaluations`` candidates, or ``seconds`` of evaluation time, whichever first."""
+    """When a search stops: after ``evaluations`` candidates, or ``seconds`` of evaluation time, whichever first.
+    A candidate that fails (its merge or its fitness raises a user error, or the fitness is not a finite number)
+    counts as evaluated, with the time it took; the search stops with an error when the start fails (``cmaes``:
+    candidate 0; ``kinship_greedy``: an input model) or ``max_failures_in_a_row`` candidates fail one after
+    another."""
 
-    evaluations: int | None = None
-    """Candidates evaluated in all (a resumed search counts the ones already done)."""
+    evaluations: int | None = Field(default=None, strict=True)
+    """Candidates evaluated in all, failed ones included (a resumed search counts the ones already done)."""
 
     seconds: float | None = None
     """Evaluation wall time in all, summed over the candidates (a resumed search counts the time already spent)."""
+
+    max_failures_in_a_row: int = Field(default=5, strict=True)
+    """Stop with an error once this many candidates in a row have failed (counted by each worker from its start):
+    a broken fitness stops here rather than spending the budget; a candidate failing now and then is logged as a
+    warning, recorded with its reason, and the search goes on."""
 
     @model_validator(mode="after")
     def _positive(self) -> Budget:
         if self.evaluations is None and self.seconds is None:
             raise ValueError("budget needs `evaluations` or `seconds`")
-        for key in ("evaluations", "seconds"):
+        for key in ("evaluations", "seconds", "max_failures_in_a_row"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ValueError(f"budget.{key} must be > 0, got {value}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"budget.{key} must be a finite number > 0, got {value}")
         return self
 
 
@@ -140,7 +187,7 @@ class SearchSpace(_Strict):
     parameters: list[str] | None = None
     """Which of the method's parameters to search (default: all of them: ``weight`` and ``density`` for ties)."""
 
-    layer_groups: int = Field(default=1, ge=1)
+    layer_groups: int = Field(default=1, ge=1, strict=True)
     """Contiguous groups of layers with their own values (1: one value for the whole model; the number of
     layers: one per layer). Embeddings take the first group's values, the final norm and ``lm_head`` the last's."""
 
@@ -148,10 +195,12 @@ class SearchSpace(_Strict):
     """Tensor-name substrings with their own values, e.g. ``[self_attn, mlp]``; other tensors get a default."""
 
     ranges: dict[str, tuple[float, float]] = Field(default_factory=dict)
-    """Search bounds per parameter (default weight [0, 1], density [0.1, 1], t [0, 1])."""
+    """Search bounds per parameter (default weight [0, 1], density [0.1, 1], t [0, 1]): finite, inside the
+    parameter's domain (a density in (0, 1]; a weight or t any finite number)."""
 
     method_parameters: dict[str, Any] = Field(default_factory=dict)
-    """Fixed method-level parameters written in the config's top-level ``parameters`` (``normalize``...)."""
+    """Fixed method-level parameters written in the config's top-level ``parameters`` (``normalize``,
+    ``lambda``...), checked by the merge registry as any merge's."""
 
     @model_validator(mode="after")
     def _known(self) -> SearchSpace:
@@ -169,9 +218,18 @@ class SearchSpace(_Strict):
                 )
         for key, (low, high) in self.ranges.items():
             if key not in valid:
-                raise ValueError(f"search.ranges.{key}: not a searchable parameter of {self.method}")
+                raise ValueError(
+                    f"search.ranges.{key}: not a searchable parameter of {self.method}; valid: {', '.join(valid)}"
+                )
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"search.ranges.{key}: [{low}, {high}] must be finite numbers")
             if not low < high:
                 raise ValueError(f"search.ranges.{key}: [{low}, {high}] is empty")
+            bottom, top = DOMAINS.get(key, (-math.inf, math.inf))
+            if not bottom < low or high > top:
+                raise ValueError(
+                    f"search.ranges.{key}: [{low}, {high}] is outside {key}'s domain ({bottom:g}, {top:g}]"
+                )
         if len(set(self.filters)) != len(self.filters) or any(not f for f in self.filters):
             raise ValueError(f"search.filters must be distinct non-empty substrings, got {self.filters}")
         return self
@@ -187,7 +245,7 @@ class SearchSpace(_Strict):
 class KinshipGreedy(_Strict):
     """Top-k greedy merging with model kinship (Hu et al., 2024): see :mod:`dam.search.kinship_greedy`."""
 
-    k: int = Field(default=3, ge=2)
+    k: int = Field(default=3, ge=2, strict=True)
     """How many of the best models each generation merges pairwise."""
 
     method: str = "slerp"
@@ -195,18 +253,20 @@ class KinshipGreedy(_Strict):
     task-arithmetic method over the family's base."""
 
     parameters: dict[str, Any] | None = None
-    """The pair merge's top-level mergekit ``parameters`` (default per method: :data:`PAIR_DEFAULTS`)."""
+    """The pair merge's top-level mergekit ``parameters`` (default per method: :data:`PAIR_DEFAULTS`), checked by
+    the merge registry as any merge's (names, finite numbers, a density in (0, 1]...)."""
 
     measure: Literal["cosine", "pearson"] = "cosine"
     """Kinship measure of two models' task vectors against the base (as ``dam kinship`` computes it)."""
 
     stop_kinship: float = 0.9
-    """Stop once the mean pairwise kinship of the top-k models exceeds this (they have become one model)."""
+    """Stop once the mean pairwise kinship of the top-k models exceeds this (they have become one model). Both
+    measures lie in [-1, 1]: 1 never stops on kinship."""
 
     exploration: bool = True
     """Each generation also merges the best model with the one least related to it by kinship."""
 
-    max_generations: int = Field(default=5, ge=1)
+    max_generations: int = Field(default=5, ge=1, strict=True)
     """Generations at most (the budget may stop the search earlier)."""
 
     @field_validator("method")
@@ -215,6 +275,15 @@ class KinshipGreedy(_Strict):
         if value not in PAIR_DEFAULTS:
             raise ValueError(f"kinship_greedy.method {value!r} is unknown; valid: {', '.join(PAIR_DEFAULTS)}")
         return value
+
+    @model_validator(mode="after")
+    def _numbers(self) -> KinshipGreedy:
+        if not (math.isfinite(self.stop_kinship) and -1 <= self.stop_kinship <= 1):
+            raise ValueError(f"kinship_greedy.stop_kinship must be a number in [-1, 1], got {self.stop_kinship}")
+        if self.parameters is not None:  # slerp: the better model is the base, the other the one model
+            pair = 1 if self.method == "slerp" else 2
+            check_method_parameters(self.method, self.parameters, pair, "kinship_greedy.parameters")
+        return self
 
 
 class SoupConfig(_Strict):
@@ -228,6 +297,11 @@ class SoupConfig(_Strict):
 
     dtype: str | None = None
     """dtype the kept soup is written in (mergekit's ``dtype``; default: the candidates')."""
+
+    strict: bool = False
+    """Greedy soup's rule: ``false`` (the paper's, Wortsman et al. 2022) keeps a candidate when the soup's held-out
+    score does not drop (>=), which matters on small validation sets where ties are common; ``true`` keeps it only
+    when the score strictly improves (>)."""
 
     wandb: WandbConfig | None = None
     """wandb logging of every evaluation (off when absent)."""
@@ -266,8 +340,8 @@ class EvolveConfig(_Strict):
     budget: Budget
     """When the search stops."""
 
-    seed: int = 0
-    """Seed of the sampler and of DARE's random drops."""
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, strict=True)
+    """Seed of the sampler and of DARE's random drops (0 to 2**32 - 1)."""
 
     storage: str | None = None
     """optuna storage URL shared by the workers of one study (default ``sqlite:///OUT/study.db``); a database
@@ -296,6 +370,15 @@ class EvolveConfig(_Strict):
                 self.kinship_greedy = KinshipGreedy()
         elif self.kinship_greedy is not None:
             raise ValueError("`kinship_greedy` is set but strategy is cmaes")
+        if self.search is not None:
+            space = self.search
+            if space.method == "slerp" and len(self.models) != 1:
+                raise ValueError(
+                    f"search.method slerp merges the base with exactly one model; models has {len(self.models)}"
+                )
+            start = {"weight": 1.0 / len(self.models), "density": 1.0, "t": 0.5}  # any value of the ranges does
+            fixed = {**space.method_parameters, **{p: start[p] for p in space.searched}}
+            check_method_parameters(space.method, fixed, len(self.models), "search.method_parameters")
         return self
 
 
@@ -306,16 +389,41 @@ def _location(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _format(error: ValidationError) -> str:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (itself, or inside ``X | None``, ``list[X]``...), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _valid_keys(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys of the section holding the key at ``loc`` (empty when the path leaves the models)."""
+    model: type[BaseModel] | None = schema
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list item: the same model
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _format(error: ValidationError, schema: type[BaseModel]) -> str:
     messages = []
     for err in error.errors():
         where = _location(tuple(err["loc"]))
         if err["type"] == "extra_forbidden":
-            messages.append(f"{where}: unknown key")
+            valid = _valid_keys(schema, tuple(err["loc"]))
+            messages.append(f"{where}: unknown key" + (f"; valid: {', '.join(valid)}" if valid else ""))
         elif err["type"] == "missing":
             messages.append(f"missing config key {where!r}")
         else:
-            messages.append(f"{where or 'config'}: {err['msg'].removeprefix('Value error, ')}")
+            message = err["msg"].removeprefix("Value error, ")
+            # a section's own check names its key already (``search.ranges.x: ...``)
+            named = not where or message.startswith(f"{where}.") or message.startswith(f"{where} ")
+            messages.append(message if named else f"{where}: {message}")
     return "; ".join(dict.fromkeys(messages))
 
 
@@ -333,7 +441,7 @@ def load_search_config(path: str | Path, schema: type[_Strict]) -> Any:
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        raise DamError(f"config {path}: {_format(e)}") from None
+        raise DamError(f"config {path}: {_format(e, schema)}") from None
 
 
 def config_dict(config: BaseModel) -> dict[str, Any]:

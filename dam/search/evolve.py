@@ -26,11 +26,22 @@ stopping worker waits for the candidates other workers were still evaluating, th
 file lock in ``OUT``; the outputs of a study that has not changed are not rewritten.
 
 Each candidate is merged in memory by the streaming engine and scored on the fitness; nothing of it is written.
+A candidate fails when its merge or its fitness raises a user error or its score is not a finite number: one
+warning line names it and why, the study keeps it (optuna's ``FAIL``, the reason in its ``error`` attribute), and
+it counts against the budget (an evaluation, and its seconds). The search stops with a one-line error when the
+start (candidate 0) fails, or when ``budget.max_failures_in_a_row`` candidates of one worker fail one after
+another. A new search stopped before any candidate finished (a failed start, Ctrl-C in the first candidate, an
+unreachable storage) leaves ``OUT`` as it found it, and deletes the study it created in a database server; later,
+``OUT`` and the study are kept, and running the search again continues it.
+
 When the budget (evaluations or evaluation seconds, counted over the whole study) is spent, the worker writes:
 
 - ``best.yaml``: the best candidate's mergekit config; ``merged/``: that merge;
-- ``candidates.jsonl``: one line per finished candidate (rewritten from the study after every candidate);
-- ``fitness.png``: fitness per evaluation and the best so far; ``results.json``: the best and the compute.
+- ``candidates.jsonl``: one line per finished candidate, failed ones with ``"score": null`` and their ``error``
+  (rewritten from the study after every candidate);
+- ``fitness.png``: fitness per scored candidate and the best so far; ``results.json``: the best, the start's
+  score (candidate 0's; null when it did not finish, its worker having died) and the compute (failed candidates
+  included, and counted apart).
 """
 
 from __future__ import annotations
@@ -55,12 +66,13 @@ from dam.merge.config import MergeConfig, parse_merge_config
 from dam.merge.engine import plan_merge, run_merge
 from dam.search.config import EvolveConfig, SearchSpace
 from dam.search.fitness import CandidateEvaluator, Fitness
-from dam.search.records import SearchLog, plot_fitness, prepare_out, saved_config
+from dam.search.records import SearchLog, first_missing, plot_fitness, prepare_out, restore_out, saved_config
 
 logger = logging.getLogger(__name__)
 
 STUDY_NAME = "dam-evolve"
 WORKER = "worker"  # the user attribute naming the worker ("host:pid") evaluating a candidate
+ERROR = "error"  # the user attribute of a failed candidate: why (a FAIL without it was dropped: its worker died)
 LOCK_FILE = ".lock"  # in OUT: the workers of one machine create the study, then write the outputs, one at a time
 # a worker claims (sets WORKER on) a new candidate milliseconds after creating it; one unclaimed for this long was
 # created by a worker that died before claiming it (generous: sampling reads the study, which may wait on a lock)
@@ -201,10 +213,31 @@ def _storage(config: EvolveConfig, out: Path) -> Any:
         raise DamError(f"storage {url!r}: {e}") from None
 
 
+class _Failed(Exception):
+    """A candidate failed (its reason is logged and kept in the study); optuna marks it ``FAIL`` and goes on."""
+
+
 def _completed(study: Any) -> list[Any]:
     from optuna.trial import TrialState
 
     return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+
+
+def _failed(study: Any) -> list[Any]:
+    """The candidates whose evaluation failed (not those dropped because their worker died)."""
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if ERROR in t.user_attrs]
+
+
+def _evaluated(study: Any) -> list[Any]:
+    """The candidates that count against the budget: completed and failed, by number."""
+    return sorted([*_completed(study), *_failed(study)], key=lambda t: t.number)
+
+
+def _start_failure(study: Any) -> str | None:
+    """Why the start (candidate 0) failed, or None."""
+    return next((t.user_attrs[ERROR] for t in _failed(study) if t.number == 0), None)
 
 
 def _worker() -> str:
@@ -260,7 +293,7 @@ def _has_room(config: EvolveConfig, study: Any, storage: Any, number: int) -> bo
         if not any(t.number < number and WORKER not in t.user_attrs for t in running):
             break
         time.sleep(0.05)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING))
+    done = [*study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING)), *_failed(study)]
     return sum(t.number < number for t in [*done, *running]) < config.budget.evaluations
 
 
@@ -271,7 +304,7 @@ def _await(study: Any, storage: Any, numbers: set[int]) -> None:
 
 
 def _spent(study: Any) -> tuple[int, float]:
-    done = _completed(study)
+    done = _evaluated(study)
     return len(done), sum(t.user_attrs.get("seconds", 0.0) for t in done)
 
 
@@ -284,7 +317,7 @@ def _budget_left(config: EvolveConfig, study: Any) -> bool:
 def _write_candidates(study: Any, path: Path) -> list[dict[str, Any]]:
     rows = [
         {"number": t.number, "score": t.value, "params": t.params, **{k: v for k, v in t.user_attrs.items()}}
-        for t in _completed(study)
+        for t in _evaluated(study)
     ]
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -296,7 +329,6 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
     """Run (or resume, or join as one more worker) the CMA-ES search of ``config`` into ``out``; see the module
     docstring. Returns what ``out/results.json`` holds."""
     import optuna
-    from tqdm.auto import tqdm
 
     space = config.search
     assert space is not None
@@ -306,16 +338,78 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
     x0 = start_values(space, genotype, len(config.models))
     plan_merge(candidate_config(config, genotype, x0, groups, "")).close()  # every check, headers only
     out = Path(out).expanduser().absolute()
+    created = first_missing(out)
     resumed = prepare_out(out, config, force)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed candidate is one warning of ours, no traceback
     sampler = optuna.samplers.CmaEsSampler(seed=config.seed, warn_independent_sampling=False)
-    with FileLock(out / LOCK_FILE):  # workers starting together: one creates the tables, the study and its start
-        storage = _storage(config, out)
+    storage = study = None
+    made = False  # whether this worker created the study
+
+    def undo() -> bool:
+        """A new search that finished no candidate leaves nothing: OUT as found, the study it created deleted."""
+        from optuna.trial import TrialState
+
         try:
-            study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, direction="maximize")
-            study.enqueue_trial(x0)
-        except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+            states = (TrialState.COMPLETE, TrialState.RUNNING)
+            if resumed or (study is not None and study.get_trials(deepcopy=False, states=states)):
+                return False
+            if made and config.storage is not None:  # a database server's study; the default one lives in OUT
+                optuna.delete_study(study_name=STUDY_NAME, storage=storage)
+            if storage is not None:
+                storage.engine.dispose()
+        except Exception as e:  # the database went away: the error that stopped the search is the one to report
+            logger.warning("evolve: could not delete the study of the stopped search: %s", e)
+            return False
+        restore_out(out, created)
+        return True
+
+    try:
+        with FileLock(out / LOCK_FILE):  # workers starting together: one creates the tables, the study and its start
+            storage = _storage(config, out)
+            try:
+                study = optuna.create_study(
+                    study_name=STUDY_NAME, storage=storage, sampler=sampler, direction="maximize"
+                )
+                made = True
+                study.enqueue_trial(x0)
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+        failures = _search(config, study, storage, out, genotype, groups, fitness, resumed, progress)
+        failure = _start_failure(study)
+    except BaseException:
+        undo()
+        raise
+    if failure is not None:
+        where = f"leaves nothing in {out}" if undo() else f"keeps the study in {out}"
+        raise DamError(f"evolve: the start (candidate 0) failed, so the search stops and {where}: {failure}")
+    if failures:
+        count, _ = _spent(study)
+        raise DamError(
+            f"evolve: {len(failures)} candidates in a row failed (budget.max_failures_in_a_row), so this worker "
+            f"stops; the study keeps its {count} candidates and {out} its files (run it again to continue). "
+            f"The last failure: {failures[-1]}"
+        )
+    _await(study, storage, {t.number for t in _running(study, storage)})
+    with FileLock(out / LOCK_FILE):
+        return finish(config, study, genotype, groups, out, fitness)
+
+
+def _search(
+    config: EvolveConfig,
+    study: Any,
+    storage: Any,
+    out: Path,
+    genotype: list[Gene],
+    groups: list[tuple[int, int]],
+    fitness: Fitness,
+    resumed: bool,
+    progress: bool,
+) -> list[str]:
+    """This worker's candidates, until the budget is spent, the start failed or too many failed in a row.
+    Returns the reasons of the failures in a row it stopped on (empty when it did not stop on them)."""
+    import optuna
+    from tqdm.auto import tqdm
+
     count, _ = _spent(study)
     state = "joining or resuming the" if resumed else "new"  # another worker may be running on the same study
     logger.info("evolve: %s study in %s, %d candidate(s) done so far", state, out, count)
@@ -328,17 +422,31 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
         desc="dam evolve",
         disable=None if progress else True,
     )
-
     worker = _worker()
+    in_a_row: list[str] = []  # this worker's failures since its last scored candidate
+    limit = config.budget.max_failures_in_a_row
 
     def objective(trial: Any) -> float:
         trial.set_user_attr(WORKER, worker)
+        if _start_failure(study) is not None:  # another worker's start failed: every worker stops
+            study.stop()
+            raise optuna.TrialPruned("the start failed")
         if not _has_room(config, study, storage, trial.number):
             study.stop()
             raise optuna.TrialPruned("the candidates before this one fill the budget")
         values = {g.name: trial.suggest_float(g.name, g.low, g.high) for g in genotype}
-        merge = candidate_config(config, genotype, values, groups, "")
-        score = evaluator.merge(merge)
+        started = time.perf_counter()
+        try:
+            score = evaluator.merge(candidate_config(config, genotype, values, groups, ""))
+        except DamError as e:
+            seconds = time.perf_counter() - started
+            trial.set_user_attr(ERROR, str(e))
+            trial.set_user_attr("seconds", seconds)
+            in_a_row.append(str(e))
+            log.log({"candidate": trial.number, "error": str(e), "seconds": seconds, "params": values})
+            logger.warning("evolve: candidate %d failed (%d in a row): %s", trial.number, len(in_a_row), e)
+            raise _Failed(str(e)) from None
+        in_a_row.clear()
         trial.set_user_attr("metrics", score.metrics)
         trial.set_user_attr("seconds", score.seconds)
         trial.set_user_attr("forward_tokens", score.tokens)
@@ -346,48 +454,50 @@ def run_evolve(config: EvolveConfig, out: str | Path, *, force: bool = False, pr
         return score.score
 
     def after(study: Any, trial: Any) -> None:
-        if trial.state != optuna.trial.TrialState.COMPLETE:
+        failed = trial.state == optuna.trial.TrialState.FAIL and ERROR in trial.user_attrs
+        if trial.state != optuna.trial.TrialState.COMPLETE and not failed:
             return
         _write_candidates(study, out / "candidates.jsonl")
         bar.update()
-        if trial.value is not None:
+        if not failed:
             bar.set_postfix(score=f"{trial.value:.4g}", best=f"{study.best_value:.4g}")
-        if not _budget_left(config, study):
+        if (failed and (trial.number == 0 or len(in_a_row) >= limit)) or not _budget_left(config, study):
             study.stop()
 
     try:
-        if _budget_left(config, study):
-            study.optimize(objective, callbacks=[after], catch=(DamError,), gc_after_trial=False)
+        if _budget_left(config, study) and _start_failure(study) is None:
+            study.optimize(objective, callbacks=[after], catch=(_Failed,), gc_after_trial=False)
     finally:
         bar.close()
         log.close()
-    _await(study, storage, {t.number for t in _running(study, storage)})
-    with FileLock(out / LOCK_FILE):
-        return finish(config, study, genotype, groups, out, evaluator)
+    return list(in_a_row) if len(in_a_row) >= limit else []
 
 
 def finish(
-    config: EvolveConfig, study: Any, genotype: list[Gene], groups: list[tuple[int, int]], out: Path, evaluator: Any
+    config: EvolveConfig, study: Any, genotype: list[Gene], groups: list[tuple[int, int]], out: Path, fitness: Fitness
 ) -> dict[str, Any]:
     """Write the best config and merge, the candidates, the plot and ``results.json`` from the study."""
     rows = _write_candidates(study, out / "candidates.jsonl")
-    if not rows:
+    scored = [r for r in rows if r["score"] is not None]
+    if not scored:
         raise DamError(f"the search in {out} finished no candidate (every one failed: see the log)")
-    best = max(rows, key=lambda r: r["score"])
+    best = max(scored, key=lambda r: r["score"])
     header = (
-        f"# dam evolve ({config.search.method if config.search else ''}, CMA-ES): best of {len(rows)} candidates, "
-        f"candidate {best['number']}, fitness {best['score']:.6g}\n"
+        f"# dam evolve ({config.search.method if config.search else ''}, CMA-ES): best of {len(scored)} scored "
+        f"candidates, candidate {best['number']}, fitness {best['score']:.6g}\n"
     )
     merge = candidate_config(config, genotype, best["params"], groups, header)
     _write_best(merge, out, config.seed)
-    plot_fitness([r["score"] for r in rows], out / "fitness.png", "dam evolve (CMA-ES)", "fitness")
+    plot_fitness([r["score"] for r in scored], out / "fitness.png", "dam evolve (CMA-ES)", "fitness")
+    start = next((r for r in scored if r["number"] == 0), None)
     results = {
         "strategy": "cmaes",
-        "fitness": evaluator.fitness.describe(),
+        "fitness": fitness.describe(),
         "best": {"candidate": best["number"], "score": best["score"], "params": best["params"]},
-        "start_score": rows[0]["score"],
+        "start_score": start["score"] if start is not None else None,  # candidate 0's: mergekit-evolve's start
         "compute": {
             "evaluations": len(rows),
+            "failed": len(rows) - len(scored),
             "evaluation_seconds": sum(r.get("seconds", 0.0) for r in rows),
             "forward_tokens": sum(r.get("forward_tokens") or 0 for r in rows),
         },
@@ -411,11 +521,12 @@ def _write_best(merge: MergeConfig, out: Path, seed: int) -> None:
 
 def format_results(results: dict[str, Any]) -> str:
     c = results["compute"]
+    start = results["start_score"]
     lines = [
         f"fitness: {results['fitness']}",
-        f"start (candidate 0): {results['start_score']:.4f}",
+        f"start (candidate 0): {'did not finish' if start is None else f'{start:.4f}'}",
         f"best: candidate {results['best']['candidate']}, {results['best']['score']:.4f}",
-        f"compute: {c['evaluations']} evaluations, {c['evaluation_seconds']:.1f} s evaluating, "
+        f"compute: {c['evaluations']} evaluations ({c['failed']} failed), {c['evaluation_seconds']:.1f} s evaluating, "
         f"{c['forward_tokens']} forward tokens",
     ]
     return "\n".join(lines)

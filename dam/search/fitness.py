@@ -16,6 +16,9 @@ the same way. It counts the compute every evaluation took:
   response (the loss forward) plus its prompt and reference response again (greedy generation: the prompt's
   prefill and one step per generated token; exact when the model answers right, which ends the generation, an
   estimate otherwise). A callable reports its own (``forward_tokens`` in its mapping) or none.
+
+An evaluation fails with a one-line :class:`~dam.errors.DamError` (which the searches count as a failed candidate)
+when the merge fails, the user callable raises, or the score is not a finite number.
 """
 
 from __future__ import annotations
@@ -102,7 +105,16 @@ class Fitness:
     def __call__(self, model: Any, tokenizer: Any) -> tuple[float, dict[str, float], int | None]:
         """``(score, metrics, forward tokens)`` of a loaded model."""
         if self.fn is not None:
-            return _callable_result(self.config.callable or "", self.fn(model, tokenizer))
+            spec = self.config.callable or ""
+            try:
+                value = self.fn(model, tokenizer)
+            except DamError:
+                raise
+            except Exception as e:  # the user's code: its failure fails this candidate, in one line
+                detail = " ".join(str(e).split())
+                message = f"fitness.callable {spec!r} raised {type(e).__name__}" + (f": {detail}" if detail else "")
+                raise DamError(message) from e
+            return _callable_result(spec, value)
         result = evaluate_loaded(model, tokenizer, self.tasks, batch_size=self.config.batch_size)
         metrics = {}
         for t in result.tasks:
@@ -157,6 +169,14 @@ def _callable_result(spec: str, value: Any) -> tuple[float, dict[str, float], in
     return float(value), metrics, None if tokens is None else int(tokens)
 
 
+def _finite(result: tuple[float, dict[str, float], int | None]) -> tuple[float, dict[str, float], int | None]:
+    """``result`` when its score is a finite number (a model giving NaN logits has a NaN loss): a search cannot
+    order a NaN, so that candidate fails."""
+    if not math.isfinite(result[0]):
+        raise DamError(f"the fitness is {result[0]} (not a finite number): the candidate's outputs are not finite")
+    return result
+
+
 @dataclass
 class CandidateEvaluator:
     """One model of the family in memory; candidates are merged (or read) into it and scored. Totals the cost."""
@@ -193,7 +213,7 @@ class CandidateEvaluator:
 
     def _score(self, started: float) -> Score:
         model, tokenizer = self._loaded()
-        score, metrics, tokens = self.fitness(model, tokenizer)
+        score, metrics, tokens = _finite(self.fitness(model, tokenizer))
         elapsed = time.perf_counter() - started
         self.evaluations += 1
         self.seconds += elapsed
@@ -201,7 +221,7 @@ class CandidateEvaluator:
         return Score(score, metrics, elapsed, tokens)
 
     def _score_folder(self, path: str | Path, started: float) -> Score:
-        score, metrics, tokens = self.fitness.score_folder(path)
+        score, metrics, tokens = _finite(self.fitness.score_folder(path))
         elapsed = time.perf_counter() - started
         self.evaluations += 1
         self.seconds += elapsed

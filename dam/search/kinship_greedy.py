@@ -17,6 +17,12 @@ It stops after ``max_generations``, when no new pair is left, at the kinship thr
 spent. ``OUT/members.jsonl`` holds one line per scored member (its parents, generation, score and cost),
 ``OUT/generations.jsonl`` one per generation (top-k, their kinships, the merges made, why it stopped). A killed
 search run again replays the recorded members without re-evaluating them and continues.
+
+A merge that fails (the merge or its fitness raises a user error, or the score is not a finite number) is logged
+as one warning, recorded in ``members.jsonl`` with ``"score": null`` and its ``error``, counts against the budget
+and joins no generation; its pair is not merged again. The search stops with a one-line error when an input model
+fails (the inputs are its start: a new search then leaves ``OUT`` as it found it) or when
+``budget.max_failures_in_a_row`` merges in a row fail (``OUT`` is kept: run it again to continue).
 """
 
 from __future__ import annotations
@@ -35,10 +41,18 @@ from dam.errors import DamError
 from dam.evaluation.kinship import model_kinship
 from dam.io.paths import portable_reference, resolve_reference
 from dam.merge.config import MergeConfig, load_saved_merge_config, parse_merge_config
-from dam.merge.engine import run_merge
+from dam.merge.engine import plan_merge, run_merge
 from dam.search.config import PAIR_DEFAULTS, EvolveConfig, KinshipGreedy
 from dam.search.fitness import CandidateEvaluator, Fitness
-from dam.search.records import SearchLog, plot_fitness, prepare_out, read_records, saved_config
+from dam.search.records import (
+    SearchLog,
+    first_missing,
+    plot_fitness,
+    prepare_out,
+    read_records,
+    restore_out,
+    saved_config,
+)
 from dam.search.soup import average_config, check_candidates
 
 logger = logging.getLogger(__name__)
@@ -89,9 +103,38 @@ def run_kinship_greedy(config: EvolveConfig, out: str | Path, *, force: bool = F
     assert settings is not None
     fitness = Fitness(config.fitness)
     check_candidates(average_config([*config.models, config.base_model]))  # one architecture, headers only
-    pair_config(settings, config.models[0], config.models[1], config.base_model, "")  # the pair merge's parameters
+    # the pair merge's parameters and the models, headers only
+    plan_merge(pair_config(settings, config.models[0], config.models[1], config.base_model, "")).close()
     out = Path(out).expanduser().absolute()
-    prepare_out(out, config, force)
+    created = first_missing(out)
+    resumed = prepare_out(out, config, force)
+    try:
+        return _search(config, out, fitness)
+    except _StartFailed as e:
+        where = "leaves nothing in" if not resumed else "keeps"
+        if not resumed:
+            restore_out(out, created)  # a new search stopped before its start was scored: OUT as found
+        raise DamError(
+            f"kinship_greedy: input model {e.model!r} failed, so the search stops and {where} {out}: {e}"
+        ) from None
+    except BaseException:
+        if not resumed and not (out / "members.jsonl").is_file():  # stopped before any member was scored
+            restore_out(out, created)
+        raise
+
+
+class _StartFailed(DamError):
+    """An input model (the start) failed; the message is why."""
+
+    def __init__(self, model: str, reason: str):
+        super().__init__(reason)
+        self.model = model
+
+
+def _search(config: EvolveConfig, out: Path, fitness: Fitness) -> dict[str, Any]:
+    """The search of :func:`run_kinship_greedy` in the prepared folder ``out``."""
+    settings = config.kinship_greedy
+    assert settings is not None
     (out / "models").mkdir(exist_ok=True)
     # members.jsonl names models relative to ``out``: resolved back to where they are
     done = {r["name"]: {**r, "path": resolve_reference(r["path"], out)} for r in read_records(out / "members.jsonl")}
@@ -99,26 +142,48 @@ def run_kinship_greedy(config: EvolveConfig, out: str | Path, *, force: bool = F
     evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
     kinship = _Kinship(config.base_model, settings.measure, out / "kinship.jsonl")
     members: dict[str, dict[str, Any]] = {}
+    failed: dict[str, dict[str, Any]] = {}  # merges whose evaluation failed: they count, but join no generation
+    in_a_row: list[str] = []  # this run's failures since its last scored merge
     merged: set[frozenset[str]] = set()  # pairs merged so far
     generations: list[dict[str, Any]] = []
     budget = config.budget
 
     def spent() -> bool:
-        count = len(members)
-        seconds = sum(m["seconds"] for m in members.values())
+        count = len(members) + len(failed)
+        seconds = sum(m["seconds"] for m in [*members.values(), *failed.values()])
         return (budget.evaluations is not None and count >= budget.evaluations) or (
             budget.seconds is not None and seconds >= budget.seconds
         )
 
     def add(name: str, path: str, generation: int, parents: list[str], merge: MergeConfig | None) -> None:
         if name in done:
-            members[name] = done[name]
+            (failed if done[name]["score"] is None else members)[name] = done[name]
             return
         started = time.perf_counter()
-        if merge is not None:
-            run_merge(merge, path, force=True, seed=config.seed, progress=False)  # a killed run's folder is redone
-        merge_seconds = time.perf_counter() - started
-        score = evaluator.model(path)
+        try:
+            if merge is not None:
+                run_merge(merge, path, force=True, seed=config.seed, progress=False)  # a killed run's is redone
+            merge_seconds = time.perf_counter() - started
+            score = evaluator.model(path)
+        except DamError as e:
+            if merge is None:
+                raise _StartFailed(path, str(e)) from None
+            in_a_row.append(str(e))
+            seconds = time.perf_counter() - started
+            record = {"name": name, "path": path, "generation": generation, "parents": parents, "score": None}
+            failed[name] = {**record, "error": str(e), "seconds": seconds}
+            log.log({**failed[name], "path": portable_reference(path, out)})
+            logger.warning(
+                "kinship_greedy: %s (%s) failed (%d in a row): %s", name, " + ".join(parents), len(in_a_row), e
+            )
+            if len(in_a_row) >= budget.max_failures_in_a_row:
+                raise DamError(
+                    f"kinship_greedy: {len(in_a_row)} merges in a row failed (budget.max_failures_in_a_row), so the "
+                    f"search stops; {out} keeps its {len(members) + len(failed)} members (run it again to "
+                    f"continue). The last failure: {e}"
+                ) from None
+            return
+        in_a_row.clear()
         record = {
             "name": name,
             "path": path,
@@ -175,7 +240,8 @@ def run_kinship_greedy(config: EvolveConfig, out: str | Path, *, force: bool = F
                 merge = pair_config(settings, members[a]["path"], members[b]["path"], config.base_model, header)
                 merged.add(frozenset((a, b)))
                 add(name, str(out / "models" / name), generation, [a, b], merge)
-                entry["merges"].append({"name": name, "parents": [a, b], "why": why, "score": members[name]["score"]})
+                made = members.get(name) or failed[name]  # a failed merge: score None
+                entry["merges"].append({"name": name, "parents": [a, b], "why": why, "score": made["score"]})
     finally:
         log.close()
     if stop is None:
@@ -183,7 +249,7 @@ def run_kinship_greedy(config: EvolveConfig, out: str | Path, *, force: bool = F
     if generations:
         generations[-1]["stop"] = stop
     _write_lines(out / "generations.jsonl", generations)
-    return _finish(config, out, members, generations, stop, evaluator, kinship)
+    return _finish(config, out, members, failed, generations, stop, evaluator, kinship)
 
 
 def _order(value: float) -> float:
@@ -199,6 +265,7 @@ def _finish(
     config: EvolveConfig,
     out: Path,
     members: dict[str, dict[str, Any]],
+    failed: dict[str, dict[str, Any]],
     generations: list[dict[str, Any]],
     stop: str,
     evaluator: CandidateEvaluator,
@@ -219,8 +286,9 @@ def _finish(
         "generations": len(generations),
         "stop": stop,
         "compute": {
-            "evaluations": len(members),
-            "evaluation_seconds": sum(m["seconds"] for m in members.values()),
+            "evaluations": len(members) + len(failed),
+            "failed": len(failed),
+            "evaluation_seconds": sum(m["seconds"] for m in [*members.values(), *failed.values()]),
             "kinship_seconds": kinship.seconds,
             "forward_tokens": sum(m.get("forward_tokens") or 0 for m in members.values()),
         },
@@ -235,14 +303,17 @@ def format_kinship_greedy(results: dict[str, Any], out: Path) -> str:
     for g in [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines() if line]:
         top = ", ".join(f"{n} {s:.4f}" for n, s in g["top"].items())
         lines.append(f"generation {g['generation']}: top {top}; mean kinship {g['mean_top_kinship']:.4f}")
-        lines += [f"  {m['name']} = {' + '.join(m['parents'])} ({m['why']}): {m['score']:.4f}" for m in g["merges"]]
+        for m in g["merges"]:
+            score = "failed" if m["score"] is None else f"{m['score']:.4f}"
+            lines.append(f"  {m['name']} = {' + '.join(m['parents'])} ({m['why']}): {score}")
     b = results["best"]
     lines.append(
         f"stopped: {results['stop']}; best {b['name']} {b['score']:.4f} (best input {results['best_input']:.4f})"
     )
     c = results["compute"]
     lines.append(
-        f"compute: {c['evaluations']} evaluations, {c['evaluation_seconds']:.1f} s evaluating and merging, "
+        f"compute: {c['evaluations']} evaluations ({c['failed']} failed), {c['evaluation_seconds']:.1f} s evaluating "
+        "and merging, "
         f"{c['kinship_seconds']:.1f} s kinship, {c['forward_tokens']} forward tokens"
     )
     return "\n".join(lines)

@@ -109,6 +109,30 @@ def _same_search(saved: dict[str, Any], config: dict[str, Any]) -> bool:
     }
 
 
+def first_missing(out: Path) -> Path | None:
+    """The topmost folder on the way to ``out`` that does not exist yet (``out`` itself or a parent), or None when
+    ``out`` exists: what a search that fails before its start was scored removes (:func:`restore_out`)."""
+    if out.exists():
+        return None
+    top = out
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def restore_out(out: Path, created: Path | None) -> None:
+    """Leave ``out`` as a new search found it: remove ``created`` (the folder it made, :func:`first_missing`), or,
+    ``out`` having existed empty (or been emptied by ``--force``), everything in it."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+    elif out.is_dir():
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
 def prepare_out(out: Path, config: BaseModel, force: bool) -> bool:
     """Make ``out`` ready: a fresh folder, or the folder of the same search (resume: True; its budget and wandb
     settings may differ, a larger budget extends it). Another search's folder, or a non-empty folder of something

@@ -1,9 +1,13 @@
 """Model soups (Wortsman et al., 2022): the uniform average of the candidates, and the greedy soup.
 
 Greedy soup: score every candidate on the held-out fitness, sort them best first, start the soup with the best,
-then for each next candidate score the average of the soup plus it, and keep it only if the score strictly
-improves. One pass; every average is the registry's ``linear`` merge with equal weights (``normalize: true``),
-computed in memory by the streaming engine.
+then for each next candidate score the average of the soup plus it, and keep it if the score does not drop
+(``>=``, the paper's rule: on a small validation set ties are common, and a tie keeps the ingredient); with
+``strict: true`` only if it strictly improves (``>``). One pass; every average is the registry's ``linear`` merge
+with equal weights (``normalize: true``), computed in memory by the streaming engine.
+
+Every evaluation is part of the result, so the first one that fails (the merge or the fitness raises a user
+error, or the score is not a finite number) stops the soup with a one-line error naming it; nothing is written.
 
 :func:`run_soup` writes, all at once when it finishes (nothing at ``out`` otherwise):
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +32,14 @@ from typing import Any
 
 import yaml
 
+from dam.errors import DamError
 from dam.io.paths import portable_paths, portable_reference
 from dam.io.writer import atomic_output_dir
 from dam.merge.config import MergeConfig, parse_merge_config
 from dam.merge.engine import plan_merge, run_merge
 from dam.search.config import SoupConfig, config_dict
 from dam.search.fitness import CandidateEvaluator, Fitness, Score
-from dam.search.records import SearchLog, saved_config
+from dam.search.records import SearchLog, first_missing, saved_config
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +64,23 @@ def check_candidates(config: MergeConfig) -> None:
     plan_merge(config).close()
 
 
-def greedy_soup(candidates: dict[str, Score], evaluate: Any) -> tuple[list[str], float, list[dict[str, Any]]]:
+def greedy_soup(
+    candidates: dict[str, Score], evaluate: Any, *, strict: bool = False
+) -> tuple[list[str], float, list[dict[str, Any]]]:
     """The greedy soup of ``candidates`` (model -> its own score) with ``evaluate(models) -> Score`` scoring an
-    average. Returns the kept models, the soup's score and one step per candidate after the first."""
-    order = sorted(candidates, key=lambda m: candidates[m].score, reverse=True)
+    average. A candidate is kept when the soup with it scores at least the soup's score (``strict``: more than).
+    Candidates are tried best first (equal scores in their given order). Returns the kept models, the soup's
+    score and the first step, then one per candidate after the first."""
+    order = sorted(candidates, key=lambda m: candidates[m].score, reverse=True)  # stable: ties keep their order
     kept, best = [order[0]], candidates[order[0]].score
     steps = [{"model": order[0], "score": best, "kept": True, "soup": list(kept)}]
     for model in order[1:]:
         score = evaluate([*kept, model]).score
-        improved = score > best
-        if improved:
+        keep = score > best if strict else score >= best
+        if keep:
             kept, best = [*kept, model], score
-        steps.append({"model": model, "score": score, "kept": improved, "soup": list(kept)})
-        logger.info("greedy soup: + %s -> %.4f (%s)", model, score, "kept" if improved else "dropped")
+        steps.append({"model": model, "score": score, "kept": keep, "soup": list(kept)})
+        logger.info("greedy soup: + %s -> %.4f (%s)", model, score, "kept" if keep else "dropped")
     return kept, best, steps
 
 
@@ -80,6 +90,17 @@ def run_soup(config: SoupConfig, out: str | Path, *, force: bool = False) -> dic
     uniform = average_config(config.models, config.dtype, "uniform soup")
     check_candidates(uniform)
     out = Path(out).expanduser().absolute()
+    created = first_missing(out)
+    try:
+        return _soup(config, out, force, fitness, uniform)
+    except BaseException:
+        if created is not None and created != out:  # the parents made for OUT (OUT itself is written at the end)
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _soup(config: SoupConfig, out: Path, force: bool, fitness: Fitness, uniform: MergeConfig) -> dict[str, Any]:
+    """The soups of :func:`run_soup`, written to ``out`` all at once."""
     started = time.perf_counter()
     with atomic_output_dir(out, force=force) as tmp:
         log = SearchLog(tmp / "evaluations.jsonl", config.wandb, saved_config(config, out), tmp, "soup")
@@ -87,14 +108,20 @@ def run_soup(config: SoupConfig, out: str | Path, *, force: bool = False) -> dic
         try:
 
             def evaluate(models: list[str], kind: str) -> Score:
-                score = evaluator.merge(average_config(models)) if len(models) > 1 else evaluator.model(models[0])
                 named = [portable_reference(m, out) for m in models]
+                try:
+                    score = evaluator.merge(average_config(models)) if len(models) > 1 else evaluator.model(models[0])
+                except DamError as e:
+                    what = f"candidate {models[0]}" if kind == "candidate" else f"the {kind} soup of {models}"
+                    raise DamError(f"soup: {what} failed, so the soup stops and writes nothing: {e}") from None
                 log.log({"evaluation": evaluator.evaluations, "kind": kind, "models": named, **score.to_dict()})
                 return score
 
             candidates = {m: evaluate([m], "candidate") for m in config.models}
             uniform_score = evaluate(list(config.models), "uniform")
-            kept, best, steps = greedy_soup(candidates, lambda models: evaluate(models, "greedy"))
+            kept, best, steps = greedy_soup(
+                candidates, lambda models: evaluate(models, "greedy"), strict=config.strict
+            )
         finally:
             log.close()
         greedy = average_config(kept, config.dtype, "greedy soup")
@@ -141,7 +168,8 @@ def format_soup(summary: dict[str, Any]) -> str:
     ranked = sorted(summary["candidates"].items(), key=lambda kv: kv[1]["score"], reverse=True)
     lines += [f"  {s['score']:10.4f}  {m}" for m, s in ranked]
     lines.append(f"uniform soup of {len(summary['uniform']['models'])}: {summary['uniform']['score']:.4f}")
-    lines.append("greedy soup:")
+    rule = "strictly improves" if summary["config"].get("strict") else "does not drop"
+    lines.append(f"greedy soup (a candidate is kept when the score {rule}):")
     for step in summary["greedy"]["steps"]:
         mark = "kept" if step["kept"] else "dropped"
         lines.append(f"  + {step['model']}: {step['score']:.4f} ({mark}; soup of {len(step['soup'])})")
