@@ -455,8 +455,9 @@ def _add_soup(sub: argparse._SubParsersAction) -> None:
         "soup",
         help="uniform and greedy model soups of candidate fine-tunes, chosen on a held-out fitness",
         description="Score every candidate on the config's fitness, average them all (uniform soup), and build the "
-        "greedy soup: best candidate first, each next one averaged in only if the held-out score improves. Writes "
-        "both soups (mergekit configs and merged models), the scores and every evaluation to OUT, all at once.",
+        "greedy soup: best candidate first, each next one averaged in if the held-out score does not drop (with "
+        "`strict: true`, only if it improves). Writes both soups (mergekit configs and merged models), the scores and "
+        "every evaluation to OUT, all at once.",
     )
     p.add_argument("config", help="soup config YAML (models, fitness; see configs/search/)")
     p.add_argument("out", help="output folder")
