@@ -57,7 +57,14 @@ def _check_topk(values, indices, true):
 
 
 @pytest.mark.parametrize("pairing", ["own", "all"])
-def test_cached_topk_equals_the_source_models(tmp_path, family, hf_sources, pairing):
+def test_cached_topk_equals_the_source_models(tmp_path, family, hf_sources, pairing, monkeypatch):
+    """The cache of a DAM model (its teachers to their final hidden states, the top-K a chunk of tokens at a time,
+    never the whole logits) against each source model's own log-probabilities."""
+
+    def whole_logits(*args, **kwargs):
+        raise AssertionError("the cache of a DAM model took its teachers' whole logits")
+
+    monkeypatch.setattr(tc, "teacher_logprobs", whole_logits)
     dataset, key = _build(family, pairing=pairing)
     cached = tc.cache_teacher_logits(family[3], dataset, key, tmp_path / "cache", batch_size=2)
     plain = cached.with_format(None)  # the cache comes back in numpy format

@@ -505,8 +505,10 @@ def compute_teacher_cache(
     file at ``path``; returns that dataset (memory-mapped).
 
     Rows keep their order; inside windows of ``32 * batch_size`` rows they are batched by length to waste little
-    on padding. Inputs go to the device of the model's first parameter. ``progress``: a tqdm bar over sequences
-    (shown on a terminal only).
+    on padding. Inputs go to the device of the model's first parameter. A DAM model whose logits are its
+    ``lm_head``'s (:meth:`~dam.adaptive.model.DAMModel.head_fusable`) runs each teacher to its final hidden states
+    and takes the top-K a chunk of tokens at a time (:func:`hidden_state_topk`): no ``[rows, T, V]`` logits.
+    ``progress``: a tqdm bar over sequences (shown on a terminal only).
     """
     every = set(dataset.unique("source")) == {ALL_SOURCES}
     slots = num_sources if every else 1
@@ -518,6 +520,8 @@ def compute_teacher_cache(
         }
     )
     device = _model_device(model)
+    head_fusable = getattr(model, "head_fusable", None)  # a DAM model: DAMModel.head_fusable, source_logits
+    fusable = head_fusable is not None and bool(head_fusable())
     collate = DataCollator(pad_token_id=0)
     rows = dataset.with_format("numpy")
     window = 32 * batch_size
@@ -532,14 +536,12 @@ def compute_teacher_cache(
             for b in range(0, n, batch_size):
                 picked = order[b : b + batch_size]
                 batch = collate([{"input_ids": chunk["input_ids"][i], "source": chunk["source"][i]} for i in picked])
-                values, indices = teacher_logprobs(
-                    model,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    batch["source"],
-                    num_sources,
-                    top_k,
-                )
+                args = (model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["source"])
+                if fusable:  # the teachers to their final hidden states, then top-K a chunk of tokens at a time
+                    hidden, teacher = teacher_hidden_states(*args, num_sources)
+                    values, indices = hidden_state_topk(hidden, teacher, model.source_logits, top_k)
+                else:
+                    values, indices = teacher_logprobs(*args, num_sources, top_k)
                 values = values.clamp(finite.min, finite.max).to(torch.float16).cpu()
                 indices = indices.to(torch.int32).cpu()
                 for j, i in enumerate(picked):
