@@ -16,9 +16,11 @@ computed in float32 and cast back to the tensor's stored dtype. Whole tensors th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,13 @@ class LoraAdapter:
         config_file = path / ADAPTER_CONFIG
         if not config_file.is_file():
             raise DamError(f"LoRA adapter {name!r}: no {ADAPTER_CONFIG} in {path}")
-        self.config: dict[str, Any] = json.loads(config_file.read_text())
+        try:
+            config = json.loads(config_file.read_bytes())
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise DamError(f"LoRA adapter {name!r}: {config_file} is not readable JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise DamError(f"LoRA adapter {name!r}: {config_file} holds a {type(config).__name__}, not a mapping")
+        self.config: dict[str, Any] = config
         kind = self.config.get("peft_type", "LORA")
         if kind != "LORA":
             raise DamError(f"adapter {name!r}: peft_type {kind} is not supported (only LORA)")
@@ -72,7 +80,7 @@ class LoraAdapter:
         if not weights.is_file():
             raise DamError(f"LoRA adapter {name!r}: no adapter_model.safetensors in {path}")
         self._file = weights
-        with safe_open(str(weights), framework="pt") as f:
+        with self._open() as f:
             keys = list(f.keys())
         self._lora: dict[str, tuple[str, str, bool]] = {}  # base tensor name -> (A key, B key, embedding)
         self._whole: dict[str, str] = {}  # base tensor name -> adapter key of a saved whole tensor
@@ -92,6 +100,20 @@ class LoraAdapter:
         if missing:
             raise DamError(f"LoRA adapter {name!r}: {missing[0]!r} is missing")
 
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[Any]:
+        """The adapter's safetensors file open; a truncated or corrupt file is a DamError naming it (safetensors
+        checks on opening that the data covers what the header names, and on reading each tensor)."""
+        try:
+            with safe_open(str(self._file), framework="pt") as f:
+                yield f
+        except DamError:
+            raise
+        except Exception as e:  # SafetensorError, OSError: safetensors' own types for every kind of bad file
+            raise DamError(
+                f"LoRA adapter {self.name!r}: {self._file} is not a readable safetensors file ({e})"
+            ) from None
+
     @property
     def tensor_names(self) -> list[str]:
         """Base tensor names the adapter changes."""
@@ -100,15 +122,24 @@ class LoraAdapter:
     def scale(self, module: str, rank: int) -> float:
         """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA) of one module, alpha as peft resolves alpha_pattern."""
         alpha = self.config.get("lora_alpha", 8)
-        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):
+        patterns = self.config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise DamError(f"LoRA adapter {self.name!r}: alpha_pattern must be a mapping, got {patterns!r}")
+        for pattern, value in patterns.items():
+            try:
+                matched = re.match(rf"(.*\.)?({pattern})$", module)
+            except re.error as e:
+                raise DamError(f"LoRA adapter {self.name!r}: alpha_pattern {pattern!r} is not a regex ({e})") from None
+            if matched:
                 alpha = value
                 break
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+            raise DamError(f"LoRA adapter {self.name!r}: lora_alpha of {module!r} must be a number, got {alpha!r}")
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
 
     def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (base tensor ``name``) with the adapter merged in, in the base tensor's dtype."""
-        with safe_open(str(self._file), framework="pt") as f:
+        with self._open() as f:
             if name in self._whole:
                 whole = f.get_tensor(self._whole[name])
                 if tuple(whole.shape) != tuple(tensor.shape):

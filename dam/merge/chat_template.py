@@ -18,22 +18,46 @@ import importlib.resources
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from dam.errors import DamError
 
 BUILTIN_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DamError(f"chat_template: cannot read {file} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DamError(f"chat_template: {file} is not a text (UTF-8) file (byte {e.start})") from None
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A tokenizer JSON file's mapping; a truncated or garbage file is a DamError naming it."""
+    try:
+        data = json.loads(_read_text(file))
+    except ValueError as e:
+        raise DamError(f"chat_template: {file} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DamError(f"chat_template: {file} holds a {type(data).__name__}, not a mapping")
+    return data
+
+
 def model_chat_template(folder: Path) -> str | None:
     """A model folder's chat template: ``chat_template.jinja``, else ``chat_template.json``, else the
     ``chat_template`` of ``tokenizer_config.json`` (a list of named templates gives its ``default``)."""
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return _read_text(folder / "chat_template.jinja")
     for name in ("chat_template.json", "tokenizer_config.json"):
         if (folder / name).is_file():
-            template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+            template = _read_json(folder / name).get("chat_template")
             if isinstance(template, list):
-                template = {t.get("name"): t.get("template") for t in template}.get("default")
+                named = [t for t in template if isinstance(t, dict)]
+                template = {t.get("name"): t.get("template") for t in named}.get("default")
+            if template and not isinstance(template, str):
+                raise DamError(f"chat_template: {folder / name} has a chat_template that is not text")
             if template:
                 return template
     return None
@@ -73,7 +97,7 @@ def write_chat_template(folder: Path, template: str) -> None:
     (folder / "chat_template.json").unlink(missing_ok=True)
     config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = _read_json(config_file)
         if config.pop("chat_template", None) is not None:
             config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

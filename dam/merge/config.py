@@ -473,6 +473,10 @@ def load_merge_config(path: str | Path) -> MergeConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DamError(f"config {str(path)!r}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DamError(
+            f"config {str(path)!r}: not a text (UTF-8) file: byte {e.start} is {e.object[e.start]:#04x}"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

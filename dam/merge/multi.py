@@ -43,6 +43,10 @@ def _read_documents(path: Path) -> list[Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DamError(f"config {str(path)!r}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DamError(
+            f"config {str(path)!r}: not a text (UTF-8) file: byte {e.start} is {e.object[e.start]:#04x}"
+        ) from None
     try:
         return [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as e:
@@ -118,10 +122,11 @@ def plan_merge_steps(path: str | Path, out: str | Path, intermediate_dir: str | 
 
 
 def _up_to_date(step: MergeStep) -> bool:
-    """True when the step's folder holds the config this step would write (see ``MergeConfig.portable_text``)."""
+    """True when the step's folder holds the config this step would write (see ``MergeConfig.portable_text``); a
+    damaged saved config (not the text expected, not even UTF-8) is not up to date."""
     saved = step.out / "mergekit_config.yml"
     expected = step.config.portable_text(step.out.expanduser().absolute())
-    return saved.is_file() and saved.read_text(encoding="utf-8") == expected
+    return saved.is_file() and saved.read_bytes() == expected.encode("utf-8")
 
 
 def run_merge_file(
@@ -140,7 +145,9 @@ def run_merge_file(
     dry run, a step whose inputs include an intermediate that is not built yet is validated but not planned.
     """
     path = Path(path)
-    if len(_read_documents(path)) == 1 and intermediate_dir is None:
+    documents = _read_documents(path)
+    recipe = len(documents) > 1 or any(isinstance(d, dict) and "name" in d for d in documents)  # a cut recipe too
+    if not recipe and intermediate_dir is None:
         config = load_merge_config(path)
         return [run_merge(config, out, force=force, dry_run=dry_run, **merge_options)]
     steps = plan_merge_steps(path, out, intermediate_dir)

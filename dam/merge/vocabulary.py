@@ -37,9 +37,14 @@ logger = logging.getLogger(__name__)
 
 
 def _load_tokenizer(folder: Path, **kwargs: Any) -> Any:
+    """The folder's tokenizer; missing, truncated or garbage tokenizer files are a DamError naming the folder."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception as e:  # transformers and tokenizers raise many types (OSError, ValueError, Exception)
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise DamError(f"tokenizer: cannot load the tokenizer of {folder} ({detail})") from None
 
 
 def stripped_tokenizer(folder: Path, vocab_size: int | None) -> Any:
