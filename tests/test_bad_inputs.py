@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -191,6 +192,22 @@ def test_a_damaged_input_file_is_one_error_line(
     assert not out.exists(), f"{out} was left behind"
     if command == "train":
         assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"[1, 2]", b'{"w": 1}', b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}'],
+    ids=["list", "entry-not-a-mapping", "offsets-backwards"],
+)
+def test_a_safetensors_header_that_parses_but_is_wrong(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], header: bytes
+) -> None:
+    """Garbage that happens to be JSON where the header belongs: refused when the header is read, not later."""
+    copy = _copy_of(world, "source0", tmp_path)
+    (copy / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    argv, out = _merge(world, str(copy), tmp_path)
+    line = run_cli(argv, capsys)
+    assert f"{copy / 'model.safetensors'}: not a valid safetensors file" in line and not out.exists(), line
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))

@@ -190,6 +190,21 @@ def _read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
             header = json.loads(f.read(n))
     except (ValueError, struct.error, UnicodeDecodeError) as e:
         raise DamError(f"{file}: not a valid safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise DamError(f"{file}: not a valid safetensors file (its header is not a mapping)")
+    for key, entry in header.items():  # garbage that happens to parse as JSON: every entry checked before use
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if key != "__metadata__" and not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise DamError(f"{file}: not a valid safetensors file (a corrupt header entry for {str(key)[:100]!r})")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise DamError(f"{file}: truncated safetensors file ({size} bytes, header needs {8 + n + end})")
