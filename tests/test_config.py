@@ -196,11 +196,12 @@ def test_every_accelerate_config_parses_with_accelerate(path: Path) -> None:
     args = launch_command_parser().parse_args(["--config_file", str(path), "train_dam.py", "configs/dam/tiny.yaml"])
     args, _, _ = _validate_launch_command(args)  # what `accelerate launch` does with the file
     kind = path.stem
-    # fsdp.yaml is a multi-GPU launch: DAM shards the sources itself (train.shard_sources), accelerate does not
-    expected = {"single_gpu": "NO", "ddp": "MULTI_GPU", "fsdp": "MULTI_GPU"}[kind]
+    # sharded sources launch with ddp.yaml too: DAM shards the sources itself (train.shard_sources), accelerate
+    # only starts the processes
+    expected = {"single_gpu": "NO", "ddp": "MULTI_GPU"}[kind]
     assert config.distributed_type.value == expected
     assert not args.use_fsdp and not args.use_deepspeed
-    if kind == "fsdp":
+    if kind == "ddp":
         assert "train.shard_sources=true" in path.read_text()
 
 

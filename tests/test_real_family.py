@@ -69,6 +69,7 @@ def tiny_real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, build_real(root, base=str(base), settings=TINY, progress=False)
 
 
+@pytest.mark.slow
 def test_build_writes_the_family_and_its_chat_tasks(tiny_real: tuple[Path, dict]) -> None:
     root, report = tiny_real
     assert report["skills"] == list(SKILLS) and report["general"] == GENERAL
@@ -88,6 +89,7 @@ def test_build_writes_the_family_and_its_chat_tasks(tiny_real: tuple[Path, dict]
     )
 
 
+@pytest.mark.slow
 def test_build_refuses_a_built_family_and_resumes_a_killed_one(tiny_real: tuple[Path, dict]) -> None:
     root, _ = tiny_real
     base = root.parent / "family" / "base"
@@ -102,6 +104,7 @@ def test_build_refuses_a_built_family_and_resumes_a_killed_one(tiny_real: tuple[
     assert (root / "models" / "reverse" / "model.safetensors").stat().st_mtime_ns == kept
 
 
+@pytest.mark.slow
 def test_run_on_the_real_family_layout(tiny_real: tuple[Path, dict], tmp_path: Path) -> None:
     from dam.demo.run import format_goals, run_demo
 

@@ -212,7 +212,8 @@ class TrainConfig(BaseModel):
     shard_sources: bool = False
     """Shard the frozen sources over the processes (torch FSDP2, :mod:`dam.training.sharding`): each process holds
     about 1/G of them plus one gathered decoder layer, for sources that do not fit one device. Launch with
-    ``configs/accelerate/fsdp.yaml``. The coefficients stay whole on every process."""
+    ``configs/accelerate/ddp.yaml`` (accelerate only starts the processes; DAM shards). The coefficients stay whole
+    on every process. Needs torch 2.7 or later."""
 
     save_every: int = Field(0, ge=0)
     """Save a resumable checkpoint (``accelerator.save_state``) every this many optimizer steps; the last step is
