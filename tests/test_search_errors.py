@@ -15,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,6 @@ class Case:
     message: str
     before: str = "absent"
     warning: str | None = None  # a failed candidate: the one warning line naming it and why
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _soup(**change: Any) -> dict[str, Any]:
