@@ -135,8 +135,7 @@ def test_config_tokenizer_and_generation_config_from_the_metadata(single):
     assert tokenizer.apply_chat_template(messages, tokenize=False) == reference.apply_chat_template(
         messages, tokenize=False
     )
-    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
-    assert (tokenizer.bos_token, tokenizer.eos_token) == (reference.bos_token, reference.eos_token)
+    assert tokenizer.special_tokens_map == reference.special_tokens_map  # transformers 4.56 maps them differently
     generation = (folder / "generation_config.json").read_text()
     assert '"eos_token_id": 2' in generation
 

@@ -181,7 +181,8 @@ def gguf_folder(file: str | Path) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _materialise(path, tmp, has_tokenizer)
+        config = _materialise(path, tmp, has_tokenizer)
+        source["parameters"] = _plan(path, config, source)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, default=_plain) + "\n")
         try:
             tmp.rename(folder)
@@ -194,8 +195,9 @@ def gguf_folder(file: str | Path) -> Path:
     return folder
 
 
-def _materialise(file: Path, out: Path, has_tokenizer: bool) -> None:
-    """Write the config, generation config and tokenizer of ``file`` into ``out`` through transformers."""
+def _materialise(file: Path, out: Path, has_tokenizer: bool) -> Any:
+    """Write the config, generation config and tokenizer of ``file`` into ``out`` through transformers; returns
+    the config."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     try:
@@ -206,12 +208,43 @@ def _materialise(file: Path, out: Path, has_tokenizer: bool) -> None:
     GenerationConfig.from_model_config(config).save_pretrained(out)
     if not has_tokenizer:
         logger.warning("GGUF %s has no tokenizer in its metadata; its folder has none", file)
-        return
+        return config
     try:
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except Exception as e:  # an unknown tokenizer.ggml.model, missing merges...
         raise _transformers_error(file, "tokenizer", e) from e
     tokenizer.save_pretrained(out)
+    return config
+
+
+def _plan(file: Path, config: Any, source: dict[str, Any]) -> list[list[Any]]:
+    """``[hf_name, gguf_name, shape]`` for every parameter of the config's model that a GGUF tensor fills, in
+    state-dict order: transformers' ``get_gguf_hf_weights_map`` over the model built on the meta device (slow for
+    a deep model: it rebuilds gguf's name map for every submodule, so it runs once, when the cache is made)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    processor = TENSOR_PROCESSORS.get(source["architecture"], TensorProcessor)(config=source["processor_config"])
+    model = _meta_model(config, file)
+    if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:  # transformers >= 4.57
+        mapping: dict[str, str] = get_gguf_hf_weights_map(model, processor=processor)
+    else:
+        mapping = get_gguf_hf_weights_map(model)
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    found: dict[str, list[Any]] = {}
+    for gguf_name, _, _, _, _, count in source["tensors"]:
+        hf_name = mapping.get(gguf_name)
+        if hf_name is None or hf_name not in shapes:
+            logger.debug("GGUF %s: tensor %s has no model parameter; skipped", file.name, gguf_name)
+            continue
+        if count != int(torch.Size(shapes[hf_name]).numel()):
+            raise DamError(
+                f"model {str(file)!r}: GGUF tensor {gguf_name!r} has {count} elements, but {hf_name!r} of the "
+                f"config's model has shape {tuple(shapes[hf_name])}"
+            )
+        found[hf_name] = [hf_name, gguf_name, shapes[hf_name]]
+    if not found:
+        raise DamError(f"model {str(file)!r}: no tensor of the GGUF file maps to a parameter of the config's model")
+    return [found[n] for n in shapes if n in found]
 
 
 def _meta_model(config: Any, file: Path) -> torch.nn.Module:
@@ -238,63 +271,41 @@ class GGUFCheckpoint:
     """One GGUF file read lazily under the Hugging Face names and shapes of its architecture (float32 tensors).
 
     Memory: the file is memory-mapped; :meth:`get` holds one dequantized tensor (and the processor's copy of it)
-    until it returns. Names are in the order of the model's state dict.
+    until it returns. Names are in the order of the model's state dict. Opening reads the cache folder's
+    :data:`SOURCE_FILE` (the tensor table and name map), so only the first open of a file parses its metadata.
     """
 
     def __init__(self, file: str | Path, name: str | None = None):
         import numpy as np
         from gguf import GGMLQuantizationType
-        from transformers import AutoConfig
-        from transformers.modeling_gguf_pytorch_utils import (
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-        )
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
         self.file = Path(file).expanduser().absolute()
         self.name = name or str(file)
         self.folder = gguf_folder(self.file)
         source = json.loads((self.folder / SOURCE_FILE).read_text())
-        try:
-            config = AutoConfig.from_pretrained(self.folder)
-        except Exception as e:  # metadata transformers cannot map
-            raise _transformers_error(self.file, "config", e) from e
-        self.config = config
         # the file's tensors as GGUFReader builds them (views of one read-only memory map), from the cached table
         self._map = np.memmap(self.file, dtype=np.uint8, mode="r")
         if self._map.size != source["size"]:
             raise DamError(f"model {self.name!r}: the GGUF file changed while it was being read")
-        tensors = []
+        stored = {}
         for tensor_name, ggml_type, dtype, shape, offset, count in source["tensors"]:
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
             data = self._map[offset : offset + nbytes].view(dtype).reshape(shape)
-            tensors.append(_Tensor(tensor_name, GGMLQuantizationType(ggml_type), count, data))
+            stored[tensor_name] = _Tensor(tensor_name, GGMLQuantizationType(ggml_type), count, data)
         architecture = source["architecture"]
         self._processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=source["processor_config"])
         self._identity = type(self._processor).process is TensorProcessor.process
-        model = _meta_model(config, self.file)
-        if "processor" in inspect.signature(get_gguf_hf_weights_map).parameters:  # transformers >= 4.57
-            self._mapping: dict[str, str] = get_gguf_hf_weights_map(model, processor=self._processor)
-        else:
-            self._mapping = get_gguf_hf_weights_map(model)
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        by_hf: dict[str, Any] = {}
-        for tensor in tensors:
-            hf_name = self._mapping.get(tensor.name)
-            if hf_name is None or hf_name not in shapes:
-                logger.debug("GGUF %s: tensor %s has no model parameter; skipped", self.file.name, tensor.name)
-                continue
-            expected = shapes[hf_name]
-            if int(tensor.n_elements) != int(torch.Size(expected).numel()):
-                raise DamError(
-                    f"model {self.name!r}: GGUF tensor {tensor.name!r} has {int(tensor.n_elements)} elements, but "
-                    f"{hf_name!r} of the config's model has shape {expected}"
-                )
-            by_hf[hf_name] = tensor
-        if not by_hf:
-            raise DamError(f"model {self.name!r}: no tensor of the GGUF file maps to the model's parameters")
-        self._tensors = {n: by_hf[n] for n in shapes if n in by_hf}
-        self._shapes = {n: shapes[n] for n in self._tensors}
+        self._mapping = {gguf_name: hf_name for hf_name, gguf_name, _ in source["parameters"]}
+        self._tensors = {hf_name: stored[gguf_name] for hf_name, gguf_name, _ in source["parameters"]}
+        self._shapes = {hf_name: tuple(shape) for hf_name, _, shape in source["parameters"]}
+
+    @property
+    def config(self) -> Any:
+        """The model's ``PretrainedConfig``, from the cache folder."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.folder)
 
     @property
     def names(self) -> list[str]:
