@@ -167,8 +167,8 @@ def push_folder(
         if is_timeout(e):
             raise DamError(
                 f"--push-to-hub {repo_id!r}: the Hub ({constants.ENDPOINT}) did not answer within {seconds:g} s "
-                f"(--hub-timeout or {HUB_TIMEOUT_ENV} sets the wait); the push did not complete, the output at {folder} is "
-                "complete and kept"
+                f"(--hub-timeout or {HUB_TIMEOUT_ENV} sets the wait); the push did not complete, the output at "
+                f"{folder} is complete and kept"
             ) from e
         raise DamError(
             f"--push-to-hub {repo_id!r}: upload failed ({_one_line(e)}); the output at {folder} is complete and kept"
