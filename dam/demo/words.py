@@ -9,10 +9,12 @@ Each skill is an instruction over a list of 4-5 common English words, answered w
 SmolLM2-135M-Instruct answers none of them (0% on 32 prompts of each, greedy, in its chat format): it rephrases
 the prompt or lists the words as given. Sorting the words alphabetically was tried as a skill and dropped: a full
 fine-tune reached only 53% on held-out prompts after 90 steps of 16 at lr 3e-4 (16% and 44% at 30 and 60 steps),
-far from the 90% an expert must reach, at a cost the build could not pay on two CPU cores. ``general`` is a fixed set of short factual and instruction prompts (capitals, sums,
-opposites, plurals, one-sentence descriptions, ...) whose responses are the *base model's own* greedy answers,
-written at build time: a merge is scored there by its agreement with the base (``metric: agreement`` in
-:mod:`dam.evaluation.evaluate`), so it measures how much of the base's general behaviour a merge keeps.
+far from the 90% an expert must reach, at a cost the build could not pay on two CPU cores.
+
+``general`` is a fixed set of short factual and instruction prompts (capitals, sums, opposites, plurals,
+one-sentence descriptions, ...) whose responses are the *base model's own* greedy answers, written at build time:
+a merge is scored there by its agreement with the base (``metric: agreement`` in :mod:`dam.evaluation.evaluate`),
+so it measures how much of the base's general behaviour a merge keeps.
 
 No prompt is in two splits: examples are drawn without repetition from one seeded stream per task and dealt into
 test, validation and train in that order.
@@ -125,8 +127,8 @@ _TEMPLATES: tuple[Callable[[random.Random], str], ...] = (
 
 
 def general_prompts(seed: int, n: int) -> list[str]:
-    """``n`` distinct general prompts from the templates above, in a seeded order (a ``DamError``-free ValueError
-    when the templates cannot give that many)."""
+    """``n`` distinct general prompts from the templates above, in a seeded order (ValueError when the templates
+    cannot give that many)."""
     rng = random.Random(f"general-{seed}")
     seen: dict[str, None] = {}
     for _ in range(200 * n):

@@ -379,7 +379,7 @@ def evaluate_model(
         raise DamError(f"--batch-size must be at least 1, got {batch_size}")
     task_list = load_tasks(tasks, data_dir=data_dir, split=split, limit=limit)
     path = resolve_model_path(model)
-    lm, tokenizer = load_model(path, device=device, dtype=dtype)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)  # MODEL+LORA: the adapter applied
     name = name or str(model)
     return evaluate_loaded(
         lm, tokenizer, task_list, batch_size=batch_size, name=name, path=str(path), progress=progress

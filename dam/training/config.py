@@ -531,8 +531,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DAMConfig:
     if not path.is_file():
         raise DamError(f"config file {path} not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_YAMLLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as e:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_YAMLLoader)  # a SafeLoader subclass
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DamError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
     if data is None:
         data = {}
