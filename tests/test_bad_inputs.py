@@ -152,13 +152,6 @@ FILES = {
 }
 # what dam merge and dam eval do not read: a merge copies the base's tokenizer files, and uses no source's
 NOT_READ = {("merge", "tokenizer.json"), ("merge", "tokenizer_config.json")}
-_CHECKPOINT_PY = "CheckpointReader reads config.json and the shard index unguarded (dam/io/checkpoint.py)"
-KNOWN = {
-    ("merge", "config.json"): _CHECKPOINT_PY,
-    ("merge", "shard index"): _CHECKPOINT_PY,
-    ("train", "shard index"): _CHECKPOINT_PY,
-    ("export", "shard index"): _CHECKPOINT_PY,
-}
 
 
 def _file_cases() -> list:
@@ -168,10 +161,7 @@ def _file_cases() -> list:
             if (command, file) in NOT_READ:
                 continue
             for damage in DAMAGES:
-                marks = (
-                    [pytest.mark.xfail(reason=KNOWN[command, file], strict=True)] if (command, file) in KNOWN else []
-                )
-                cases.append(pytest.param(command, file, damage, id=f"{command}-{file}-{damage}", marks=marks))
+                cases.append(pytest.param(command, file, damage, id=f"{command}-{file}-{damage}"))
     return cases
 
 

@@ -233,7 +233,7 @@ class CheckpointReader:
             self.path = resolve_folder(model)
         self.adapter = LoraAdapter(adapter, resolve_folder(adapter)) if adapter is not None else None
         config_file = self.path / "config.json"
-        self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self.config: dict[str, Any] = self._json(config_file) if config_file.exists() else {}
         self._entries: dict[str, tuple[Path, dict[str, Any], int]] = {}  # name -> (file, header entry, data start)
         self._bin_files: dict[str, Path] = {}
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
@@ -254,10 +254,25 @@ class CheckpointReader:
                     f"model {self.name!r}: the adapter changes tensor {unknown[0]!r}, which {model!r} lacks"
                 )
 
+    def _json(self, file: Path) -> Any:
+        """A JSON file of the model folder, or a DamError naming the model and the file."""
+        try:
+            return json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise DamError(f"model {self.name!r}: {file} is not readable JSON ({e})") from None
+
+    def _weight_map(self, index: Path) -> dict[str, str]:
+        """``weight_map`` of a shard index (tensor name -> shard file), checked to be one."""
+        weight_map = self._json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise DamError(f"model {self.name!r}: {index} has no weight_map of tensor names to shard files")
+        return weight_map
+
     def _safetensors_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = self._weight_map(index)
             files = sorted({self.path / f for f in weight_map.values()})
             missing = [f.name for f in files if not f.exists()]
             if missing:
@@ -268,7 +283,7 @@ class CheckpointReader:
     def _index_bin_files(self) -> None:
         index = self.path / "pytorch_model.bin.index.json"
         if index.exists():
-            for key, file in json.loads(index.read_text())["weight_map"].items():
+            for key, file in self._weight_map(index).items():
                 self._bin_files[key] = self.path / file
             return
         for file in sorted(self.path.glob("pytorch_model*.bin")):
