@@ -227,7 +227,7 @@ def saved_activation_bytes(model: torch.nn.Module, loss_fn, autocast) -> int:
 def run(kind: str, args: argparse.Namespace, base: Path, sources: list[Path], batch: int | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", kind, "--base", str(base), "--sources", *map(str, sources)]
     command += ["--device", args.device, "--dtype", args.dtype, "--batch", str(batch or args.batch)]
-    command += ["--seq", str(args.seq), "--shapes", args.shapes]
+    command += ["--seq", str(args.seq), "--shapes", getattr(args, "shapes", "small")]
     command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
