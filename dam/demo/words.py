@@ -22,10 +22,8 @@ test, validation and train in that order.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 WORDS = tuple(
     """
@@ -152,9 +150,3 @@ def skill_splits(skill: str, seed: int, sizes: dict[str, int]) -> dict[str, list
                 seen.add(prompt)
                 rows.append({"prompt": prompt, "response": response, "task": skill})
     return splits
-
-
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
-    """One JSON object per line (UTF-8), the parent folders made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
