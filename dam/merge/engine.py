@@ -4,8 +4,9 @@
 
 1. **Plan** (:func:`plan_merge`): open every model lazily (headers only), check that they are compatible
    (architecture, vocabulary size unless a ``tokenizer:`` section rebuilds the vocabularies, tensor names,
-   shapes, dtypes), build a ``tokenizer:`` section's output vocabulary (:mod:`dam.merge.vocabulary`), lay out the
-   output tensors (``slices`` stack layers and renumber them) and resolve every tensor's parameters. Each
+   shapes, dtypes, the config.json fields that change the forward), build a ``tokenizer:`` section's output
+   vocabulary (:mod:`dam.merge.vocabulary`), lay out the output tensors (``slices`` stack layers and renumber
+   them) and resolve every tensor's parameters. Each
    distinct parameter set is tried once on a 2x2 dummy tensor, so a bad value (a density outside (0, 1], slerp
    with three models...) fails here, before any tensor data is read.
 2. **Stream**: for each output tensor, read the inputs, check them for NaN/Inf, rebuild vocabulary-indexed ones
@@ -48,6 +49,7 @@ from torch import Tensor
 
 from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, CheckpointReader, dtype_name, parse_dtype, resolve_model_path
+from dam.io.forward_config import forward_differences
 from dam.io.model_folder import render_model_card, write_model_files
 from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, assign_shards, atomic_output_dir
@@ -217,6 +219,36 @@ def _check_models_compatible(models: list[str], readers: dict[str, CheckpointRea
             raise DamError(
                 f"vocab size mismatch: model {model!r} has vocab_size {_vocab_size(cfg)} but model {ref!r} has "
                 f"{_vocab_size(ref_cfg)}; add a `tokenizer:` section (e.g. source: union) to merge their vocabularies"
+            )
+
+
+def _check_forward_configs(
+    models: list[str], readers: dict[str, CheckpointReader], vocabularies: bool, sliced: bool
+) -> None:
+    """Every model's config.json agrees with the first model's in the fields that change the forward
+    (:func:`dam.io.forward_config.forward_differences`; the text config of a multimodal one), compared where both
+    files write the field (transformers versions write different defaults). Skipped: ``vocab_size`` when
+    ``vocabularies`` (a tokenizer section rebuilds them), the layer count when ``sliced`` (slices stack layers).
+    Weights of one shape under different head counts, rotary bases or norms merge into a model that computes
+    something none of them did: refused, naming the field."""
+    skipped = {"vocab_size"} if vocabularies else set()
+    if sliced:
+        skipped |= {*_LAYER_COUNT_KEYS, "layer_types"}
+
+    def text(model: str) -> dict[str, Any]:
+        cfg = readers[model].config
+        return cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+
+    ref = models[0]
+    for model in models[1:]:
+        a, b = text(model), text(ref)
+        common = (a.keys() & b.keys()) - skipped
+        differences = forward_differences({k: b[k] for k in common}, {k: a[k] for k in common})
+        if differences:
+            key, mine, theirs = differences[0]
+            raise DamError(
+                f"model {model!r} has {key} {mine!r} but model {ref!r} has {theirs!r} in config.json: the merge "
+                "would run their weights under one config, so dam refuses it"
             )
 
 
@@ -446,6 +478,7 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             vocabulary = plan_vocabulary(section, base, models, folders, sizes)
         planner = _Planner(config, readers, vocabulary)
         tasks = planner.plan()
+        _check_forward_configs(models, readers, vocabularies=section is not None, sliced=config.slices is not None)
         donor = config.base_model or planner.slices[0].sources[0].model
         out_config = _output_config(config, planner.slices, readers, donor)
         if vocabulary is not None:  # config.json's vocab_size (top level, or a multimodal config's text_config)
@@ -663,9 +696,9 @@ def run_merge(
             layout = [(t.name, t.shape, t.out_dtype) for t in plan.tasks]
             writer = ShardedWriter(tmp, layout, max_shard_size=shard_size)
             try:
-                from tqdm import tqdm
+                from dam.progress import progress_bar
 
-                bar = tqdm(total=len(plan.tasks), unit="tensor", desc="dam merge", disable=None if progress else True)
+                bar = progress_bar(total=len(plan.tasks), unit="tensor", desc=f"merge {out.name}", enabled=progress)
                 with bar, contextlib.closing(_merged(plan, compute, seed, workers)) as merged:
                     for task, tensor in merged:
                         writer.add(task.name, tensor)
