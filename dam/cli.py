@@ -111,6 +111,9 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     _check_push(args)
+    from dam.evaluation.check import refuse_training
+
+    refuse_training(config)  # the sources' config.json and tokenizers against the base's, before the run folder
     from accelerate import PartialState
 
     from dam.training.loop import train  # heavy imports (accelerate, transformers) only once the config is valid
@@ -141,6 +144,45 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     _add_push_options(p)  # before CONFIG: everything after it is an override
     p.set_defaults(func=_train)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from dam.evaluation.check import check_config, format_report
+
+    report = check_config(
+        args.config, args.for_command, intermediate_dir=args.intermediate_dir, progress=not args.json
+    )
+    print(report.to_json() if args.json else format_report(report))
+    return 2 if report.verdict == "refuse" else 0
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="will this merge work? compatibility, NaN/Inf, task-vector conflicts and memory, before merging",
+        description="Check a merge YAML (as dam merge reads it) or a DAM run config (as dam train reads it) before "
+        "the expensive step: architecture and forward-config compatibility, vocabularies and tied embeddings, a "
+        "NaN/Inf scan of every tensor (streamed), dtypes and sizes, the sources' task-vector kinship and sign "
+        "conflicts per layer group, and the estimated peak memory and disk. Prints a verdict (ok, warn, refuse) "
+        "with its reasons; exits 0 for ok or warn, 2 for refuse.",
+    )
+    p.add_argument("config", help="merge YAML (merge_method: ...) or DAM run config (output_dir, models, ...)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument(
+        "--command",
+        dest="for_command",
+        choices=["merge", "train"],
+        default=None,
+        help="check for dam merge or dam train (default: the config's own; a DAM config as task_arithmetic of its "
+        "models, a merge config as DAM over its base_model)",
+    )
+    p.add_argument(
+        "--intermediate-dir",
+        default=None,
+        help="multi-document configs: dam merge's --intermediate-dir (documents using outputs not built yet are "
+        "skipped)",
+    )
+    p.set_defaults(func=_check)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -532,6 +574,7 @@ def _add_evolve(sub: argparse._SubParsersAction) -> None:
 _COMMANDS: list = [
     _add_merge,
     _add_train,
+    _add_check,
     _add_export,
     _add_cache_logits,
     _add_regmean,

@@ -30,7 +30,7 @@ import torch
 from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader
 
-_LAYER_INDEX = re.compile(r"(^|\.)(layers|h|blocks|layer)\.\d+\.")
+_LAYER_INDEX = re.compile(r"(^|\.)(layers|h|blocks|layer)\.(\d+)\.")
 
 
 def module_kind(name: str) -> str:
@@ -42,8 +42,15 @@ def module_kind(name: str) -> str:
     return _LAYER_INDEX.sub(r"\1", name).removeprefix("model.")
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a tensor name (``model.layers.3.mlp.up_proj.weight`` -> 3); None outside the
+    layer stack."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(3)) if match else None
+
+
 @dataclass
-class _Sums:
+class SimilaritySums:
     """Running float64 sums of two task vectors' entries (a, b) and of the base's squared entries (c)."""
 
     n: int = 0
@@ -162,15 +169,17 @@ def model_kinship(model_a: str | Path, model_b: str | Path, base: str | Path, *,
     All three checkpoints must hold the same floating-point tensors with the same shapes (checked from the headers
     before any tensor is read). Memory holds one tensor of each model at a time.
     """
-    from tqdm.auto import tqdm
+    from dam.progress import progress_bar
 
     with CheckpointReader(model_a) as ra, CheckpointReader(model_b) as rb, CheckpointReader(base) as rc:
         names = _shared_tensors(ra, rb, rc)
-        total = _Sums()
-        kinds: dict[str, _Sums] = {}
-        for name, da, db, c in tqdm(_task_vectors(ra, rb, rc, names), total=len(names), disable=not progress):
+        total = SimilaritySums()
+        kinds: dict[str, SimilaritySums] = {}
+        for name, da, db, c in progress_bar(
+            _task_vectors(ra, rb, rc, names), total=len(names), desc="kinship", unit="tensor", enabled=progress
+        ):
             total.add(da, db, c)
-            kinds.setdefault(module_kind(name), _Sums()).add(da, db, c)
+            kinds.setdefault(module_kind(name), SimilaritySums()).add(da, db, c)
     return Kinship(
         str(model_a),
         str(model_b),
