@@ -679,7 +679,8 @@ def check_config(
             targets.append(_check_train(dam.base_model, sources, dam, reasons, progress))
         else:
             targets.append(_check_merge(_as_merge(dam), None, reasons, "", progress))
-    return CheckReport(config=str(path), kind=kind, command=command, reasons=reasons, targets=targets)
+    unique = list({r.message: r for r in reasons}.values())  # a missing model fails two checks with one message
+    return CheckReport(config=str(path), kind=kind, command=command, reasons=unique, targets=targets)
 
 
 def _as_dam(config: MergeConfig) -> tuple[str, list[tuple[str, str]]]:
