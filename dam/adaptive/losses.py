@@ -8,6 +8,8 @@
   teacher or the mean over S teachers.
 - :func:`prediction_entropy`: the entropy of the model's own predictive distribution per token, averaged over
   non-padding tokens (AdaMerging's label-free, teacher-free objective).
+- :func:`layer_alignment`: the merged model's hidden state after every decoder layer against its teachers' at the
+  same layer, a normalised squared distance per token, averaged over layers and teachers (``loss.align``).
 - :func:`coefficient_similarity`: mean pairwise cosine of the per-source coefficient vectors, averaged over modules.
 - :func:`l1_penalty`, :func:`l2_penalty`: mean over every coefficient of ``|c - target|`` / ``(c - target)^2``,
   toward zero or toward given targets (the init).
@@ -39,7 +41,7 @@ and a large model. A weight ``w`` of the former sums equals ``w * modules`` (sim
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -299,6 +301,33 @@ def entropy_loss(weights: Tensor, count: Tensor) -> ChunkLoss:
         return (-(log_p.exp() * log_p).sum(-1) * weights[rows]).sum() / count
 
     return loss
+
+
+def layer_alignment(student: Sequence[Tensor], teacher: Tensor, weights: Tensor, count: Tensor) -> Tensor:
+    """Layer-wise alignment of hidden states, a token mean like the KL:
+    ``(1 / count) sum_t w_t mean_l mean_s ||h_l[t] - g_{l,s}[t]||^2 / ||g_{l,s}[t]||^2``.
+
+    ``student``: L tensors (B, T, H), the merged model's hidden state after each decoder layer (the last one after
+    the final norm, as Hugging Face's ``hidden_states[1:]``); ``teacher``: (L, B, S, T, H), the same states of the
+    S teachers of each row (the row's own source for ``pairing: own``); ``weights`` (B * T,) and ``count`` from
+    :func:`token_weights`. Each token's distance is relative to the teacher state's own squared norm, so layers
+    and tokens of very different scales (the residual stream grows with depth; attention-sink tokens carry norms
+    far above the others) weigh alike: a value of 0.01 is a 10% relative error at every layer. Only tokens of
+    nonzero weight are computed. Returns a float32 scalar.
+    """
+    layers, batch, slots, length, width = teacher.shape
+    if len(student) != layers or student[0].shape != (batch, length, width):
+        shapes = [tuple(h.shape) for h in student[:1]]
+        raise ValueError(f"{len(student)} student states {shapes} for teacher states {tuple(teacher.shape)}")
+    picked = weights.nonzero().flatten()  # flattened (B * T) indices of the tokens that count
+    w = weights[picked]
+    total = torch.zeros((), dtype=torch.float32, device=weights.device)
+    for h, g in zip(student, teacher, strict=True):
+        h = h.reshape(batch * length, width)[picked].float()  # (M, H)
+        g = g.transpose(0, 1).reshape(slots, batch * length, width)[:, picked].float()  # (S, M, H)
+        relative = (h - g).square().sum(-1) / g.square().sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+        total = total + (relative.mean(0) * w).sum()
+    return total / (layers * count)
 
 
 def coefficient_similarity(coefficients: Iterable[Tensor]) -> Tensor:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,27 +293,49 @@ class DAMModel(nn.Module):
     # -- forward and teachers --------------------------------------------------------------------------------
 
     def forward(
-        self, *args: Any, chunk_loss: ChunkLoss | None = None, last_hidden: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        chunk_loss: ChunkLoss | None = None,
+        last_hidden: bool = False,
+        layer_loss: Callable[[tuple[Tensor, ...]], Tensor] | None = None,
+        layer_states: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """The Hugging Face model's output; or, with ``chunk_loss``, the sum over the tokens of that loss of the
         logits, the logits never whole (:meth:`dam.adaptive.layers.DAMLinear.chunked_loss` on the final hidden
         states when :meth:`head_fusable`, else :func:`dam.adaptive.losses.chunked_loss` over the logits, whose
         storage then takes their gradient); or, with ``last_hidden``, the final hidden states (B, T, hidden) that
-        the ``lm_head`` takes (only when :meth:`head_fusable`; teachers: :meth:`source_logits` projects them)."""
-        if chunk_loss is None and not last_hidden:
+        the ``lm_head`` takes (only when :meth:`head_fusable`; teachers: :meth:`source_logits` projects them).
+
+        Hidden states after every decoder layer (Hugging Face's ``hidden_states[1:]``, L tensors (B, T, hidden),
+        the last after the final norm): ``layer_states`` with ``last_hidden`` returns ``(final, states)`` (the
+        teachers of ``loss.align``); ``layer_loss(states)`` (a scalar) makes the result the pair ``(chunk loss or
+        0, layer loss)``, computed in the same forward (the student of ``loss.align``)."""
+        if chunk_loss is None and not last_hidden and layer_loss is None:
             return self.model(*args, **kwargs)
         if self._head_fusable is None:  # inside this forward, so through the inner model (FSDP's root is self)
             self._head_fusable = self._probe_head(self.model)
+        states: tuple[Tensor, ...] = ()
         if not self._head_fusable:
             if last_hidden:
                 raise RuntimeError("last_hidden: the model's logits are not lm_head(final hidden states)")
-            logits = self.model(*args, **kwargs).logits
-            return chunked_loss(logits.reshape(-1, logits.shape[-1]), chunk_loss, overwrite=True)
-        hidden = self.model.base_model(*args, **kwargs)[0]  # (B, T, hidden)
+            out = self.model(*args, output_hidden_states=layer_loss is not None, **kwargs)
+            value = out.logits.new_zeros((), dtype=torch.float32)
+            if chunk_loss is not None:
+                value = chunked_loss(out.logits.reshape(-1, out.logits.shape[-1]), chunk_loss, overwrite=True)
+            return value if layer_loss is None else (value, layer_loss(out.hidden_states[1:]))
+        wanted = layer_states or layer_loss is not None
+        out = self.model.base_model(*args, output_hidden_states=wanted, **kwargs)
+        hidden = out[0]  # (B, T, hidden)
+        if wanted:
+            states = out.hidden_states[1:]
         if last_hidden:
-            return hidden
-        head = self.model.get_output_embeddings()
-        return head.chunked_loss(hidden.reshape(-1, hidden.shape[-1]), chunk_loss, chunk_rows(head.out_features))
+            return (hidden, states) if layer_states else hidden
+        value = hidden.new_zeros((), dtype=torch.float32)
+        if chunk_loss is not None:
+            head = self.model.get_output_embeddings()
+            value = head.chunked_loss(hidden.reshape(-1, hidden.shape[-1]), chunk_loss, chunk_rows(head.out_features))
+        return value if layer_loss is None else (value, layer_loss(states))
 
     def head_fusable(self) -> bool:
         """Whether the logits are exactly the ``lm_head`` (a :class:`DAMLinear`) of the decoder's final hidden

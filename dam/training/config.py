@@ -40,6 +40,16 @@ class LossConfig(BaseModel):
     kl: float = Field(1.0, ge=0)
     """Weight of KL(teacher || student), averaged over non-padding tokens."""
 
+    align: float = Field(0.0, ge=0)
+    """Weight of the layer-wise alignment term (0: off): on each loss token of a source's example, the merged
+    model's hidden state after every decoder layer against that source's own (its teacher's) at the same layer,
+    ``||h - g||^2 / ||g||^2`` averaged over the layers (:func:`dam.adaptive.losses.layer_alignment`), a token mean
+    like the KL. A signal at every layer instead of the output alone, as in progressive layer-wise distillation
+    (ProDistill, arXiv 2502.12706) and Expert Merging (arXiv 2509.25712); alone with ``kl: 0`` or beside the KL.
+    The teachers' layer states come from their on-the-fly forwards (``data.teacher_logits: on_the_fly``; the
+    logits cache holds none); they add ``L x tokens x hidden`` values per teacher to the step's memory, no model
+    copy."""
+
     similarity: float = Field(2.9, ge=0)
     """Weight of the mean pairwise cosine similarity of the per-source coefficient vectors, averaged over modules
     (minimised, so the sources' coefficients move apart). A mean, so one value pulls alike on any model size; 2.9
@@ -363,6 +373,19 @@ class DAMConfig(BaseModel):
                 "loss.objective: entropy runs no teacher; data.teacher_logits: cached would read a cache it never "
                 "uses: set data.teacher_logits: on_the_fly"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _align_needs_teacher_states(self) -> DAMConfig:
+        if self.loss.align > 0 and self.loss.objective != "kl":
+            raise ValueError("loss.align pulls the merged model toward its teachers; loss.objective: entropy has none")
+        if self.loss.align > 0 and self.data.teacher_logits == "cached":
+            raise ValueError(
+                "loss.align needs the teachers' hidden states after every layer, which the logits cache does not "
+                "hold: set data.teacher_logits: on_the_fly"
+            )
+        if self.loss.objective == "kl" and self.loss.kl == 0 and self.loss.align == 0:
+            raise ValueError("loss.kl and loss.align are both 0: no term pulls the merge toward the sources")
         return self
 
     @model_validator(mode="after")

@@ -36,6 +36,7 @@ checkpointed as a registered object). accelerate's own FSDP and DeepSpeed modes 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -56,6 +57,7 @@ from dam.adaptive.losses import (
     distribution_kl_loss,
     entropy_loss,
     flat_target,
+    layer_alignment,
     token_weights,
     topk_kl_loss,
 )
@@ -405,6 +407,8 @@ def teacher_targets(
     num_sources: int,
     temperature: float,
     top_k: int | None,
+    layers: bool = False,
+    kl: bool = True,
 ) -> dict[str, torch.Tensor]:
     """The batch's teacher targets, computed before the student's forward (so no teacher runs while the student's
     graph is alive): cached or on-the-fly top-K log-probabilities and indices (``logprobs``/``indices``
@@ -416,18 +420,30 @@ def teacher_targets(
     (:meth:`~dam.adaptive.model.DAMModel.head_fusable` False: Gemma 2's soft-capping, Cohere's logit scale) takes
     its teachers' whole logits instead, one teacher at a time: top-K from
     :func:`~dam.training.teacher_cache.teacher_logprobs`, or the mean teacher distribution (``mean_logprobs``
-    [B, T, V] and ``spread`` [B, T]; :func:`~dam.training.teacher_cache.teacher_distributions`)."""
+    [B, T, V] and ``spread`` [B, T]; :func:`~dam.training.teacher_cache.teacher_distributions`).
+
+    ``layers`` (``loss.align``): also the teachers' hidden states after every decoder layer (``layers``
+    [L, B, S, T, hidden]), from the same forwards; a model whose head is not fusable is refused. ``kl`` False
+    (``loss.kl: 0``): the layer states alone, no output targets."""
     if teachers is None:
         return {"logprobs": batch["teacher_logprobs"], "indices": batch["teacher_indices"]}
     args = (teachers, batch["input_ids"], batch["attention_mask"], batch["source"], num_sources)
     every = teachers.sharded  # sharded sources: every process runs the same teacher forwards
     if teachers.wrapper.head_fusable():
-        hidden, teacher = teacher_hidden_states(*args, every_teacher=every)
+        hidden, teacher, states = teacher_hidden_states(*args, every_teacher=every, layer_states=layers)
+        aligned = {"layers": states} if states is not None else {}
+        if not kl:
+            return aligned
         if top_k is None:
-            return {"hidden": hidden, "teacher": teacher}
+            return {"hidden": hidden, "teacher": teacher} | aligned
         with gathered(teachers.wrapper) if teachers.sharded else contextlib.nullcontext():  # the lm_head, whole
             values, indices = hidden_state_topk(hidden, teacher, teachers.wrapper.source_logits, top_k)
-        return {"logprobs": values, "indices": indices}
+        return {"logprobs": values, "indices": indices} | aligned
+    if layers:
+        raise DamError(
+            "loss.align: this model's logits are not its lm_head's output (soft-capped or scaled logits), and the "
+            "teachers' layer states are taken only on the fused path; set loss.align: 0"
+        )
     if top_k is not None:
         values, indices = teacher_logprobs(*args, top_k, every_teacher=every)
         return {"logprobs": values, "indices": indices}
@@ -576,9 +592,11 @@ def _step(
     loss_tokens, input_tokens = accelerator.reduce(counts, "sum").tolist()
     scale = accelerator.num_processes / max(loss_tokens, 1.0)
     weight = config.loss.kl if config.loss.objective == "kl" else 1.0
+    align = config.loss.align
     source_weights = torch.tensor([m.loss_weight for m in config.models], device=accelerator.device)
     weighted = bool((source_weights != 1).any())
     objective_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    align_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     regularisers: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
@@ -586,22 +604,40 @@ def _step(
             targets = None  # teachers first, so that none runs while the student's graph is alive
             if config.loss.objective == "kl":
                 targets = teacher_targets(
-                    batch, teachers, wrapper.num_sources, config.loss.temperature, config.loss.top_k
+                    batch,
+                    teachers,
+                    wrapper.num_sources,
+                    config.loss.temperature,
+                    config.loss.top_k,
+                    layers=align > 0,
+                    kl=weight > 0,
                 )
             rows = source_weights[batch["dataset_index"]] if weighted else None  # [B]: each row's loss_weight
+            labels = batch["labels"]
+            weights, total = token_weights(weighted_loss_mask(labels, rows), labels.shape, labels.device)
+            chunk_loss: ChunkLoss | None = None
             if config.loss.objective == "entropy":  # AdaMerging: no teachers
-                labels = batch["labels"]
-                weights, total = token_weights(weighted_loss_mask(labels, rows), labels.shape, labels.device)
                 chunk_loss = entropy_loss(weights, total)
-            else:
-                chunk_loss, total = distillation_loss(
-                    batch["labels"], targets, config.loss.temperature, rows, wrapper.source_logits
+            elif weight > 0:
+                chunk_loss, _ = distillation_loss(
+                    labels, targets, config.loss.temperature, rows, wrapper.source_logits
+                )
+            layer_loss = None
+            if align > 0:  # the merged model's layer states against the teachers', in the same forward
+                layer_loss = functools.partial(
+                    layer_alignment, teacher=targets["layers"], weights=weights, count=total
                 )
             # the student: the loss's mean over the batch's tokens, the logits never whole; times W, the token sum
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            term = model(**inputs, chunk_loss=chunk_loss) * total
-            del targets, chunk_loss
+            out = model(**inputs, chunk_loss=chunk_loss, layer_loss=layer_loss)
+            objective, aligned = out if layer_loss is not None else (out, None)
+            term = objective * total
+            del targets, chunk_loss, layer_loss
             loss = weight * term * scale
+            if aligned is not None:
+                align_term = aligned * total
+                loss = loss + align * align_term * scale
+                align_sum += align_term.detach().double()
             if last:
                 regularisers = coefficient_losses(
                     wrapper.coefficients(),
@@ -615,11 +651,17 @@ def _step(
         objective_sum += term.detach().double()
     if config.train.shard_sources:
         average_gradients(params)
-    objective_mean = float(accelerator.reduce(objective_sum, "sum")) / max(loss_tokens, 1.0)
-    metrics = {f"loss/{config.loss.objective}": objective_mean} | {
-        f"loss/{k}": float(v.detach()) for k, v in regularisers.items()
-    }
-    metrics["loss"] = weight * objective_mean + sum(float(v.detach()) for v in regularisers.values())
+    sums = accelerator.reduce(torch.stack([objective_sum, align_sum]), "sum").tolist()
+    objective_mean, align_mean = (value / max(loss_tokens, 1.0) for value in sums)
+    metrics: dict[str, float] = {}
+    if weight > 0:  # with loss.kl: 0 the KL is not computed
+        metrics[f"loss/{config.loss.objective}"] = objective_mean
+    if align > 0:
+        metrics["loss/align"] = align_mean
+    metrics |= {f"loss/{k}": float(v.detach()) for k, v in regularisers.items()}
+    metrics["loss"] = (
+        weight * objective_mean + align * align_mean + sum(float(v.detach()) for v in regularisers.values())
+    )
     # the norm is computed even without clipping: a NaN gradient must stop the run before it reaches the weights
     grad_norm = float(accelerator.clip_grad_norm_(params, config.train.max_grad_norm or math.inf))
     if accelerator.mixed_precision != "fp16":  # under fp16 the scaler skips overflowing steps by itself

@@ -285,13 +285,18 @@ def _teacher_forward(
     attention_mask: torch.Tensor,
     rows: torch.Tensor,
     last_hidden: bool = False,
-) -> torch.Tensor:
+    layer_states: bool = False,
+) -> Any:
     """Teacher k's logits ``[len(rows), T, V]`` for ``rows`` (its final hidden states ``[len(rows), T, hidden]``
-    with ``last_hidden``); with no rows, a forward of the first row whose result is dropped (the forward itself is
-    what the other processes of a sharded run wait for)."""
+    with ``last_hidden``; with ``layer_states`` too, the pair of those and its hidden states after every decoder
+    layer ``[L, len(rows), T, hidden]``); with no rows, a forward of the first row whose result is dropped (the
+    forward itself is what the other processes of a sharded run wait for)."""
     picked = rows.to(input_ids.device) if len(rows) else torch.zeros(1, dtype=torch.long, device=input_ids.device)
     with model.select_source(k):
         inputs = {"input_ids": input_ids[picked], "attention_mask": attention_mask[picked]}
+        if layer_states:
+            final, states = model(**inputs, last_hidden=True, layer_states=True)
+            return final[: len(rows)], torch.stack(states)[:, : len(rows)]
         out = model(**inputs, last_hidden=True) if last_hidden else model(**inputs).logits
     return out[: len(rows)]
 
@@ -304,25 +309,33 @@ def teacher_hidden_states(
     source: torch.Tensor,
     num_sources: int,
     every_teacher: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    layer_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Full-vocabulary teacher targets for one batch, before the ``lm_head``: each row's teachers' final hidden
-    states ``[B, S, T, hidden]`` (compute dtype) and the teacher of each slot ``[B, S]`` (int64); S is 1, or N for
-    :data:`ALL_SOURCES` rows. The loss projects them chunk by chunk (:func:`hidden_state_target`), so no
-    ``[B, T, V]`` tensor is made. Needs ``model(..., last_hidden=True)`` (a DAM model whose
-    :meth:`~dam.adaptive.model.DAMModel.head_fusable` is True). ``every_teacher``: see :func:`_teacher_plan`."""
+    states ``[B, S, T, hidden]`` (compute dtype), the teacher of each slot ``[B, S]`` (int64), and with
+    ``layer_states`` their hidden states after every decoder layer ``[L, B, S, T, hidden]`` (the targets of
+    ``loss.align``; else None); S is 1, or N for :data:`ALL_SOURCES` rows. The loss projects the final states
+    chunk by chunk (:func:`hidden_state_target`), so no ``[B, T, V]`` tensor is made. Needs ``model(...,
+    last_hidden=True)`` (a DAM model whose :meth:`~dam.adaptive.model.DAMModel.head_fusable` is True).
+    ``every_teacher``: see :func:`_teacher_plan`."""
     batch, length = input_ids.shape
     plan, slots = _teacher_plan(source, num_sources, every_teacher)
-    hidden = None
+    hidden = layers = None
     teacher = torch.zeros((batch, slots), dtype=torch.long, device=input_ids.device)
     for k, slot, rows in plan:
-        states = _teacher_forward(model, k, input_ids, attention_mask, rows, last_hidden=True)
+        out = _teacher_forward(model, k, input_ids, attention_mask, rows, last_hidden=True, layer_states=layer_states)
+        states, per_layer = out if layer_states else (out, None)
         if hidden is None:
             hidden = states.new_zeros((batch, slots, length, states.shape[-1]))
         rows_out = rows.to(states.device)
         hidden[rows_out, slot] = states
         teacher[rows_out, slot] = k
+        if per_layer is not None:
+            if layers is None:
+                layers = per_layer.new_zeros((per_layer.shape[0], batch, slots, length, per_layer.shape[-1]))
+            layers[:, rows_out, slot] = per_layer
     assert hidden is not None  # a plan has at least one teacher
-    return hidden, teacher
+    return hidden, teacher, layers
 
 
 def _slot_projector(
@@ -538,7 +551,7 @@ def compute_teacher_cache(
                 batch = collate([{"input_ids": chunk["input_ids"][i], "source": chunk["source"][i]} for i in picked])
                 args = (model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["source"])
                 if fusable:  # the teachers to their final hidden states, then top-K a chunk of tokens at a time
-                    hidden, teacher = teacher_hidden_states(*args, num_sources)
+                    hidden, teacher, _ = teacher_hidden_states(*args, num_sources)
                     values, indices = hidden_state_topk(hidden, teacher, model.source_logits, top_k)
                 else:
                     values, indices = teacher_logprobs(*args, num_sources, top_k)
