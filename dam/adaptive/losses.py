@@ -29,8 +29,8 @@ a time too, and on-the-fly full-vocabulary targets come from the teachers' final
 ``lm_head``, chunk by chunk (:func:`teacher_mixture`): a sequence then adds its activations to the peak memory and
 no ``(T, V)`` tensor.
 
-The training loop combines them as ``loss = kl_weight * kl + sum(coefficient_losses(...).values())``. All
-arithmetic is in float32 whatever the logits' dtype.
+The training loop combines them as ``loss = kl_weight * kl + align_weight * layer_alignment +
+sum(coefficient_losses(...).values())``. All arithmetic is in float32 whatever the logits' dtype.
 
 The regularisers are means, not sums: the KL is a token mean, so a regulariser summed over modules and elements
 would weigh more against it the deeper and wider the model. As means, one weight gives the same pull on a small
