@@ -1,4 +1,5 @@
-"""Train a DAM merge: ``accelerate launch train_dam.py CONFIG.yaml [key=value ...]`` (plain ``python`` works too).
+"""Train a DAM merge: ``accelerate launch --quiet train_dam.py CONFIG.yaml [key=value ...]`` (plain ``python`` works
+too). ``--quiet`` keeps accelerate from following dam's one-line error with its own traceback of the exit status.
 
 The same as ``dam train CONFIG.yaml [key=value ...]``: overrides are dotted config keys with YAML-typed values
 (``train.lr=1e-3 models.math.model=./m``); the ``--train.lr=1e-3`` form that a wandb sweep agent passes is accepted

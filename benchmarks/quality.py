@@ -157,7 +157,7 @@ def main() -> None:
                 out = workdir / (f"{label}-seed{seed}" + (f"-c{c}" if len(grid) > 1 else ""))
                 overrides = [*args.overrides, *extra]
                 summary = run_demo(
-                    root, out, seed=seed, force=args.force, dam_overrides=overrides, searches=args.searches
+                    root, out, seed=seed, force=args.force, dam_overrides=overrides, full=True, searches=args.searches
                 )
                 print(
                     f"{label} seed {seed} {' '.join(extra)} (DAM {summary['dam_status']}, "

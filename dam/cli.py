@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if getattr(args, "quiet", False):  # every command's --quiet: no bars, no progress lines (children included)
+        from dam.progress import set_quiet
+
+        set_quiet(True)
     try:
         return args.func(args) or 0
     except DamError as e:
@@ -111,6 +115,9 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     _check_push(args)
+    from dam.training.data import check_local_datasets
+
+    check_local_datasets(config.models)  # a missing dataset before the run folder gets its config.yaml
     from dam.evaluation.check import refuse_training
 
     refuse_training(config)  # the sources' config.json and tokenizers against the base's, before the run folder
@@ -310,6 +317,7 @@ def _demo_run(args: argparse.Namespace) -> int:
         force=args.force,
         dam_overrides=args.overrides,
         quick=args.quick,
+        full=args.full,
         searches=args.searches,
         family=family,
     )
@@ -317,9 +325,11 @@ def _demo_run(args: argparse.Namespace) -> int:
     print(f"kinship of the experts' task vectors:\n{summary['kinship_text']}\n")
     if args.searches:
         print(f"{summary['compute_text']}\n")
-    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in summary["seconds"].items())
+    seconds = dict(summary["seconds"])
+    total = seconds.pop("total")
+    phases = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
     print(
-        f"DAM run {summary['dam_status']}; seconds per phase: {phases}; "
+        f"DAM run {summary['dam_status']}; seconds per phase: {phases}; total {total:.0f} s; "
         f"wrote {args.out}/results.json, {args.out}/results.png, {args.out}/coefficients.png"
     )
     return 0
@@ -355,6 +365,7 @@ def _add_regmean(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.9, help="scale of the Grams' off-diagonal entries (default 0.9)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.set_defaults(func=_regmean)
 
 
@@ -407,6 +418,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--force", action="store_true", help="delete OUT first if it holds anything else than this run")
     r.add_argument("--quick", action="store_true", help="smoke run: tiny family if missing, 6 DAM steps, 20 examples")
     r.add_argument(
+        "--full",
+        action="store_true",
+        help="the full comparison: also RegMean and the learned baselines (AdaMerging, DAM at the other granularity), "
+        "each a DAM run of the default budget (toy family: about three times as long)",
+    )
+    r.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    r.add_argument(
         "--searches",
         action="store_true",
         help="also greedy soup, kinship-greedy merging and CMA-ES at two budgets, chosen on validation, with the "
@@ -423,15 +441,19 @@ def _eval(args: argparse.Namespace) -> int:
         raise DamError("dam eval needs --tasks (dam's exact-match tasks) or --lm-eval (lm-evaluation-harness tasks)")
     from dam.evaluation.evaluate import evaluate_model, format_table, load_tasks, results_to_json
     from dam.io.checkpoint import parse_dtype, resolve_model_path
+    from dam.progress import bars_shown, phase
 
     tasks = load_tasks(args.tasks, data_dir=args.data_dir, split=args.split, limit=args.limit)
     for model in args.models:
         resolve_model_path(model)
     dtype = parse_dtype(args.dtype)
-    results = [
-        evaluate_model(m, tasks, batch_size=args.batch_size, device=args.device, dtype=dtype, progress=not args.json)
-        for m in args.models
-    ]
+    results = []
+    for i, m in enumerate(args.models, 1):
+        with phase(f"eval: {m} ({i}/{len(args.models)}) on {len(tasks)} task(s)"):
+            shown = bars_shown() and not args.json
+            results.append(
+                evaluate_model(m, tasks, batch_size=args.batch_size, device=args.device, dtype=dtype, progress=shown)
+            )
     print(results_to_json(results) if args.json else format_table(results))
     return 0
 
@@ -479,12 +501,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="task names (DATA_DIR/<task>/<split>.jsonl) or jsonl files with prompt and response fields",
     )
     p.add_argument("--data-dir", default="data/demo", help="where task names are looked up (default data/demo)")
-    p.add_argument("--split", default="test", help="split file read for task names: train, validation, test (default)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "validation", "test"],
+        help="split file read for task names: train, validation, test (default)",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each task")
     p.add_argument("--batch-size", type=int, default=32, help="examples per forward / generate call (default 32)")
     p.add_argument("--device", default="cpu", help="device of the model (default cpu)")
     p.add_argument("--dtype", default="float32", help="dtype the model runs in (default float32)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.add_argument(
         "--lm-eval",
         metavar="TASKS",
@@ -541,6 +569,7 @@ def _add_soup(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="soup config YAML (models, fitness; see configs/search/)")
     p.add_argument("out", help="output folder")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.set_defaults(func=_soup)
 
 

@@ -4,7 +4,7 @@ libraries.
 
 Layers, bottom to top (a module may import its own layer and those below, never above)::
 
-    errors  <  io, testing  <  merge  <  adaptive  <  training  <  evaluation  <  search  <  demo  <  cli
+    errors, progress  <  io, testing  <  merge  <  adaptive  <  training  <  evaluation  <  search  <  demo  <  cli
 
 Every import counts, at module level or inside a function: a lazy import upward is still an upward dependency.
 """
@@ -25,6 +25,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dam"
 LAYERS = {
     "dam": 0,
     "dam.errors": 0,
+    "dam.progress": 0,
     "dam.io": 1,
     "dam.testing": 1,
     "dam.merge": 2,

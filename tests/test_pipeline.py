@@ -29,7 +29,7 @@ def demo_run(tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("demo")
     out = root / "run"
     monkeypatch_module.setenv("WANDB_MODE", "disabled")
-    return root, out, run_demo(root, out, quick=True)
+    return root, out, run_demo(root, out, quick=True, full=True)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_run_writes_table_results_and_plots(demo_run):
         assert saved["costs"][m]["seconds"] > 0 and saved["costs"][m]["peak_rss_mib"] > 50, m
     assert lines[0].split()[-4:] == ["time", "s", "peak", "MiB"]
     ada = (out / "learned" / "adamerging" / "config.yaml").read_text()
-    assert "granularity: tensor" in ada and "objective: entropy" in ada
+    assert "granularity: tensor" in ada and "objective: entropy" in ada and "transform: task_vector" in ada
     assert (out / "merges" / "regmean" / "regmean.json").is_file()
     for png in ("results.png", "coefficients.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -86,7 +86,7 @@ def test_run_writes_table_results_and_plots(demo_run):
 
 def test_rerun_reuses_and_other_config_is_refused(demo_run, capsys):
     root, out, _ = demo_run
-    assert main(["demo", "run", "--root", str(root), "--out", str(out), "--quick"]) == 0
+    assert main(["demo", "run", "--root", str(root), "--out", str(out), "--quick", "--full"]) == 0
     assert "DAM run reused" in capsys.readouterr().out
     before = (out / "dam_coefficients.safetensors").read_bytes()
     with pytest.raises(DamError, match="another config"):

@@ -105,6 +105,9 @@ def test_cli_regmean_writes_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureF
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(merged[q], sum(s[q] for s in states) / 3, atol=1e-4)  # the Grams weighed in
     AutoModelForCausalLM.from_pretrained(out)  # an ordinary checkpoint
+    card = (out / "README.md").read_text()  # a model card, as every merge writes
+    assert "base_model_relation: merge" in card and "RegMean" in card and "alpha 0.5" in card
+    assert all(f"`{json.loads((out / 'regmean.json').read_text())['sources'][i]}`" in card for i in range(3))
 
     assert main(["regmean", str(TINY), str(out), *overrides]) == 1  # not empty, no --force
     assert "--force" in capsys.readouterr().err

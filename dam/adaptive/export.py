@@ -30,7 +30,6 @@ from typing import Any
 import torch
 import yaml
 from torch import Tensor
-from tqdm import tqdm
 
 from dam.adaptive.coefficients import (
     COEFFICIENTS_FILE,
@@ -57,6 +56,7 @@ from dam.io.model_folder import (
     write_model_files,
 )
 from dam.io.writer import ShardedWriter, atomic_output_dir
+from dam.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def write_merged_model(
             layout = [(name, readers[0].shape(name), out_dtype) for name in order]  # every folded tensor is a float
             writer = ShardedWriter(tmp, layout, max_shard_size=max_shard)
             try:
-                for name in tqdm(order, unit="tensor", desc="dam export", disable=None if progress else True):
+                for name in progress_bar(order, unit="tensor", desc="dam export", enabled=progress):
                     rows = row_count((len(readers), *readers[0].shape(name)), tensors[name].shape)
                     coefficients = transform_coefficients(tensors[name].to(coefficient_dtype), transform, rows)
                     weights = (reader.get(name, dtype=wrapper_dtype) for reader in readers)

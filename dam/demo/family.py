@@ -162,7 +162,7 @@ def train_lm(
 
     ``chat``: examples in the tokenizer's chat format (:func:`dam.evaluation.evaluate.encode_example`).
     ``freeze_embeddings``: the input embedding (and so a ``lm_head`` tied to it) is not trained."""
-    from tqdm.auto import tqdm
+    from dam.progress import progress_bar
 
     encoded = [encode_example(tokenizer, ex["prompt"], ex["response"], chat=chat) for ex in examples]
     batch_size = min(batch_size, len(encoded))
@@ -173,7 +173,7 @@ def train_lm(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(range(steps), desc=desc, enabled=progress)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup_steps)
@@ -308,6 +308,44 @@ def build_demo(
         format_table(results),
     )
     logger.info("demo: kinship of the experts' task vectors:\n%s", format_kinship_matrix(report))
+    return report
+
+
+SHIPPED_FAMILY = Path(__file__).resolve().parent / "toy_family"
+"""The toy family as ``dam demo build`` (seed 0, default :class:`DemoSettings`) made it, shipped as package data:
+``base`` and the experts (safetensors, config, tokenizer) and ``build_report.json``, about 11 MB."""
+
+
+def install_shipped_family(root: str | Path) -> dict[str, Any]:
+    """Put the shipped toy family (:data:`SHIPPED_FAMILY`) under ``root``, so that a run needs no build: the seed-0
+    datasets (written only if a file is missing; they are the committed ``data/demo`` files) and a copy of the
+    models in ``root/models`` (written atomically). Returns the shipped build report."""
+    import shutil
+
+    report_file = SHIPPED_FAMILY / "build_report.json"
+    if not report_file.is_file():
+        raise DamError(
+            f"the shipped demo family {SHIPPED_FAMILY} is missing (package data of dam.demo: reinstall dam)"
+        )
+    report = json.loads(report_file.read_text())
+    root = Path(root)
+    splits = [root / path for task in report["datasets"].values() for path in task.values()]
+    if not all(p.is_file() for p in splits):
+        settings = DemoSettings(**report["settings"])
+        write_datasets(
+            root,
+            seed=report["seed"],
+            skills=report["skills"],
+            n_train=settings.n_train,
+            n_train_generic=settings.n_train_generic,
+            n_validation=settings.n_validation,
+            n_test=settings.n_test,
+        )
+    with atomic_output_dir(root / "models") as tmp:
+        for name in report["models"]:
+            shutil.copytree(SHIPPED_FAMILY / name, tmp / name)
+        shutil.copy2(report_file, tmp / "build_report.json")
+    logger.info("demo: installed the shipped toy family (built by `dam demo build`) in %s", root / "models")
     return report
 
 

@@ -2,17 +2,18 @@
 
 :func:`run_demo` does, in order:
 
-1. build the demo family under ``root`` (:func:`dam.demo.family.build_demo`) unless ``root/models/build_report.json``
-   exists;
+1. unless ``root/models/build_report.json`` exists, put the family under ``root``: the toy family is shipped with
+   the package (:func:`dam.demo.family.install_shipped_family` copies it, no build), the real one is built;
 2. train DAM with ``dam/demo/configs/dam.yaml`` (its ``data/demo/...`` paths moved under ``root``, ``output_dir`` set
    to ``out``, ``train.seed`` and ``data.seed`` set to ``seed``, then the caller's overrides); a finished run in
    ``out`` made with the same resolved config is reused, an unfinished one resumed from its checkpoint;
 3. merge the experts with the classic methods of ``dam/demo/configs/merge/*.yaml`` into ``out/merges/<method>``
-   (DARE's random drop seeded with ``seed``), reusing a merge made from the same config text; then the learned
-   merges it is compared with (:data:`LEARNED_BASELINES`): RegMean over the DAM config's sources and data
-   (``out/merges/regmean``), layer-wise AdaMerging and DAM at the granularity the default does not use, each a
+   (DARE's random drop seeded with ``seed``), reusing a merge made from the same config text; then, with ``full``,
+   the learned merges it is compared with (:data:`LEARNED_BASELINES`): RegMean over the DAM config's sources and
+   data (``out/merges/regmean``), layer-wise AdaMerging and DAM at the granularity the default does not use, each a
    DAM run of the default config with a few overrides (``out/learned/<name>``). Every learned merge and classic
-   merge runs in a child process, which gives its wall time and peak resident memory;
+   merge runs in a child process, which gives its wall time and peak resident memory (its own: see
+   :func:`peak_rss_mib`);
 4. evaluate the base, the experts, the classic merges and the DAM merge on every task's validation and test
    splits (settings are chosen on validation, e.g. by ``benchmarks/quality.py``; the figures are reported on test);
 5. write ``out/results.json`` (every model x task on both splits, the goal checks on test, the experts' kinship,
@@ -39,6 +40,7 @@ import yaml
 from dam.demo.paths import SMOLLM2, TOY, Family
 from dam.errors import DamError
 from dam.io.paths import portable_reference
+from dam.progress import bars_shown, phase, quiet
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +96,31 @@ def dam_config(
         moved += [f"models.{m['name']}.model={family.rebase(m['model'], root)}"]
         moved += [f"models.{m['name']}.dataset={family.rebase(m['dataset'], root)}"]
     run = [f"output_dir={out}", f"train.seed={seed}", f"data.seed={seed}"]
-    return load_config(config_file, [*moved, *run, *(_QUICK_OVERRIDES if quick else ()), *overrides])
+    every = [*moved, *run, *(_QUICK_OVERRIDES if quick else ()), *overrides]
+    return load_config(config_file, [*every, *_shortened_warmup(data, every)])
+
+
+def _shortened_warmup(data: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """``["train.warmup_steps=N"]`` when ``overrides`` shorten ``train.max_steps`` below the config's warm-up
+    without setting the warm-up themselves (``dam demo run train.max_steps=10``): the warm-up becomes a tenth of
+    the steps. Otherwise ``[]``."""
+    import copy
+
+    from dam.training.config import apply_override
+
+    if any(o.removeprefix("--").startswith("train.warmup_steps=") for o in overrides):
+        return []
+    resolved = copy.deepcopy(data)
+    for item in overrides:
+        apply_override(resolved, item)
+    train = resolved.get("train") or {}
+    steps, warmup = train.get("max_steps"), train.get("warmup_steps", 0)
+    if not isinstance(steps, int) or not isinstance(warmup, int) or isinstance(steps, bool) or warmup <= steps:
+        return []
+    logger.info(
+        "demo: train.max_steps=%d is shorter than the warm-up (%d): warm-up %d steps", steps, warmup, steps // 10
+    )
+    return [f"train.warmup_steps={steps // 10}"]
 
 
 def merge_config_text(method: str, root: str | Path, seed: int, family: Family = TOY) -> str:
@@ -111,28 +137,43 @@ def merge_config_text(method: str, root: str | Path, seed: int, family: Family =
 # ------------------------------------------------------------------------------------------------ the steps
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's own peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux (the high-water
+    mark of this process's address space, which starts afresh at ``exec``), ``ru_maxrss`` elsewhere.
+
+    Not ``ru_maxrss`` on Linux: it survives ``exec``, so a child started by fork and exec (multiprocessing's
+    spawn) reports at least the size of the parent it was forked from."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     import resource
     import sys
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def _child(fn: Any, args: tuple[Any, ...]) -> tuple[Any, float, float]:
     t0 = time.perf_counter()
     result = fn(*args)
-    return result, time.perf_counter() - t0, _peak_rss_mib()
+    return result, time.perf_counter() - t0, peak_rss_mib()
 
 
 def measured(folder: Path, fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
     """``fn(*args)`` in a fresh child process (spawned: nothing of this process's memory is inherited), so that
-    its wall time and peak resident memory are its own (the child's imports included); both are recorded in
-    ``folder/cost.json`` once ``fn`` has returned. Returns the result and ``{"seconds", "peak_rss_mib"}``."""
-    import multiprocessing
+    its wall time and peak resident memory (:func:`peak_rss_mib`, the child's imports included) are its own; both
+    are recorded in ``folder/cost.json`` once ``fn`` has returned. Returns the result and ``{"seconds",
+    "peak_rss_mib"}``; an exception of ``fn`` is raised here.
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        result, seconds, peak = pool.apply(_child, (fn, args))
+    The child exits on its own when the executor shuts down (a pool's ``terminate`` would kill it before its
+    finalizers run, leaving its semaphores to the resource tracker's "leaked semaphore" warnings at exit)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        result, seconds, peak = pool.submit(_child, fn, args).result()
     cost = {"seconds": seconds, "peak_rss_mib": peak}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COST_FILE).write_text(json.dumps(cost) + "\n")
@@ -178,14 +219,17 @@ def _train(config: Any) -> Path:
     return train(config)
 
 
-def train_dam(config: Any) -> tuple[Path, str, dict[str, float] | None]:
+def train_dam(config: Any, label: str = "DAM") -> tuple[Path, str, dict[str, float] | None]:
     """Train (or resume) the run of ``config`` unless it is complete, in a measured child process;
-    ``(run folder, "reused"|"trained", cost)`` (the cost recorded when it was trained, None if unknown)."""
+    ``(run folder, "reused"|"trained", cost)`` (the cost recorded when it was trained, None if unknown).
+    ``label`` names the run in the progress lines (``DAM``, ``adamerging``, ...)."""
     run = Path(config.output_dir)
     if _dam_run_complete(run):
-        logger.info("demo: reusing the finished DAM run in %s", run)
+        logger.info("demo: reusing the finished %s run in %s", label, run)
         return run, "reused", _recorded_cost(run)
-    _, cost = measured(run, _train, config)
+    steps = f"{config.train.max_steps} steps" if config.train.max_steps else f"{config.train.epochs} epochs"
+    with phase(f"demo: training {label} into {run} ({steps} of {config.train.batch_size} sequences)", log=logger):
+        _, cost = measured(run, _train, config)
     return run, "trained", cost
 
 
@@ -204,37 +248,43 @@ def learned_merges(
     overrides: Sequence[str],
     quick: bool,
     family: Family = TOY,
-) -> tuple[dict[str, Path], dict[str, dict[str, float] | None]]:
+) -> tuple[dict[str, Path], dict[str, dict[str, float] | None], dict[str, float]]:
     """RegMean and the family's :data:`LEARNED_BASELINES` next to the default DAM config ``default``: ``({name:
-    model folder}, {name: cost})``. Finished ones are reused."""
+    model folder}, {name: cost}, {name: wall seconds of this call})``. Finished ones are reused."""
     from dam.training.config import config_to_dict
     from dam.training.run_dir import MERGED_DIR
 
     folders: dict[str, Path] = {}
     costs: dict[str, dict[str, float] | None] = {}
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     regmean = out / "merges" / "regmean"
     if (regmean / "config.json").is_file():
         logger.info("demo: reusing the RegMean merge in %s", regmean)
         costs["regmean"] = _recorded_cost(regmean)
     else:
-        _, costs["regmean"] = measured(regmean, _regmean, default, regmean)
+        with phase(f"demo: RegMean (alpha {REGMEAN_ALPHA}) of the DAM config's sources into {regmean}", log=logger):
+            _, costs["regmean"] = measured(regmean, _regmean, default, regmean)
     folders["regmean"] = regmean
+    seconds["regmean"] = time.perf_counter() - t0
     reference = {k: v for k, v in config_to_dict(default).items() if k != "output_dir"}
     for name in FAMILY_BASELINES[family.name]:
+        t0 = time.perf_counter()
         extra = LEARNED_BASELINES[name]
         folder = out / "learned" / name
         config = dam_config(root, folder, seed=seed, overrides=[*overrides, *extra], quick=quick, family=family)
         if {k: v for k, v in config_to_dict(config).items() if k != "output_dir"} == reference:
             continue  # this is the default config: the ``dam`` row
-        run, _, costs[name] = train_dam(config)
+        run, _, costs[name] = train_dam(config, label=name)
         folders[name] = run / MERGED_DIR
-    return folders, costs
+        seconds[name] = time.perf_counter() - t0
+    return folders, costs, seconds
 
 
 def _classic_merge(config: Any, folder: Path, seed: int) -> None:
     from dam.merge.engine import run_merge
 
-    run_merge(config, folder, seed=seed, progress=False)  # refuses a non-empty folder of another config
+    run_merge(config, folder, seed=seed, progress=True)  # refuses a non-empty folder of another config
 
 
 def classic_merges(
@@ -260,6 +310,7 @@ def classic_merges(
             costs[method] = _recorded_cost(folder)
         else:
             _, costs[method] = measured(folder, _classic_merge, config, folder, seed)
+            logger.info("demo: merged %s into %s in %.1f s", method, folder, costs[method]["seconds"])
         folders[method] = folder
     return folders, costs
 
@@ -279,10 +330,13 @@ def evaluate_models(
 
     loaded = load_tasks(list(tasks), data_dir=root, split=split, limit=limit)
     results = []
-    for name, path in models.items():
+    for i, (name, path) in enumerate(models.items(), 1):
         t0 = time.perf_counter()
-        results.append(evaluate_model(path, loaded, batch_size=batch_size, name=name))
-        logger.info("demo: evaluated %s on %s in %.1f s", name, split, time.perf_counter() - t0)
+        results.append(evaluate_model(path, loaded, batch_size=batch_size, name=name, progress=bars_shown()))
+        if not quiet():
+            logger.info(
+                "demo: evaluated %s on %s (%d/%d) in %.1f s", name, split, i, len(models), time.perf_counter() - t0
+            )
     return results
 
 
@@ -418,29 +472,12 @@ def _model_colours(models: Sequence[str], skills: Sequence[str]) -> list[Any]:
 
 
 def layer_coefficients(run: str | Path) -> Any:
-    """Mean merge coefficient per (layer, source) of a DAM run, pooled over the layer's tensors by size; the
-    tensors outside the layers (embedding, final norm, ``lm_head``) get one row each. A DataFrame, rows in
-    model order, columns the sources."""
-    import pandas as pd
+    """Mean merge coefficient per (layer, source) of a DAM run (:func:`dam.evaluation.analysis.layer_means`: the
+    tensors outside the layers one row each, a ``row_column`` run's row scales in rows of their own). A
+    DataFrame, rows in model order, columns the sources."""
+    from dam.evaluation.analysis import layer_means, load_coefficient_table
 
-    from dam.evaluation.analysis import load_coefficient_table
-
-    table = load_coefficient_table(run)
-    table = table[table["trainable"]]
-    table = table.assign(
-        row=[
-            f"layer {int(layer)}" if pd.notna(layer) else module
-            for layer, module in zip(table["layer"], table["module"], strict=True)
-        ],
-        weighted=table["mean"] * table["numel"],
-    )
-    sums = table.groupby(["row", "source"], sort=False, observed=True)[["weighted", "numel"]].sum()
-    means = (sums["weighted"] / sums["numel"]).unstack("source")
-    order = list(dict.fromkeys(table["row"]))
-    embed = [r for r in order if "embed" in r]
-    layers = sorted((r for r in order if r.startswith("layer ")), key=lambda r: int(r.split()[1]))
-    rest = [r for r in order if r not in embed and r not in layers]
-    return means.reindex([*embed, *layers, *rest])
+    return layer_means(load_coefficient_table(run))
 
 
 def plot_results(
@@ -493,7 +530,10 @@ def plot_results(
 
 
 def _ensure_family(root: Path, quick: bool, family: Family = TOY) -> dict[str, Any]:
-    from dam.demo.family import DemoSettings, build_demo
+    """The build report of the family under ``root``: the one there; else the shipped toy family installed there
+    (:func:`dam.demo.family.install_shipped_family`, no build; a copy of dam without it builds it), a tiny toy
+    family built in seconds (``quick``), or the real family built (minutes to hours)."""
+    from dam.demo.family import SHIPPED_FAMILY, DemoSettings, build_demo, install_shipped_family
 
     report_file = root / "models" / "build_report.json"
     if report_file.is_file():
@@ -503,25 +543,29 @@ def _ensure_family(root: Path, quick: bool, family: Family = TOY) -> dict[str, A
 
         logger.info("demo: no real family at %s: building it (SmolLM2-135M-Instruct and three experts)", root)
         return build_real(root, progress=not quick)
-    settings = None
-    if quick:  # a tiny family in seconds, for smoke tests: the numbers mean nothing
-        settings = DemoSettings(
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=2,
-            num_heads=2,
-            base_steps=20,
-            expert_steps=10,
-            batch_size=16,
-            n_train=64,
-            n_train_generic=128,
-            n_validation=QUICK_EVAL_LIMIT,
-            n_test=QUICK_EVAL_LIMIT,
-            replay=16,
-            warmup_steps=2,
-        )
-    logger.info("demo: no family at %s: building it (minutes on CPU)", root / "models")
-    return build_demo(root, settings=settings, progress=not quick)
+    if not quick:
+        if (SHIPPED_FAMILY / "build_report.json").is_file():
+            return install_shipped_family(root)
+        logger.info("demo: no family at %s and none shipped with this copy of dam: building it", root / "models")
+        return build_demo(root)
+    # a tiny family in seconds, for smoke tests: the numbers mean nothing
+    settings = DemoSettings(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        base_steps=20,
+        expert_steps=10,
+        batch_size=16,
+        n_train=64,
+        n_train_generic=128,
+        n_validation=QUICK_EVAL_LIMIT,
+        n_test=QUICK_EVAL_LIMIT,
+        replay=16,
+        warmup_steps=2,
+    )
+    logger.info("demo: --quick: building a tiny family at %s (seconds)", root / "models")
+    return build_demo(root, settings=settings, progress=False)
 
 
 def run_demo(
@@ -532,6 +576,7 @@ def run_demo(
     force: bool = False,
     dam_overrides: Sequence[str] = (),
     quick: bool = False,
+    full: bool = False,
     searches: bool = False,
     family: Family = TOY,
 ) -> dict[str, Any]:
@@ -540,14 +585,22 @@ def run_demo(
 
     ``seed`` seeds DAM's training and data order and DARE's drop (the family is built with seed 0, matching the
     committed datasets). ``quick``: a smoke run (a tiny family if one must be built, 6 DAM steps, 20 eval
-    examples per task) whose numbers mean nothing. ``searches``: also run the greedy soup, kinship-greedy merging
-    and CMA-ES at two budgets (:mod:`dam.demo.searches`), chosen on validation, evaluated on test beside DAM, and
-    the quality-per-compute table (``compute``, ``compute_text``). ``family``: :data:`dam.demo.paths.TOY` or
-    :data:`dam.demo.paths.SMOLLM2` (the real family, :mod:`dam.demo.real`: its base and experts are scored once by
-    the build, whose figures the run reuses, and its searches are the greedy soup and a small CMA-ES)."""
+    examples per task) whose numbers mean nothing. ``full``: the whole comparison, also RegMean and the family's
+    learned baselines (:data:`FAMILY_BASELINES`, each a DAM run of the default budget); without it the run is
+    DAM against the classic merges. ``searches``: also run the greedy soup, kinship-greedy merging and CMA-ES at
+    two budgets (:mod:`dam.demo.searches`), chosen on validation, evaluated on test beside DAM, and the
+    quality-per-compute table (``compute``, ``compute_text``). ``family``: :data:`dam.demo.paths.TOY` (the
+    shipped family, installed under ``root`` if none is there) or :data:`dam.demo.paths.SMOLLM2` (the real family,
+    :mod:`dam.demo.real`: its base and experts are scored once by the build, whose figures the run reuses, and its
+    searches are the greedy soup and a small CMA-ES).
+
+    ``seconds`` (in ``results.json``) holds every phase's wall seconds: ``family``, ``dam``, ``merges`` (the
+    classic ones), with ``full`` ``regmean`` and each learned baseline by name, with ``searches`` ``searches``,
+    then ``eval``, ``plots`` and ``total``."""
     from dam.demo.family import format_kinship_matrix
     from dam.demo.searches import compute_table
 
+    start = time.perf_counter()
     root, out = Path(root), Path(out)
     config = dam_config(root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family)
     _check_out(out, config, force)
@@ -555,7 +608,8 @@ def run_demo(
         merge_config_text(method, root, seed, family)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    report = _ensure_family(root, quick, family)
+    with phase(f"demo: the {family.name} family in {root / 'models'}", log=logger):
+        report = _ensure_family(root, quick, family)
     skills = list(report["skills"])
     seconds["family"] = time.perf_counter() - t0
 
@@ -571,14 +625,17 @@ def run_demo(
         dam_compute_file.write_text(json.dumps(dam_compute) + "\n")
     dam_compute = json.loads(dam_compute_file.read_text())
     t0 = time.perf_counter()
-    merges, costs = classic_merges(root, out / "merges", seed=seed, family=family)
+    with phase(f"demo: classic merges ({', '.join(CLASSIC_METHODS)}) into {out / 'merges'}", log=logger):
+        merges, costs = classic_merges(root, out / "merges", seed=seed, family=family)
     seconds["merges"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    learned, learned_costs = learned_merges(
-        config, root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family
-    )
-    seconds["learned"] = time.perf_counter() - t0
-    costs |= learned_costs | {"dam": dam_cost}
+    learned: dict[str, Path] = {}
+    if full:
+        learned, learned_costs, learned_seconds = learned_merges(
+            config, root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family
+        )
+        costs |= learned_costs
+        seconds |= learned_seconds
+    costs |= {"dam": dam_cost}
 
     from dam.training.run_dir import MERGED_DIR
 
@@ -593,7 +650,8 @@ def run_demo(
 
         t0 = time.perf_counter()
         limit = QUICK_EVAL_LIMIT if quick else None
-        kept = run_searches(root, out, seed=seed, quick=quick, limit=limit, family=family)
+        with phase("demo: searches (greedy soup, kinship-greedy, CMA-ES), chosen on validation", log=logger):
+            kept = run_searches(root, out, seed=seed, quick=quick, limit=limit, family=family)
         seconds["searches"] = time.perf_counter() - t0
         models.update({name: Path(k["path"]) for name, k in kept.items()})
         compute.update({name: {k: v for k, v in c.items() if k != "path"} for name, c in kept.items()})
@@ -601,8 +659,9 @@ def run_demo(
     t0 = time.perf_counter()
     limit = QUICK_EVAL_LIMIT if quick else None
     batch = 32 if family is SMOLLM2 else 100
-    validation = evaluate_models(models, root, tasks, split="validation", limit=limit, batch_size=batch)
-    results = evaluate_models(models, root, tasks, split="test", limit=limit, batch_size=batch)
+    with phase(f"demo: evaluating {len(models)} models on {len(tasks)} tasks' validation and test", log=logger):
+        validation = evaluate_models(models, root, tasks, split="validation", limit=limit, batch_size=batch)
+        results = evaluate_models(models, root, tasks, split="test", limit=limit, batch_size=batch)
     seconds["eval"] = time.perf_counter() - t0
     accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in results}
     validation_accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in validation}
@@ -617,11 +676,13 @@ def run_demo(
 
     plot_coefficient_heatmap(load_coefficient_table(run), path=out / "coefficients.png")
     seconds["plots"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - start
     summary = {
         "family": family.name,
         "root": portable_reference(root, out),
         "seed": seed,
         "quick": quick,
+        "full": full,
         "dam_run": portable_reference(run, out),
         "dam_status": dam_status,
         "tasks": tasks,

@@ -301,7 +301,7 @@ def evaluate_loaded(
     progress: bool = False,
 ) -> ModelResult:
     """Score an already loaded model and tokenizer on ``tasks`` (see the module docstring for the metrics)."""
-    from tqdm.auto import tqdm
+    from dam.progress import progress_bar
 
     model.eval()
     end_ids = _end_token_ids(model, tokenizer)
@@ -311,7 +311,7 @@ def evaluate_loaded(
         encoded = [encode_example(tokenizer, ex["prompt"], ex["response"], chat=task.chat) for ex in task.examples]
         correct, nll, count, agreed = 0, 0.0, 0, 0
         batches = range(0, len(encoded), batch_size)
-        for start in tqdm(batches, desc=f"{name} {task.name}", disable=not progress, leave=False):
+        for start in progress_bar(batches, desc=f"eval {name} {task.name}", enabled=progress):
             batch = encoded[start : start + batch_size]
             batch_nll, batch_count, batch_agreed = response_nll(model, batch, pad_id)
             nll, count, agreed = nll + batch_nll, count + batch_count, agreed + batch_agreed

@@ -124,8 +124,8 @@ def resolve_folder(name_or_path: str | Path) -> Path:
         raise DamError(f"model {str(name_or_path)!r}: {path} is a file, expected a model folder or a .gguf file")
     text = str(name_or_path)
     looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not text.startswith(".")
-    if not looks_like_hub_id:
-        raise DamError(f"model {text!r}: folder not found")
+    if not looks_like_hub_id or path.parent.is_dir():  # ``runs/mergd`` beside a local runs/ is a mistyped folder
+        raise DamError(f"model {text!r}: folder not found{_near_misses(path)}")
     from huggingface_hub import snapshot_download
 
     from dam.io.hub import HUB_TIMEOUT_ENV, hub_timeout, hub_timeout_seconds
@@ -143,6 +143,18 @@ def resolve_folder(name_or_path: str | Path) -> Path:
             f"{seconds:g} s: {HUB_TIMEOUT_ENV})"
         ) from e
     return folder
+
+
+def _near_misses(path: Path) -> str:
+    """``" (did you mean a/b?)"`` naming the folders beside ``path`` whose names are close to its name, or ``""``."""
+    import difflib
+
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    folders = sorted(p.name for p in parent.iterdir() if p.is_dir())
+    close = difflib.get_close_matches(path.name, folders, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(str(parent / c) for c in close)}?)" if close else ""
 
 
 def load_causal_lm(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32) -> Any:

@@ -408,19 +408,21 @@ def _search(
     """This worker's candidates, until the budget is spent, the start failed or too many failed in a row.
     Returns the reasons of the failures in a row it stopped on (empty when it did not stop on them)."""
     import optuna
-    from tqdm.auto import tqdm
+
+    from dam.progress import progress_bar
 
     count, _ = _spent(study)
     state = "joining or resuming the" if resumed else "new"  # another worker may be running on the same study
     logger.info("evolve: %s study in %s, %d candidate(s) done so far", state, out, count)
     evaluator = CandidateEvaluator(fitness, config.base_model, seed=config.seed)
     log = SearchLog(None, config.wandb, saved_config(config, out), out, "evolve")
-    bar = tqdm(
+    bar = progress_bar(
         total=config.budget.evaluations,
         initial=count,
         unit="candidate",
         desc="dam evolve",
-        disable=None if progress else True,
+        enabled=progress,
+        leave=True,
     )
     worker = _worker()
     in_a_row: list[str] = []  # this worker's failures since its last scored candidate

@@ -85,13 +85,29 @@ def load_raw_dataset(spec: str | Path, *, split: str = "train", owner: str = "")
                     loaded = loaded[split]
                 return loaded
             return datasets.load_dataset(str(path), split=split)
-        if path.exists() or str(spec).startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS:
+        if _local_spec(spec):
             raise DamError(f"{what}: not found")
         return datasets.load_dataset(str(spec), split=split)
     except DamError:
         raise
     except Exception as e:  # any datasets/Hub failure becomes one line naming the dataset
         raise DamError(f"{what}: cannot load it: {e}") from e
+
+
+def _local_spec(spec: str | Path) -> bool:
+    """Whether a dataset ``spec`` that is neither a file nor a folder here names a local path (so it is missing),
+    not a Hub dataset id: it starts with ``.``, ``/`` or ``~``, or ends in a file extension dam reads."""
+    path = Path(spec).expanduser()
+    return path.exists() or str(spec).startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS
+
+
+def check_local_datasets(models: Sequence[Any]) -> None:
+    """Every source's dataset that names a local path exists (a DamError naming the first missing one), checked
+    before a run writes anything (``dam train``: no ``config.yaml`` left behind for a run that cannot start)."""
+    for m in models:
+        path = Path(m.dataset).expanduser()
+        if not path.is_file() and not path.is_dir() and _local_spec(m.dataset):
+            raise DamError(f"dataset {str(m.dataset)!r} (for model {m.name!r}): not found")
 
 
 def load_tokenizer(model: str | Path, role: str = "base model") -> PreTrainedTokenizerBase:
@@ -159,6 +175,15 @@ def source_renderings(
             "model %r: data rendered with %s",
             m.name,
             {"own": "its own chat template", "base": "the base's chat template", "plain": "data.template"}[mode],
+        )
+    plain = [m.name for m in models if out[m.name] == (base_tokenizer, False)]
+    if plain and "template" not in config.model_fields_set:
+        logger.warning(
+            "models %s: no chat template, so their data is rendered with the default data.template %r; if they were "
+            "fine-tuned on another format, set data.template to it (the demo family's is '{prompt}{response}': "
+            "configs/dam/demo.yaml)",
+            ", ".join(plain),
+            config.template,
         )
     return out
 

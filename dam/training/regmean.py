@@ -30,9 +30,10 @@ from dam.adaptive.checks import check_configs, load_source_config
 from dam.adaptive.regmean import GramRecorder, RegMeanAccumulator, scale_off_diagonal
 from dam.errors import DamError
 from dam.io.checkpoint import CheckpointReader, load_causal_lm, parse_dtype, resolve_model_path
-from dam.io.model_folder import write_model_files
+from dam.io.model_folder import render_model_card, write_model_files
 from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, atomic_output_dir
+from dam.progress import progress_bar, quiet
 from dam.training.config import DAMConfig
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,9 @@ def run_regmean(
         recorder = GramRecorder(model, names)
         rows = [r for r in dataset if r["dataset_index"] == i]
         tokens[source.name] = 0
+        desc = f"regmean {source.name} ({i + 1}/{len(config.models)})"
         with torch.no_grad():
-            for b in range(0, len(rows), batch_size):
+            for b in progress_bar(range(0, len(rows), batch_size), desc=desc, unit="batch"):
                 batch = collate(rows[b : b + batch_size])
                 with recorder.tokens(batch["attention_mask"]):
                     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -96,7 +98,14 @@ def run_regmean(
             accumulators.setdefault(name, RegMeanAccumulator(alpha)).add(
                 model.get_submodule(name).weight.detach(), recorder.grams[name]
             )
-        logger.info("regmean: Grams of %r over %d tokens", source.name, tokens[source.name])
+        if not quiet():
+            logger.info(
+                "regmean: Grams of %r (%d/%d) over %d tokens",
+                source.name,
+                i + 1,
+                len(config.models),
+                tokens[source.name],
+            )
         del model, recorder
     weights = {f"{name}.weight": acc for name, acc in accumulators.items()}
 
@@ -135,7 +144,38 @@ def run_regmean(
             )
             summary["seconds"] = time.perf_counter() - start
             (tmp / REGMEAN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            (tmp / "README.md").write_text(_model_card(summary, out), encoding="utf-8")
     logger.info(
         "regmean: %d linear weights, %d averaged tensors, in %s", len(weights), len(summary["averaged_tensors"]), out
     )
     return summary
+
+
+def _model_card(summary: dict[str, Any], out: Path) -> str:
+    """The output's ``README.md``: the sources and datasets (as ``regmean.json`` writes them), alpha, the tokens
+    each source's Grams saw, and what was merged how."""
+    sources = summary["sources"]
+    lines = [
+        f"# {out.name}",
+        "",
+        "A merge of pre-trained language models made with [dam](https://arxiv.org/abs/2410.08371)'s RegMean "
+        "(Jin et al., 2023): every linear weight is the closed form `(sum_i G_i)^-1 sum_i G_i W_i` over the "
+        f"sources' input Gram matrices `G_i`, off-diagonals scaled by alpha {summary['alpha']:g}; every other "
+        "tensor is the sources' average. Nothing was trained.",
+        "",
+        f"Base (config and tokenizer): `{summary['base_model']}`",
+        "",
+        "Sources, each run forward over its own data for its Grams:",
+        *[f"- `{s}` on `{d}` ({t} tokens)" for s, (d, t) in zip(sources, _per_source(summary), strict=True)],
+        "",
+        f"{len(summary['regmean_tensors'])} linear weights by RegMean, {len(summary['averaged_tensors'])} tensors "
+        f"averaged, `{summary['dtype']}`. The record is `{REGMEAN_FILE}`.",
+    ]
+    return render_model_card(
+        base_models=list(dict.fromkeys(sources)), tags=["merge", "dam", "regmean"], body="\n".join(lines) + "\n"
+    )
+
+
+def _per_source(summary: dict[str, Any]) -> list[tuple[str, int]]:
+    """``(dataset, tokens)`` of every source, in the order of ``summary["sources"]``."""
+    return [(summary["datasets"][name], summary["tokens"][name]) for name in summary["datasets"]]
