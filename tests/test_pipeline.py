@@ -114,6 +114,8 @@ def test_demo_runs_from_any_working_directory(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "resource_tracker" not in result.stderr and "leaked" not in result.stderr, result.stderr[-2000:]
+    assert "demo: training DAM into runs/demo" in result.stderr  # a line per phase in a log
     assert not (tmp_path / "dam").exists() and not (tmp_path / "configs").exists()
     saved = json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())
     assert saved["dam_status"] == "trained" and "dam" in saved["accuracy"]
