@@ -15,9 +15,12 @@ from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from tiny_run import ROOT, tiny_config
 
+from dam.adaptive.model import DAMModel
+from dam.adaptive.options import DAMOptions
 from dam.errors import DamError
 from dam.evaluation.analysis import (
     COLUMNS,
+    layer_means,
     load_coefficient_table,
     load_metrics,
     plot_coefficient_distributions,
@@ -223,3 +226,93 @@ def test_notebook_runs_against_a_finished_run(run: Path, monkeypatch: pytest.Mon
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 4, "heat map, drift heat map, distributions, loss curves"
+
+
+# ------------------------------------------------------------------- every granularity and the task-vector form
+
+
+@pytest.fixture(scope="module")
+def qwen2_family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    return make_family(tmp_path_factory.mktemp("granularity"), 2, arch="qwen2", seed=5)
+
+
+def _coefficients_file(family: tuple[Path, list[Path]], folder: Path, base_first: bool, **options) -> Path:
+    """A coefficients file of a wrapper whose raw coefficients were moved at random, as if trained (no run)."""
+    base, experts = family
+    sources = [base, *experts] if base_first else experts
+    model = DAMModel.from_pretrained(str(base), [str(s) for s in sources], DAMOptions(**options))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.trainable_coefficients():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model.save_coefficients(folder / "coefficients.safetensors")
+
+
+def test_row_column_rows_and_columns_are_apart_in_table_plots_and_layer_means(qwen2_family, tmp_path: Path) -> None:
+    path = _coefficients_file(qwen2_family, tmp_path, False, granularity="row_column", transform="sigmoid")
+    raw = load_file(path)
+    table = load_coefficient_table(path)
+    q = table[table["tensor"] == "model.layers.0.self_attn.q_proj.weight"].set_index(["part", "source"])
+    out, inp = 32, 32  # the tiny config's q_proj (hidden 32 -> 4 heads x 8)
+    assert set(q.index.get_level_values("part")) == {"row", "column"}
+    for i, source in enumerate(["source0", "source1"]):
+        rows, columns = q.loc[("row", source)], q.loc[("column", source)]
+        values = raw["model.layers.0.self_attn.q_proj.weight"][i].double()  # (out + in,)
+        assert (rows["numel"], columns["numel"]) == (out, inp)
+        assert rows["mean"] == pytest.approx(float(values[:out].mean()))  # row scales: not transformed
+        assert columns["mean"] == pytest.approx(float(torch.sigmoid(values[out:]).mean()))
+        assert rows["init"] == 1.0 and columns["init"] == pytest.approx(0.5)
+    assert set(table[table["kind"].isin(["norm", "bias"])]["part"]) == {"element"}
+
+    fig = plot_coefficient_heatmap(table)
+    titles = panel_titles(fig)
+    assert "self_attn.q_proj" in titles and "self_attn.q_proj (row scales)" in titles
+    assert "outside the layers (row scales)" in titles and "input_layernorm (row scales)" not in titles
+    assert len(fig.axes) == len(titles) + 2  # one colour bar for the coefficients, one for the row scales
+    means = layer_means(table)
+    assert list(means.index) == ["embed_tokens", "embed_tokens rows", "layer 0", "layer 0 rows", "layer 1"] + [
+        "layer 1 rows",
+        "lm_head",
+        "lm_head rows",
+        "norm",
+    ]
+    layer0 = table[(table["layer"] == 0) & (table["part"] == "row") & (table["source"] == "source1")]
+    expected = (layer0["mean"] * layer0["numel"]).sum() / layer0["numel"].sum()
+    assert means.loc["layer 0 rows", "source1"] == pytest.approx(expected)
+    titles = panel_titles(plot_coefficient_distributions(path))
+    assert [t.split(" (")[0] for t in titles] == [
+        "embedding",
+        "embedding row scales",
+        "linear",
+        "linear row scales",
+        "norm",
+        "bias",
+    ]
+
+
+def test_tensor_granularity_is_one_scalar_per_tensor(qwen2_family, tmp_path: Path) -> None:
+    table = load_coefficient_table(_coefficients_file(qwen2_family, tmp_path, False, granularity="tensor"))
+    weights = table[table["kind"] != "bias"]
+    assert set(weights["part"]) == {"scalar"} and (weights["numel"] == 1).all() and (weights["std"] == 0).all()
+    assert set(table[table["kind"] == "bias"]["part"]) == {"element"}  # dam.bias per_output
+    assert panel_titles(plot_coefficient_heatmap(table))[-1] == "outside the layers"
+
+
+def test_task_vector_form_shows_the_lambdas(qwen2_family, tmp_path: Path) -> None:
+    path = _coefficients_file(qwen2_family, tmp_path, True, granularity="tensor", transform="task_vector")
+    raw = load_file(path)
+    table = load_coefficient_table(path)
+    sources = ["base", "source0", "source1"]
+    assert list(table["source"].cat.categories) == sources
+    assert list(table.drop_duplicates("source")["derived"]) == [True, False, False]
+    for row in table[table["kind"] != "bias"].itertuples():
+        lambdas = raw[row.tensor].double().clamp(0, 1)[1:]  # (2, 1): the experts' raw values, clamped
+        expected = 1 - lambdas.sum() if row.derived else lambdas[sources.index(row.source) - 1].sum()
+        assert row.mean == pytest.approx(float(expected)), (row.tensor, row.source)
+        assert row.init == pytest.approx(0.4 if row.derived else 0.3)  # the default init: every lambda 0.3
+    fig = plot_coefficient_heatmap(table)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["source0", "source1"]
+    assert fig.get_suptitle().startswith("AdaMerging lambdas")
+    assert list(layer_means(table).columns) == ["source0", "source1"]
+    distributions = plot_coefficient_distributions(path)
+    assert [t.get_text() for t in distributions.axes[0].get_legend().get_texts()] == ["source0", "source1"]

@@ -168,3 +168,20 @@ def test_export_reproduces_every_granularity(families, arch, granularity, tmp_pa
     _assert_same(out, model)
     again = export_merged(out / COEFFICIENTS_FILE, tmp_path / "again")  # from the file alone
     _assert_same(again, model)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "column"])
+@pytest.mark.parametrize("arch", ["qwen2", "tied"])
+def test_task_vector_form_round_trips(families, arch, granularity, tmp_path):
+    """AdaMerging's form: the base a source at the derived coefficient ``1 - sum_k lambda_k``; the export folds the
+    same clamped lambdas and derived base coefficient as the wrapper's forward (from the wrapper and from the file
+    alone, whose metadata names the base)."""
+    base, sources = families[arch]
+    family = (base, [base, *sources])
+    model = _trained(family, DAMOptions(granularity=granularity, transform="task_vector"))
+    with torch.no_grad():  # lambdas on both sides of [0, 1]: the clamp must be folded too
+        model.model.lm_head.weight_coefficients[1] = 1.4
+        model.model.lm_head.weight_coefficients[2] = -0.3
+    out = model.export(tmp_path / "out")
+    _assert_same(out, model)
+    _assert_same(export_merged(out / COEFFICIENTS_FILE, tmp_path / "again"), model)

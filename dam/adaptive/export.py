@@ -38,6 +38,7 @@ from dam.adaptive.coefficients import (
     read_coefficients,
     save_coefficients,
 )
+from dam.adaptive.init import task_vector_base
 from dam.adaptive.layers import coefficient_shape, merge, row_count, transform_coefficients
 from dam.errors import DamError
 from dam.io.checkpoint import (
@@ -150,6 +151,7 @@ def write_merged_model(
     if not config_file.is_file():
         raise DamError(f"base {metadata['base_model']!r}: no config.json in {base_path}")
     transform = options["transform"]
+    base = task_vector_base(metadata)
     coefficient_dtype = parse_dtype(options["coefficient_dtype"])
     models = _named_models(metadata)
     for name, folder in models.items():  # before any read or write: a damaged file is named, never copied
@@ -165,7 +167,8 @@ def write_merged_model(
             try:
                 for name in progress_bar(order, unit="tensor", desc="dam export", enabled=progress):
                     rows = row_count((len(readers), *readers[0].shape(name)), tensors[name].shape)
-                    coefficients = transform_coefficients(tensors[name].to(coefficient_dtype), transform, rows)
+                    raw = tensors[name].to(coefficient_dtype)
+                    coefficients = transform_coefficients(raw, transform, rows, base)
                     weights = (reader.get(name, dtype=wrapper_dtype) for reader in readers)
                     writer.add(name, merge(weights, coefficients, rows).to(wrapper_dtype))
                 files = writer.finalize()
@@ -285,6 +288,12 @@ def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:
     training_text = (
         f"```yaml\n{yaml.safe_dump(training, sort_keys=False).strip()}\n```" if training else "Not recorded."
     )
+    task_vector_text = ""
+    if options["transform"] == "task_vector":
+        task_vector_text = (
+            "\n- Task-vector form (AdaMerging): `W = W_base + sum_k lambda_k (W_k - W_base)`, each `lambda_k` "
+            "clamped to [0, 1]; the base's coefficient is `1 - sum_k lambda_k`, never trained."
+        )
     body = f"""# DAM merge of {len(metadata["sources"])} models
 
 Merged with DAM (Differentiable Adaptive Merging, [arXiv:2410.08371](https://arxiv.org/abs/2410.08371)): every
@@ -299,7 +308,7 @@ Base architecture, config and tokenizer: `{metadata["base_model"]}`.
 
 ## Method
 
-- Granularity `{granularity}`: {_GRANULARITY_TEXT[granularity]}
+- Granularity `{granularity}`: {_GRANULARITY_TEXT[granularity]}{task_vector_text}
 - Biases: `b = sum_i b_i * beta_i` (`{options["bias"]}`).
 - Coefficients trained for: {", ".join(options["targets"])}; transform: `{options["transform"]}`; init:
   `{options["init"]}`.

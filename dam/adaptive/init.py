@@ -1,5 +1,6 @@
-"""Starting coefficients (``dam.init``): uniform, a list of per-source weights, or a mergekit linear /
-task_arithmetic YAML rewritten as ``sum_i c_i x_i`` over the sources.
+"""Starting coefficients (``dam.init``): uniform, a list of per-source weights, a task-arithmetic ``lambda``, or a
+mergekit linear / task_arithmetic YAML rewritten as ``sum_i c_i x_i`` over the sources; and which source is the base
+(:func:`find_base_source`, for ``dam.transform: task_vector``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,38 @@ def _same_model(a: str, b: str) -> bool:
     return a == b or model_label(a) == model_label(b)
 
 
-def resolve_init_weights(init: str | list[float], base_model: str, sources: list[str]) -> list[float]:
+def find_base_source(base_model: str, sources: list[str], key: str) -> int:
+    """Index of the source that is ``base_model`` (same string or same local folder); DamError naming ``key``
+    (the option that needs it) when no source, or more than one, is the base."""
+    found = [i for i, s in enumerate(sources) if _same_model(base_model, s)]
+    if len(found) != 1:
+        what = "is not one of the sources" if not found else f"is listed {len(found)} times among the sources"
+        raise DamError(
+            f"{key}: the base model {base_model!r} {what}; the task-vector form needs it exactly once as a source "
+            "(the model whose coefficient is 1 minus the task vectors' lambdas)"
+        )
+    return found[0]
+
+
+def task_vector_base(metadata: dict[str, Any]) -> int | None:
+    """The base source's index in a coefficients file's ``metadata`` when its run used ``dam.transform:
+    task_vector`` (the wrapper's rule, :func:`find_base_source`, over the recorded base and sources), else None."""
+    if metadata["options"]["transform"] != "task_vector":
+        return None
+    return find_base_source(metadata["base_model"], metadata["sources"], "dam.transform: task_vector")
+
+
+def resolve_init_weights(init: str | list[float] | float, base_model: str, sources: list[str]) -> list[float]:
     """Per-source init coefficients from ``DAMOptions.init`` (see its docstring). Errors name ``dam.init``."""
     n = len(sources)
     if init == "uniform":
         return [1.0 / n] * n
+    if isinstance(init, float | int):
+        value = _number(init, "a task-arithmetic lambda")
+        weights = [value] * n
+        base = find_base_source(base_model, sources, f"dam.init: {value:g}")
+        weights[base] = 1.0 - value * (n - 1)
+        return weights
     if isinstance(init, list):
         if len(init) != n:
             raise DamError(f"dam.init: {len(init)} weights given for {n} sources")

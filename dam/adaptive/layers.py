@@ -17,8 +17,9 @@ A tied ``lm_head`` is a :class:`DAMLinear` sharing the embedding's sources *and*
 (for ``row_column`` the embedding's rows are the vocabulary, the ``lm_head``'s outputs: the same layout).
 
 The stored (raw) coefficients pass through a transform (:func:`apply_transform`: none, tanh, sigmoid, softmax
-across sources) before they multiply; :func:`inverse_transform` gives the raw init for wanted coefficients. Row
-scales are not transformed (:func:`transform_coefficients`): they are free factors that start at 1.
+across sources, or ``task_vector``, AdaMerging's form :func:`task_vector_coefficients`, whose base source's
+coefficient is derived from the others) before they multiply; :func:`inverse_transform` gives the raw init for wanted
+coefficients. Row scales are not transformed (:func:`transform_coefficients`): they are free factors that start at 1.
 Folds accumulate in the coefficients' dtype (float32) whatever the sources' dtype, and the result is cast to the
 sources' dtype: exactly what an exported checkpoint of that dtype holds.
 
@@ -46,14 +47,34 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-TRANSFORMS = ("none", "tanh", "sigmoid", "softmax")
+TRANSFORMS = ("none", "tanh", "sigmoid", "softmax", "task_vector")
 GRANULARITIES = ("column", "row_column", "tensor")
 SOURCE_SUFFIXES = ("weight_sources", "bias_sources")
 _CHUNK_ELEMENTS = 2**22  # rows per chunk in the coefficient-gradient reduction: ~16 MB float32 temporaries
 
 
-def apply_transform(raw: Tensor, transform: str) -> Tensor:
-    """Raw coefficients (N, ...) -> merge coefficients (N, ...). ``softmax`` normalises across sources (dim 0)."""
+def task_vector_coefficients(raw: Tensor, base: int) -> Tensor:
+    """AdaMerging's merge coefficients (N, ...) from raw values (N, ...): every source k but ``base`` gets
+    ``lambda_k = clamp(raw_k, 0, 1)`` and the base (the pre-trained model) ``1 - sum_k lambda_k``, so that
+
+        sum_i c_i W_i = W_base + sum_k lambda_k (W_k - W_base)    (tau_k = W_k - W_base, the task vectors)
+
+    (Yang et al., ICLR 2024: the pre-trained weights keep weight 1, the lambdas are clamped to [0, 1]).
+    ``raw[base]`` is never read, so it gets a zero gradient and its AdamW step is 0."""
+    lambdas = raw.clamp(0, 1)
+    others = torch.cat([lambdas[:base], lambdas[base + 1 :]])  # (N - 1, ...)
+    return torch.cat([lambdas[:base], 1 - others.sum(0, keepdim=True), lambdas[base + 1 :]])
+
+
+def _base_index(transform: str, base: int | None, n: int) -> int:
+    if base is None or not 0 <= base < n:
+        raise ValueError(f"transform {transform!r} needs the index of the base source among {n}, got {base}")
+    return base
+
+
+def apply_transform(raw: Tensor, transform: str, base: int | None = None) -> Tensor:
+    """Raw coefficients (N, ...) -> merge coefficients (N, ...). ``softmax`` normalises across sources (dim 0);
+    ``task_vector`` (:func:`task_vector_coefficients`) needs ``base``, the base source's index."""
     if transform == "none":
         return raw
     if transform == "tanh":
@@ -62,14 +83,17 @@ def apply_transform(raw: Tensor, transform: str) -> Tensor:
         return torch.sigmoid(raw)
     if transform == "softmax":
         return torch.softmax(raw, dim=0)
+    if transform == "task_vector":
+        return task_vector_coefficients(raw, _base_index(transform, base, raw.shape[0]))
     raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
 
 
-def inverse_transform(coefficients: Tensor, transform: str) -> Tensor:
+def inverse_transform(coefficients: Tensor, transform: str, base: int | None = None) -> Tensor:
     """Raw values whose :func:`apply_transform` is ``coefficients`` (N, ...).
 
     tanh needs |c| < 1 (``atanh``), sigmoid 0 < c < 1 (``logit``), softmax c > 0 with sum 1 over sources
-    (``log c``). Raises ``ValueError`` for coefficients the transform cannot produce.
+    (``log c``), task_vector every non-base c in [0, 1] and the base's ``1 - sum`` of the others (raw: the
+    lambdas as they are, 0 for the base). Raises ``ValueError`` for coefficients the transform cannot produce.
     """
     c = coefficients
     if transform == "none":
@@ -86,6 +110,17 @@ def inverse_transform(coefficients: Tensor, transform: str) -> Tensor:
         if (c <= 0).any() or not torch.allclose(c.sum(0), torch.ones((), dtype=c.dtype), atol=1e-6):
             raise ValueError("softmax coefficients must be positive and sum to 1 over the sources")
         return torch.log(c)
+    if transform == "task_vector":
+        b = _base_index(transform, base, c.shape[0])
+        others = torch.cat([c[:b], c[b + 1 :]])
+        if ((others < 0) | (others > 1)).any():
+            raise ValueError("task_vector coefficients of every source but the base (the lambdas) must lie in [0, 1]")
+        # the same 1e-6 as softmax's sum: a float32 sum of a few values in [0, 1] is off by ~1e-7 at most
+        if not torch.allclose(c[b], 1 - others.sum(0), atol=1e-6):
+            raise ValueError("task_vector: the base's coefficient must be 1 minus the sum of the others (its lambdas)")
+        raw = c.clone()
+        raw[b] = 0
+        return raw
     raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
 
 
@@ -126,20 +161,26 @@ def coefficient_shape(tensor_shape: tuple[int, ...], kind: str, granularity: str
     return tuple(tensor_shape[-1:])
 
 
-def transform_coefficients(raw: Tensor, transform: str, rows: int = 0) -> Tensor:
-    """Raw coefficients (N, C) -> merge coefficients: :func:`apply_transform` on all but the first ``rows``
-    values per source, which are row scales and pass unchanged."""
+def transform_coefficients(raw: Tensor, transform: str, rows: int = 0, base: int | None = None) -> Tensor:
+    """Raw coefficients (N, C) -> merge coefficients: :func:`apply_transform` (``base``: the base source's index,
+    for ``task_vector``) on all but the first ``rows`` values per source, which are row scales and pass
+    unchanged. ``task_vector`` takes no row scales: ``diag(r_i)`` on the base's weight would leave the form
+    ``W_base + sum_k lambda_k tau_k`` (ValueError)."""
+    if rows and transform == "task_vector":
+        raise ValueError("transform 'task_vector' cannot be combined with row scales (granularity row_column)")
     if not rows:
-        return apply_transform(raw, transform)
-    return torch.cat([raw[:, :rows], apply_transform(raw[:, rows:], transform)], dim=1)
+        return apply_transform(raw, transform, base)
+    return torch.cat([raw[:, :rows], apply_transform(raw[:, rows:], transform, base)], dim=1)
 
 
-def inverse_transform_coefficients(coefficients: Tensor, transform: str, rows: int = 0) -> Tensor:
+def inverse_transform_coefficients(
+    coefficients: Tensor, transform: str, rows: int = 0, base: int | None = None
+) -> Tensor:
     """Raw values whose :func:`transform_coefficients` is ``coefficients`` (N, C): the row scales as they are, the
     rest through :func:`inverse_transform`."""
     if not rows:
-        return inverse_transform(coefficients, transform)
-    return torch.cat([coefficients[:, :rows], inverse_transform(coefficients[:, rows:], transform)], dim=1)
+        return inverse_transform(coefficients, transform, base)
+    return torch.cat([coefficients[:, :rows], inverse_transform(coefficients[:, rows:], transform, base)], dim=1)
 
 
 def merge(sources: Tensor | Iterable[Tensor], coefficients: Tensor, rows: int = 0) -> Tensor:
@@ -367,8 +408,8 @@ class DAMModule(nn.Module):
     Attributes: ``weight_sources`` (N, *S) and ``weight_coefficients`` (N, *C); ``bias_sources`` (N, out) and
     ``bias_coefficients`` (N, out) or (N, 1), or None. Sources are frozen parameters and are dropped from
     ``state_dict()`` (and not required by ``load_state_dict``); coefficients are parameters whose
-    ``requires_grad`` says whether they train. ``transform`` maps raw to merge coefficients. ``selected``: None
-    (merge) or a source index (teacher mode).
+    ``requires_grad`` says whether they train. ``transform`` maps raw to merge coefficients (``base``: the base
+    source's index, which ``task_vector`` needs). ``selected``: None (merge) or a source index (teacher mode).
     """
 
     def __init__(
@@ -378,10 +419,13 @@ class DAMModule(nn.Module):
         bias_sources: Tensor | None = None,
         bias_coefficients: Tensor | None = None,
         transform: str = "none",
+        base: int | None = None,
     ):
         super().__init__()
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+        if transform == "task_vector":
+            _base_index(transform, base, weight_sources.shape[0])
         if (bias_sources is None) != (bias_coefficients is None):
             raise ValueError("bias_sources and bias_coefficients go together")
         _check_pair("weight", weight_sources, weight_coefficients)
@@ -398,6 +442,9 @@ class DAMModule(nn.Module):
             self.register_parameter("bias_sources", None)
             self.register_parameter("bias_coefficients", None)
         self.transform = transform
+        self.base = base
+        if transform == "task_vector" and self.rows():
+            raise ValueError("transform 'task_vector' cannot be combined with row scales (granularity row_column)")
         self.selected: int | None = None
         self.register_state_dict_post_hook(_drop_sources_from_state_dict)
         self.register_load_state_dict_post_hook(_ignore_missing_sources)
@@ -413,7 +460,8 @@ class DAMModule(nn.Module):
 
     def coefficients(self, name: str = "weight") -> Tensor:
         """Merge coefficients of ``name`` ("weight" or "bias") after the transform (differentiable)."""
-        return transform_coefficients(getattr(self, f"{name}_coefficients"), self.transform, self.rows(name))
+        raw = getattr(self, f"{name}_coefficients")
+        return transform_coefficients(raw, self.transform, self.rows(name), self.base)
 
     def merged(self, name: str = "weight") -> Tensor | None:
         """The merged ``name`` tensor in the sources' dtype (no grad): what an exported checkpoint holds."""

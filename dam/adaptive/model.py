@@ -59,7 +59,7 @@ from dam.adaptive.coefficients import (
     read_coefficients,
     save_coefficients,
 )
-from dam.adaptive.init import resolve_init_weights
+from dam.adaptive.init import find_base_source, resolve_init_weights
 from dam.adaptive.layers import (
     DAMEmbedding,
     DAMLinear,
@@ -157,15 +157,17 @@ def _coefficient_parameter(
     trainable: bool,
     device: torch.device | str,
     rows: int = 0,
+    base: int | None = None,
 ) -> nn.Parameter:
     """Raw coefficients (N, *shape) whose transform equals ``weights[i]`` everywhere for source i; with ``rows``,
-    the first ``rows`` values per source are row scales (untransformed) and start at 1."""
+    the first ``rows`` values per source are row scales (untransformed) and start at 1. ``base``: the base
+    source's index (``task_vector``)."""
     dtype = parse_dtype(options.coefficient_dtype)
     wanted = weights.to(dtype).reshape(-1, *([1] * len(shape))).expand(-1, *shape)
     if rows:
         wanted = torch.cat([torch.ones(len(weights), rows, dtype=dtype), wanted[:, rows:]], dim=1)
     try:
-        raw = inverse_transform_coefficients(wanted, options.transform, rows)
+        raw = inverse_transform_coefficients(wanted, options.transform, rows, base)
     except ValueError as e:
         raise DamError(f"dam.init: coefficients {weights.tolist()} with dam.transform={options.transform}: {e}") from e
     return nn.Parameter(raw.contiguous().to(device), requires_grad=trainable)
@@ -234,6 +236,9 @@ class DAMModel(nn.Module):
         base_config = load_source_config(base_model, "base")
         source_configs = [load_source_config(s, "source") for s in sources]
         check_configs(base_model, base_config, sources, source_configs)
+        base = None  # the base source's index, for the task-vector form only
+        if options.transform == "task_vector":
+            base = find_base_source(base_model, sources, "dam.transform: task_vector")
         init_weights = resolve_init_weights(options.init, base_model, sources)
         readers = [CheckpointReader(s) for s in sources]
 
@@ -250,7 +255,7 @@ class DAMModel(nn.Module):
         tied: dict[str, str] = {}
         new_modules: dict[str, DAMModule] = {}
         for slot in slots:
-            new = _build_module(slot, new_modules, readers, weights, options, dtype, device)
+            new = _build_module(slot, new_modules, readers, weights, options, dtype, device, base)
             new_modules[slot.name] = new
             parent, _, child = slot.name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -452,7 +457,7 @@ class DAMModel(nn.Module):
             for name, m, attr in self._coefficient_items(False):
                 raw = getattr(m, f"{attr}_coefficients")
                 wanted = initial[name].to(raw.device)
-                raw.copy_(inverse_transform_coefficients(wanted, self.options.transform, m.rows(attr)))
+                raw.copy_(inverse_transform_coefficients(wanted, self.options.transform, m.rows(attr), m.base))
 
     def raw_coefficients(self) -> dict[str, Tensor]:
         """Every coefficient tensor (raw, before the transform) by tensor name, detached on CPU: what is saved."""
@@ -569,8 +574,10 @@ def _build_module(
     options: DAMOptions,
     dtype: torch.dtype,
     device: torch.device | str,
+    base: int | None,
 ) -> DAMModule:
-    """The DAM module replacing ``slot.module``, with stacked sources read from the checkpoints."""
+    """The DAM module replacing ``slot.module``, with stacked sources read from the checkpoints; ``base`` is the
+    base source's index for ``dam.transform: task_vector``, else None."""
     module = slot.module
     kind = "embedding" if slot.tied_to is not None and isinstance(built[slot.tied_to], DAMEmbedding) else slot.kind
     trainable = kind in options.targets
@@ -581,14 +588,14 @@ def _build_module(
         weight_sources = _read_stacked(f"{slot.name}.weight", readers, dtype, device)
         cshape = coefficient_shape(tuple(module.weight.shape), slot.kind, options.granularity)
         rows = row_count(weight_sources.shape, (len(readers), *cshape))
-        weight_coefficients = _coefficient_parameter(weights, cshape, options, trainable, device, rows)
+        weight_coefficients = _coefficient_parameter(weights, cshape, options, trainable, device, rows, base)
     bias_sources = bias_coefficients = None
     if isinstance(getattr(module, "bias", None), nn.Parameter):
         bias_sources = _read_stacked(f"{slot.name}.bias", readers, dtype, device)
         bshape = (1,) if options.bias == "scalar" else tuple(module.bias.shape)
         bias_trainable = trainable and options.bias != "frozen"
-        bias_coefficients = _coefficient_parameter(weights, bshape, options, bias_trainable, device)
-    args = (weight_sources, weight_coefficients, bias_sources, bias_coefficients, options.transform)
+        bias_coefficients = _coefficient_parameter(weights, bshape, options, bias_trainable, device, base=base)
+    args = (weight_sources, weight_coefficients, bias_sources, bias_coefficients, options.transform, base)
     if slot.kind == "linear":
         return DAMLinear(*args)
     own_forward = slot.kind == "norm" or type(module).forward is not nn.Embedding.forward

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Target = Literal["linear", "embedding", "norm"]
 
@@ -29,22 +29,28 @@ class DAMOptions(BaseModel):
     dimension of the embedding, per element of a norm weight. ``row_column``: also one per output row,
     ``W = sum_i diag(r_i) W_i diag(c_i)`` with the row scales starting at 1 and left out of the transform (norm
     weights stay per element); twice the coefficients of ``column`` on square layers, still kilobytes per layer.
-    ``tensor``: one scalar per source and tensor, ``W = sum_i c_i W_i`` (with ``loss.objective: entropy``,
-    layer-wise AdaMerging). Biases follow ``bias``."""
+    ``tensor``: one scalar per source and tensor, ``W = sum_i c_i W_i`` (with ``transform: task_vector`` and
+    ``loss.objective: entropy``, layer-wise AdaMerging). Biases follow ``bias``."""
 
-    init: str | list[float] = "uniform"
+    init: str | list[float] | float = "uniform"
     """Starting coefficients. ``"uniform"``: 1/N for each of the N sources, so the wrapper starts as the plain
     average. A list of N numbers: one weight per source, used as is (``[0.5, 0.3, 0.2]`` starts at that weighted
     sum). A path to a mergekit-style YAML (``*.yml``/``*.yaml``) whose ``merge_method`` is ``linear`` (weights
     normalised to sum 1 unless ``parameters.normalize: false``) or ``task_arithmetic`` (``base + lambda *
     sum_i w_i (x_i - base)`` written over the sources, which must then include the base unless the base's share
     ``1 - lambda * sum_i w_i`` is 0); only scalar per-model ``weight`` parameters (or a top-level ``weight``)
-    are read."""
+    are read. A number ``lambda``: task arithmetic's start, every source but the base at ``lambda`` and the base
+    (which must be a source) at ``1 - (N - 1) * lambda``, i.e. ``base + lambda * sum_k tau_k``. Default
+    ``"uniform"``, or ``0.3`` (AdaMerging's) with ``transform: task_vector``."""
 
-    transform: Literal["none", "tanh", "sigmoid", "softmax"] = "none"
-    """Map from the trained raw values to the merge coefficients: identity, ``tanh``, ``sigmoid``, or a
-    ``softmax`` across sources (coefficients positive and summing to 1 per column). The raw init is the inverse
-    transform of the init coefficients (e.g. ``atanh(1/N)``), so every transform starts at the requested merge."""
+    transform: Literal["none", "tanh", "sigmoid", "softmax", "task_vector"] = "none"
+    """Map from the trained raw values to the merge coefficients: identity, ``tanh``, ``sigmoid``, a
+    ``softmax`` across sources (coefficients positive and summing to 1 per column), or ``task_vector``:
+    AdaMerging's ``W = W_base + sum_k lambda_k (W_k - W_base)``, where the base model must be one of the sources
+    (the one whose ``model`` is ``base_model``), its coefficient is ``1 - sum_k lambda_k`` (derived, never
+    trained) and every other source's is ``lambda_k = clamp(raw_k, 0, 1)``; not with ``granularity:
+    row_column``. The raw init is the inverse transform of the init coefficients (e.g. ``atanh(1/N)``), so every
+    transform starts at the requested merge."""
 
     coefficient_dtype: Literal["float32", "float64"] = "float32"
     """Storage dtype of the coefficients (the trained master copy), independent of the frozen weights' dtype:
@@ -66,9 +72,24 @@ class DAMOptions(BaseModel):
 
     @field_validator("init")
     @classmethod
-    def _init_form(cls, v: str | list[float]) -> str | list[float]:
+    def _init_form(cls, v: str | list[float] | float) -> str | list[float] | float:
         if isinstance(v, str) and v != "uniform" and not v.endswith((".yml", ".yaml")):
-            raise ValueError(f"{v!r}: expected 'uniform', a list of per-source weights, or a merge YAML path")
+            raise ValueError(
+                f"{v!r}: expected 'uniform', a list of per-source weights, a number (lambda) or a merge YAML path"
+            )
         if isinstance(v, list) and not v:
             raise ValueError("the list of per-source weights is empty")
         return v
+
+    @model_validator(mode="after")
+    def _task_vector_form(self) -> DAMOptions:
+        if self.transform != "task_vector":
+            return self
+        if self.granularity == "row_column":
+            raise ValueError(
+                "dam.transform: task_vector keeps the base's weight at 1, which row scales (dam.granularity: "
+                "row_column) would rescale: use granularity tensor (layer-wise AdaMerging) or column"
+            )
+        if "init" not in self.model_fields_set:
+            self.init = 0.3  # AdaMerging's start: every task vector at 0.3
+        return self

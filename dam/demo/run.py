@@ -48,9 +48,16 @@ DAM_CONFIG = TOY.config_dir / "dam.yaml"
 MERGE_CONFIG_DIR = TOY.config_dir / "merge"
 CLASSIC_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
-    # layer-wise AdaMerging (Yang et al., 2024): one coefficient per source and tensor, trained on the merged
-    # model's prediction entropy (no teacher); the coefficient-similarity term belongs to DAM, not to AdaMerging
-    "adamerging": ("dam.granularity=tensor", "loss.objective=entropy", "loss.similarity=0"),
+    # layer-wise AdaMerging (Yang et al., 2024): W = W_base + sum_k lambda_k tau_k per tensor, the base a source at
+    # its derived coefficient 1 - sum_k lambda_k, each lambda clamped to [0, 1] and started at 0.3, trained on the
+    # merged model's prediction entropy (no teacher); the coefficient-similarity term belongs to DAM, not AdaMerging
+    "adamerging": (
+        "dam.granularity=tensor",
+        "dam.transform=task_vector",
+        "dam.init=0.3",
+        "loss.objective=entropy",
+        "loss.similarity=0",
+    ),
     "dam_column": ("dam.granularity=column",),
     "dam_row_column": ("dam.granularity=row_column",),
 }

@@ -1,20 +1,24 @@
 """What a DAM run learned: its coefficients as a tidy table, its metrics, and plots of both.
 
 A run folder (or a bare ``dam_coefficients.safetensors``) holds the raw coefficients of every merged tensor, shape
-``(N, in)`` for linear and embedding weights, ``(N, size)`` for norms, ``(N, out)`` or ``(N, 1)`` for biases, plus
-metadata naming the sources, the transform and the init. :func:`load_coefficient_table` applies the transform (the
-values the merge actually used, ``W = sum_i W_i diag(c_i)``) and reduces each source's vector to one row::
+``(N, in)`` for linear and embedding weights (``(N, out + in)`` under ``row_column``, ``(N, 1)`` under ``tensor``),
+``(N, size)`` for norms, ``(N, out)`` or ``(N, 1)`` for biases, plus metadata naming the sources, the transform and
+the init. :func:`load_coefficient_table` applies the transform (the values the merge actually used,
+``W = sum_i W_i diag(c_i)``) and reduces each source's vector, per part, to one row::
 
-    tensor  module            kind    layer  source      numel  init   mean   std    min    max    drift  abs_drift
+    tensor  module            kind    part    layer  source      numel  init   mean   std    min    max    drift  ...
     model.layers.0.self_attn.q_proj.weight
-            self_attn.q_proj  linear  0      arithmetic  64     0.333  0.341  0.004  0.330  0.352  0.008  0.008
+            self_attn.q_proj  linear  column  0      arithmetic  64     0.333  0.341  0.004  0.330  0.352  0.008  ...
 
 ``module`` is the tensor name without the layer index, ``model.`` prefix and ``.weight`` suffix (biases keep
-``.bias``); ``kind`` is ``linear``/``embedding``/``norm``/``bias`` as in the training logs; ``layer`` is the decoder
-layer index (``<NA>`` for the embedding, final norm and ``lm_head``); ``init`` is the source's coefficient at
-step 0; ``drift = mean - init`` (signed: did the source gain weight?) and ``abs_drift = mean |c - init|`` (did its
-columns move at all, even if in both directions?). A tied ``lm_head`` has no row of its own: it shares the
-embedding's coefficients.
+``.bias``); ``kind`` is ``linear``/``embedding``/``norm``/``bias`` as in the training logs; ``part`` is ``column``,
+``row`` (the row scales of ``row_column``, apart from its columns), ``element`` (norms, per-output biases) or
+``scalar`` (``tensor`` granularity); ``layer`` is the decoder layer index (``<NA>`` for the embedding, final norm
+and ``lm_head``); ``init`` is the source's coefficient at step 0 (1 for row scales); ``drift = mean - init``
+(signed: did the source gain weight?) and ``abs_drift = mean |c - init|`` (did its columns move at all, even if in
+both directions?); ``trainable`` and ``derived`` (the base's coefficient ``1 - sum_k lambda_k`` of the
+task-vector form, ``dam.transform: task_vector``, whose plots show the lambdas). A tied ``lm_head`` has no row of
+its own: it shares the embedding's coefficients.
 
 Plots return a :class:`matplotlib.figure.Figure` built without pyplot (no global state; works headless) and write
 a PNG when given ``path``. In a notebook, run ``%matplotlib inline`` once so figures display.
@@ -22,6 +26,7 @@ a PNG when given ``path``. In a notebook, run ``%matplotlib inline`` once so fig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -37,9 +42,11 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from dam.adaptive.coefficients import read_coefficients
-from dam.adaptive.layers import apply_transform
+from dam.adaptive.init import task_vector_base
+from dam.adaptive.layers import row_count, transform_coefficients
 from dam.errors import DamError
 from dam.evaluation.kinship import module_kind
+from dam.io.checkpoint import CheckpointReader
 from dam.training.run_dir import METRICS_FILE
 
 # the layer names dam.evaluation.kinship.module_kind strips
@@ -47,10 +54,12 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 # order of the usual projections inside a layer (others follow alphabetically)
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KINDS = ("embedding", "linear", "norm", "bias")
+PARTS = ("column", "row", "element", "scalar")
 COLUMNS = [
     "tensor",
     "module",
     "kind",
+    "part",
     "layer",
     "source",
     "numel",
@@ -62,6 +71,7 @@ COLUMNS = [
     "drift",
     "abs_drift",
     "trainable",
+    "derived",
 ]
 
 
@@ -89,13 +99,38 @@ def tensor_layer(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def transformed_coefficients(run_or_file: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(merge coefficients by tensor name, metadata)``: the file's raw coefficients through the run's transform,
-    as float32 ``(N, ...)`` tensors, ordered embedding, layers (ascending), then the rest."""
+def coefficient_parts(run_or_file: str | Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """``(merge coefficients by tensor name and part, metadata)``: the file's raw coefficients through the run's
+    transform (row scales untransformed, the task-vector form's base coefficient derived), as float32
+    ``(N, count)`` tensors, tensors ordered embedding, layers (ascending), then the rest.
+
+    Parts (:data:`PARTS`): ``column`` (a linear or embedding weight's per-column coefficients), ``row`` (the row
+    scales of ``dam.granularity: row_column``, split off the ``(N, out + in)`` vector by the weight's shape in the
+    base checkpoint's header), ``element`` (norm weights, per-output biases) and ``scalar`` (``tensor``
+    granularity, scalar biases)."""
     tensors, metadata = read_coefficients(run_or_file)
-    transform = metadata["options"]["transform"]
+    options = metadata["options"]
+    transform, granularity = options["transform"], options.get("granularity", "column")
+    base = task_vector_base(metadata)
     order = sorted(tensors, key=lambda name: _tensor_order(name, metadata["tensors"].get(name, {}).get("kind")))
-    return {name: apply_transform(tensors[name].float(), transform) for name in order}, metadata
+    out: dict[str, dict[str, Tensor]] = {}
+    with contextlib.ExitStack() as stack:
+        reader = None
+        if granularity == "row_column":  # the split of (out + in) needs the weights' shapes
+            reader = stack.enter_context(CheckpointReader(metadata["base_model"]))
+        for name in order:
+            raw = tensors[name].float()
+            kind = _kind(name, metadata["tensors"].get(name, {}).get("kind"))
+            if kind == "bias":  # biases follow dam.bias, not dam.granularity
+                part = "scalar" if options["bias"] == "scalar" else "element"
+            else:
+                part = "scalar" if granularity == "tensor" else "element" if kind == "norm" else "column"
+            rows = 0
+            if reader is not None and part == "column":
+                rows = row_count((raw.shape[0], *reader.shape(name)), raw.shape)
+            merged = transform_coefficients(raw, transform, rows, base)
+            out[name] = {"row": merged[:, :rows], "column": merged[:, rows:]} if rows else {part: merged}
+    return out, metadata
 
 
 def _kind(name: str, metadata_kind: str | None) -> str:
@@ -117,52 +152,62 @@ def _module_rank(module: str, kind: str) -> int:
 
 
 def load_coefficient_table(run_or_file: str | Path) -> pd.DataFrame:
-    """One row per (merged tensor, source) with the statistics of its merge coefficients (columns: ``COLUMNS``).
+    """One row per (merged tensor, part, source) with the statistics of its merge coefficients (columns:
+    ``COLUMNS``).
 
     ``run_or_file``: a training run folder or a coefficients file. The statistics are over the transformed
-    coefficient vector of that tensor and source (``std`` is the population std).
+    coefficients of that tensor, part (:func:`coefficient_parts`: ``row`` and ``column`` apart for ``row_column``)
+    and source (``std`` is the population std). ``init`` is the source's init coefficient (1 for row scales).
+    ``derived`` marks the base's coefficient in the task-vector form (``dam.transform: task_vector``): ``1 -
+    sum_k lambda_k``, not trained; the other sources' rows of such a run are the lambdas.
     """
-    coefficients, metadata = transformed_coefficients(run_or_file)
+    coefficients, metadata = coefficient_parts(run_or_file)
     sources = source_names(metadata)
     init = metadata["init_weights"]
+    base = task_vector_base(metadata)
     rows = []
-    for name, values in coefficients.items():
+    for name, parts in coefficients.items():
         info = metadata["tensors"].get(name, {})
-        flat = values.reshape(values.shape[0], -1).double()  # (N, numel)
-        for i, source in enumerate(sources):
-            row = flat[i]
-            rows.append(
-                {
-                    "tensor": name,
-                    "module": tensor_module(name),
-                    "kind": _kind(name, info.get("kind")),
-                    "layer": tensor_layer(name),
-                    "source": source,
-                    "numel": row.numel(),
-                    "init": float(init[i]),
-                    "mean": float(row.mean()),
-                    "std": float(row.std(correction=0)),
-                    "min": float(row.min()),
-                    "max": float(row.max()),
-                    "drift": float(row.mean()) - float(init[i]),
-                    "abs_drift": float((row - init[i]).abs().mean()),
-                    "trainable": bool(info.get("trainable", True)),
-                }
-            )
+        for part, values in parts.items():
+            flat = values.double()  # (N, count)
+            for i, source in enumerate(sources):
+                row, start = flat[i], 1.0 if part == "row" else float(init[i])
+                rows.append(
+                    {
+                        "tensor": name,
+                        "module": tensor_module(name),
+                        "kind": _kind(name, info.get("kind")),
+                        "part": part,
+                        "layer": tensor_layer(name),
+                        "source": source,
+                        "numel": row.numel(),
+                        "init": start,
+                        "mean": float(row.mean()),
+                        "std": float(row.std(correction=0)),
+                        "min": float(row.min()),
+                        "max": float(row.max()),
+                        "drift": float(row.mean()) - start,
+                        "abs_drift": float((row - start).abs().mean()),
+                        "trainable": bool(info.get("trainable", True)),
+                        "derived": i == base,
+                    }
+                )
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["layer"] = table["layer"].astype("Int64")
     table["source"] = pd.Categorical(table["source"], categories=sources, ordered=True)
     return table
 
 
-def summarise_coefficients(table: pd.DataFrame, by: tuple[str, ...] = ("kind", "source")) -> pd.DataFrame:
-    """Pool the per-tensor rows of :func:`load_coefficient_table` into groups (default: kind x source).
+def summarise_coefficients(table: pd.DataFrame, by: tuple[str, ...] = ("kind", "part", "source")) -> pd.DataFrame:
+    """Pool the per-tensor rows of :func:`load_coefficient_table` into groups (default: kind x part x source, so
+    that a ``row_column`` run's row scales are not averaged with its column coefficients).
 
     Pooled exactly over every coefficient of the group: ``mean = sum n_t m_t / sum n_t``, ``std`` from
     ``sum n_t (s_t^2 + m_t^2) / sum n_t - mean^2``, ``min``/``max`` over the group, ``drift = mean - init``
-    (``init`` is per source, so ``by`` should keep ``source``) and ``abs_drift`` numel-weighted. When every kind is
-    trained, the kind x source rows equal the training log's ``coefficients/<kind>/<source>/*`` statistics at the
-    last step (the log covers trainable coefficients only: filter on ``trainable`` to compare otherwise).
+    (``init`` is per source and part, so ``by`` should keep ``source``) and ``abs_drift`` numel-weighted. When every
+    kind is trained, the rows grouped ``by=("kind", "source")`` equal the training log's
+    ``coefficients/<kind>/<source>/*`` statistics at the last step (the log covers trainable coefficients only:
+    filter on ``trainable`` to compare otherwise).
     """
     by = list(by)
     work = table.assign(
@@ -246,6 +291,23 @@ def _check_columns(table: pd.DataFrame, columns: list[str], what: str) -> None:
         raise DamError(f"{what}: the table has no column(s) {', '.join(missing)}")
 
 
+def _shown(table: pd.DataFrame) -> tuple[pd.DataFrame, bool]:
+    """``(rows to plot, task-vector form?)``: a task-vector run's derived base coefficients are left out, so the
+    plots show its lambdas (the base keeps weight 1 in ``W_base + sum_k lambda_k tau_k``)."""
+    if "derived" in table.columns and table["derived"].any():
+        return table[~table["derived"].astype(bool)], True
+    return table, False
+
+
+def _scale_groups(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The table split by colour scale: the merge coefficients, then (``row_column``) the row scales, which start
+    at 1 whatever the init and would squash the coefficients' colours on a shared scale."""
+    if "part" not in table.columns:
+        return [("", table)]
+    rows = table["part"] == "row"
+    return [(label, part) for label, part in [("", table[~rows]), ("row scales", table[rows])] if not part.empty]
+
+
 def plot_coefficient_heatmap(
     table: pd.DataFrame,
     value: str = "mean",
@@ -259,50 +321,59 @@ def plot_coefficient_heatmap(
 
     Panels: every module found in the layers (``self_attn.q_proj``, ``mlp.down_proj``, ``input_layernorm``...),
     then one panel "outside the layers" whose rows are the other modules (embedding, final norm, ``lm_head``). One
-    colour scale for all panels. ``center`` switches to a diverging map symmetric about it (default 0 for
-    ``drift``, else a sequential map); ``annotate`` writes the values in the cells (default: when at most 16 rows).
+    colour scale for all panels, except that a ``row_column`` run's row scales get panels of their own (titled
+    ``... (row scales)``) after the coefficients' and a colour scale of their own. A task-vector run
+    (``dam.transform: task_vector``) shows its lambdas: the derived base column is left out. ``center`` switches
+    to a diverging map symmetric about it (default 0 for ``drift``, else a sequential map); ``annotate`` writes
+    the values in the cells (default: when at most 16 rows).
     """
     _check_columns(table, ["module", "layer", "source", value], "plot_coefficient_heatmap")
     if table.empty:
         raise DamError("plot_coefficient_heatmap: the table is empty")
     if center is None and value == "drift":
         center = 0.0
-    sources = _sources(table)
-    in_layers = table[table["layer"].notna()]
-    outside = table[table["layer"].isna()]
-    panels: list[tuple[str, pd.DataFrame]] = [
-        (module, group.pivot_table(index="layer", columns="source", values=value, aggfunc="mean", observed=False))
-        for module, group in in_layers.groupby("module", sort=False)
-    ]
-    if not outside.empty:
-        pivot = outside.pivot_table(index="module", columns="source", values=value, aggfunc="mean", observed=False)
-        panels.append(("outside the layers", pivot.reindex(list(dict.fromkeys(outside["module"])))))
-    panels = [(title, pivot.reindex(columns=sources)) for title, pivot in panels]
+    shown, task_vector = _shown(table)
+    sources = [s for s in _sources(table) if s in set(shown["source"])]
+    panels: list[tuple[str, pd.DataFrame, int]] = []  # (title, layers-or-modules x sources, colour scale)
+    groups = _scale_groups(shown)
+    for g, (label, group) in enumerate(groups):
+        suffix = f" ({label})" if label else ""
+        in_layers = group[group["layer"].notna()]
+        outside = group[group["layer"].isna()]
+        for module, part in in_layers.groupby("module", sort=False):
+            pivot = part.pivot_table(index="layer", columns="source", values=value, aggfunc="mean", observed=False)
+            panels.append((module + suffix, pivot, g))
+        if not outside.empty:
+            pivot = outside.pivot_table(index="module", columns="source", values=value, aggfunc="mean", observed=False)
+            panels.append(("outside the layers" + suffix, pivot.reindex(list(dict.fromkeys(outside["module"]))), g))
+    panels = [(title, pivot.reindex(columns=sources), g) for title, pivot, g in panels]
 
-    values = table[value].to_numpy(dtype=float)
-    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
-    norm: Normalize
-    if center is not None:
-        half = max(abs(lo - center), abs(hi - center)) or 1e-12
-        norm, cmap = TwoSlopeNorm(center, center - half, center + half), "RdBu_r"
-    else:
-        norm, cmap = Normalize(lo, hi if hi > lo else lo + 1e-12), "viridis"
-    rows = max(len(pivot) for _, pivot in panels)
+    scales: list[tuple[Normalize, str]] = []
+    for _, group in groups:
+        values = group[value].to_numpy(dtype=float)
+        lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+        if center is not None:
+            half = max(abs(lo - center), abs(hi - center)) or 1e-12
+            scales.append((TwoSlopeNorm(center, center - half, center + half), "RdBu_r"))
+        else:
+            scales.append((Normalize(lo, hi if hi > lo else lo + 1e-12), "viridis"))
+    rows = max(len(pivot) for _, pivot, _ in panels)
     annotate = rows <= 16 if annotate is None else annotate
     height = 0.9 + 0.22 * min(max(rows, 3), 16) + 0.1 * max(rows - 16, 0)  # 32 layers: 6.9 in per panel
     width = 0.55 * len(sources) + 1.6
     fig, axes = _grid(len(panels), columns, (width, height))
-    image = None
-    for ax, (title, pivot) in zip(axes, panels, strict=True):
+    images: dict[int, Any] = {}
+    for ax, (title, pivot, g) in zip(axes, panels, strict=True):
+        norm, cmap = scales[g]
         data = pivot.to_numpy(dtype=float)
-        image = ax.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        images[g] = ax.imshow(data, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(sources)), sources, rotation=45, ha="right", fontsize=8)
         ticks = list(range(len(pivot)))
         if len(ticks) > 16:
             ticks = ticks[:: math.ceil(len(ticks) / 16)]
         ax.set_yticks(ticks, [str(pivot.index[t]) for t in ticks], fontsize=8)
-        if title != "outside the layers":
+        if not title.startswith("outside the layers"):
             ax.set_ylabel("layer", fontsize=8)
         elif len(pivot) < rows:  # a few rows: a shorter panel (at least a quarter of the others) than the layers'
             ax.set_box_aspect(height / width * max(len(pivot) / rows, 0.25))
@@ -312,8 +383,13 @@ def plot_coefficient_heatmap(
                     shade = float(norm(v))  # 0..1 along the colour map: dark at viridis' low end, RdBu's ends
                     dark = shade < 0.45 if center is None else abs(shade - 0.5) > 0.3
                     ax.text(c, r, f"{v:.3g}", ha="center", va="center", fontsize=6, color="w" if dark else "k")
-    fig.colorbar(image, ax=axes, label=value, shrink=0.8)
-    fig.suptitle(f"DAM coefficients: {value} per layer and source")
+    for g, (label, _) in enumerate(groups):
+        group_axes = [ax for ax, (_, _, k) in zip(axes, panels, strict=True) if k == g]
+        fig.colorbar(images[g], ax=group_axes, label=f"{value} ({label})" if label else value, shrink=0.8)
+    if task_vector:
+        fig.suptitle(f"AdaMerging lambdas: {value} per layer and task vector (the base keeps weight 1)")
+    else:
+        fig.suptitle(f"DAM coefficients: {value} per layer and source")
     return _save(fig, path)
 
 
@@ -321,34 +397,70 @@ def plot_coefficient_distributions(
     run_or_file: str | Path, *, bins: int = 60, columns: int = 4, path: str | Path | None = None
 ) -> Figure:
     """Histograms of every merge coefficient, one panel per kind (embedding, linear, norm, bias), one line per
-    source; the dashed lines mark each source's init value. Reads the coefficients file (not the table), so the
-    spread within tensors shows, not only their means."""
-    coefficients, metadata = transformed_coefficients(run_or_file)
-    sources = source_names(metadata)
+    source; the dashed lines mark each source's init value. A ``row_column`` run's row scales get panels of their
+    own (``linear row scales``...; init 1); a task-vector run's panels show the lambdas (the derived base
+    coefficient is left out). Reads the coefficients file (not the table), so the spread within tensors shows,
+    not only their means."""
+    coefficients, metadata = coefficient_parts(run_or_file)
+    base = task_vector_base(metadata)
+    shown = [i for i in range(len(metadata["sources"])) if i != base]
+    sources = [source_names(metadata)[i] for i in shown]
+    init_weights = [metadata["init_weights"][i] for i in shown]
     by_kind: dict[str, list[Tensor]] = {}
-    for name, values in coefficients.items():
+    for name, parts in coefficients.items():
         kind = _kind(name, metadata["tensors"].get(name, {}).get("kind"))
-        by_kind.setdefault(kind, []).append(values.reshape(values.shape[0], -1))
-    kinds = [k for k in _KINDS if k in by_kind] + sorted(set(by_kind) - set(_KINDS))
+        for part, values in parts.items():
+            by_kind.setdefault(f"{kind} row scales" if part == "row" else kind, []).append(values[shown])
+    order = [k for kind in _KINDS for k in (kind, f"{kind} row scales")]
+    kinds = [k for k in order if k in by_kind] + sorted(set(by_kind) - set(order))
     fig, axes = _grid(len(kinds), columns, (4.2, 3.0))
     colours = [f"C{i % 10}" for i in range(len(sources))]
-    init_weights = metadata["init_weights"]
     inits = [(init_weights[0], "k")] if len(set(init_weights)) == 1 else list(zip(init_weights, colours, strict=True))
     for ax, kind in zip(axes, kinds, strict=True):
-        values = torch.cat(by_kind[kind], dim=1).numpy()  # (N, coefficients of this kind)
+        values = torch.cat(by_kind[kind], dim=1).numpy()  # (sources shown, coefficients of this kind)
         lo, hi = float(values.min()), float(values.max())
         edges = np.linspace(lo, hi if hi > lo else lo + 1e-6, bins + 1)
         for i, source in enumerate(sources):
             ax.hist(values[i], bins=edges, histtype="step", color=colours[i], label=source, linewidth=1.2)
-        for init, colour in inits:
+        for init, colour in [(1.0, "k")] if kind.endswith("row scales") else inits:
             ax.axvline(init, color=colour, linestyle="--", linewidth=0.8)
         ax.set_title(f"{kind} ({values.shape[1]:,} per source)", fontsize=9)
-        ax.set_xlabel("coefficient", fontsize=8)
+        ax.set_xlabel("lambda" if base is not None else "coefficient", fontsize=8)
         ax.set_ylabel("count", fontsize=8)
         ax.tick_params(labelsize=8)
     axes[0].legend(fontsize=8)
-    fig.suptitle("DAM coefficients: distribution per kind and source (dashed: init)")
+    if base is not None:
+        fig.suptitle("AdaMerging lambdas: distribution per kind and task vector (dashed: init)")
+    else:
+        fig.suptitle("DAM coefficients: distribution per kind and source (dashed: init)")
     return _save(fig, path)
+
+
+def layer_means(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean trained coefficient per (layer, source), pooled over the layer's tensors by size: rows ``layer 0``,
+    ``layer 1``... in model order, with the tensors outside the layers (embedding, final norm, ``lm_head``) one row
+    each; columns the sources. A ``row_column`` run's row scales are pooled apart, in a row ``layer 0 rows``
+    after each layer's; a task-vector run's columns are its lambdas (the derived base is left out).
+    ``table``: :func:`load_coefficient_table`."""
+    shown, _ = _shown(table[table["trainable"]])
+    rows = shown["part"] == "row" if "part" in shown.columns else pd.Series(False, index=shown.index)
+    labels = [
+        (f"layer {int(layer)}" if pd.notna(layer) else module) + (" rows" if row else "")
+        for layer, module, row in zip(shown["layer"], shown["module"], rows, strict=True)
+    ]
+    work = shown.assign(row=labels, weighted=shown["mean"] * shown["numel"])
+    sums = work.groupby(["row", "source"], sort=False, observed=True)[["weighted", "numel"]].sum()
+    means = (sums["weighted"] / sums["numel"]).unstack("source")
+
+    names = list(dict.fromkeys(label.removesuffix(" rows") for label in labels))  # in table (model) order
+
+    def rank(label: str) -> tuple[int, int, bool]:
+        """Embedding, layers by index, the rest in model order; each row-scale row right after its own."""
+        name = label.removesuffix(" rows")
+        group = 1 if name.startswith("layer ") else 0 if "embed" in name else 2
+        return group, int(name.split()[1]) if group == 1 else names.index(name), label.endswith(" rows")
+
+    return means.reindex(sorted(dict.fromkeys(labels), key=rank))
 
 
 def plot_loss_curves(metrics: pd.DataFrame, *, columns: int = 3, path: str | Path | None = None) -> Figure:
