@@ -439,3 +439,21 @@ def test_entropy_with_cached_teacher_logits_is_refused(family: tuple[Path, list[
     extra = ("loss.objective=entropy", "data.teacher_logits=cached", f"data.cache_dir={tmp_path}", "loss.top_k=4")
     with pytest.raises(DamError, match="entropy runs no teacher"):
         tiny_config(*family, tmp_path / "x", *extra)
+
+
+def test_a_log_gets_one_line_per_logging_window(
+    family: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No terminal (pytest captures stderr): no bar is drawn, and each ``log_every`` window is one line naming the
+    run, the step and the loss; ``--quiet`` (DAM_QUIET) silences them."""
+    config = tiny_config(*family, tmp_path / "logged", "train.max_steps=4", "train.log_every=2")
+    with caplog.at_level("INFO", logger="dam.training.loop"):
+        train(config)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DAM logged: step")]
+    assert [line.split(",")[0] for line in lines] == ["DAM logged: step 2/4", "DAM logged: step 4/4"]
+    caplog.clear()
+    quiet = tiny_config(*family, tmp_path / "quiet", "train.max_steps=2", "train.log_every=1")
+    with caplog.at_level("INFO", logger="dam.training.loop"), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DAM_QUIET", "1")
+        train(quiet)
+    assert not [r for r in caplog.records if "step 1/2" in r.getMessage()]

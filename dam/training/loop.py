@@ -64,6 +64,7 @@ from dam.adaptive.losses import (
 from dam.adaptive.model import DAMModel
 from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
+from dam.progress import bars_shown, progress_bar, quiet
 from dam.training.config import DAMConfig, config_to_dict, portable_config, resolve_config_paths, save_config
 from dam.training.data import IGNORE_INDEX, DataCollator, load_tokenizer
 from dam.training.run_dir import (
@@ -505,15 +506,15 @@ def _fit(
     steps_per_epoch: int,
     data_hash: str,
 ) -> None:
-    from tqdm.auto import tqdm
-
     on_the_fly = config.data.teacher_logits == "on_the_fly"
     teachers = _Teachers(model, wrapper, config.train.shard_sources) if on_the_fly else None
     params = [p for p in model.parameters() if p.requires_grad]
     saved_step = start_step if start_step > 0 else None
     window_metrics: list[dict[str, float]] = []
     window_tokens, window_start = 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=start_step, desc="DAM", disable=not accelerator.is_local_main_process)
+    main = accelerator.is_local_main_process
+    bar = progress_bar(total=total_steps, initial=start_step, desc=f"DAM {run_dir.resolve().name}", enabled=main)
+    log_lines = main and not bars_shown() and not quiet()  # no bar (a log file): one line per logging window
     step = start_step
     while step < total_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -546,6 +547,15 @@ def _fit(
                 record |= _coefficient_statistics(wrapper, config)
                 _log(accelerator, run_dir, step, record)
                 bar.set_postfix(loss=f"{record['loss']:.4g}")
+                if log_lines:
+                    logger.info(
+                        "DAM %s: step %d/%d, loss %.4g, %.0f tokens/s",
+                        run_dir.resolve().name,
+                        step,
+                        total_steps,
+                        record["loss"],
+                        record["tokens_per_second"],
+                    )
                 window_metrics, window_tokens, window_start = [], 0, time.perf_counter()
             if step == total_steps or (config.train.save_every and step % config.train.save_every == 0):
                 state = {
