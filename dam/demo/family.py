@@ -300,6 +300,7 @@ def build_demo(
             "kinship": kinship,
             "seconds": seconds,
             "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+            "cpu": cpu_model(),
         }
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info(
@@ -347,6 +348,19 @@ def install_shipped_family(root: str | Path) -> dict[str, Any]:
         shutil.copy2(report_file, tmp / "build_report.json")
     logger.info("demo: installed the shipped toy family (built by `dam demo build`) in %s", root / "models")
     return report
+
+
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``; :func:`platform.processor` elsewhere): float results of the
+    same code and versions are bit for bit the same on the same CPU model, not across models."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _transformers_version() -> str:
