@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -444,13 +445,14 @@ def test_entropy_with_cached_teacher_logits_is_refused(family: tuple[Path, list[
 def test_a_log_gets_one_line_per_logging_window(
     family: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """No terminal (pytest captures stderr): no bar is drawn, and each ``log_every`` window is one line naming the
-    run, the step and the loss; ``--quiet`` (DAM_QUIET) silences them."""
+    """No terminal (pytest captures stderr): no bar is drawn (dam's or `datasets`'), and each ``log_every`` window
+    is one line naming the run, the step and the loss; ``--quiet`` (DAM_QUIET) silences them."""
     config = tiny_config(*family, tmp_path / "logged", "train.max_steps=4", "train.log_every=2")
     with caplog.at_level("INFO", logger="dam.training.loop"):
         train(config)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DAM logged: step")]
     assert [line.split(",")[0] for line in lines] == ["DAM logged: step 2/4", "DAM logged: step 4/4"]
+    assert not datasets.is_progress_bar_enabled()  # nor a `datasets` bar per tokenized source
     caplog.clear()
     quiet = tiny_config(*family, tmp_path / "quiet", "train.max_steps=2", "train.log_every=1")
     with caplog.at_level("INFO", logger="dam.training.loop"), pytest.MonkeyPatch.context() as patch:

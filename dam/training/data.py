@@ -39,6 +39,7 @@ import torch
 
 from dam.errors import DamError
 from dam.io.checkpoint import resolve_model_path
+from dam.progress import bars_shown
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -391,6 +392,8 @@ def build_train_dataset(
     order of the models list never decides which data a source gets. Every source must have a dataset, and every
     dataset must belong to a listed source. The result is shuffled with ``config.seed`` across sources.
     """
+    if not bars_shown():  # a log or --quiet: no datasets bar per tokenized source (dam logs its phases)
+        datasets.disable_progress_bars()
     names = list(source_names)
     if len(set(names)) != len(names):
         raise DamError(f"model names must be unique, got {names}")
