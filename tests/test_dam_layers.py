@@ -50,8 +50,10 @@ def test_fold_is_the_weighted_sum_with_broadcasting():
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_inverse_transform_round_trips(transform):
-    c = torch.tensor([[0.2, 0.5], [0.3, 0.1], [0.5, 0.4]], dtype=torch.float64)  # columns sum to 1
-    torch.testing.assert_close(apply_transform(inverse_transform(c, transform), transform), c)
+    # columns sum to 1 (softmax), and each is a base (row 0) at 1 - the lambdas of the others, in [0, 1] (task_vector)
+    c = torch.tensor([[0.2, 0.5], [0.3, 0.1], [0.5, 0.4]], dtype=torch.float64)
+    base = 0 if transform == "task_vector" else None
+    torch.testing.assert_close(apply_transform(inverse_transform(c, transform, base), transform, base), c)
 
 
 @pytest.mark.parametrize(

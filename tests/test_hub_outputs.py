@@ -305,6 +305,8 @@ def test_export_and_train_push_to_hub(family, tmp_path: Path, monkeypatch) -> No
         return Path(config.output_dir)
 
     monkeypatch.setattr(dam.training.loop, "train", fake_train)
+    for name in ("a", "b"):  # dam train checks that local datasets exist before anything runs
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n')
     config = tmp_path / "dam.yaml"
     config.write_text(
         f"base_model: {base}\noutput_dir: {tmp_path / 'trained'}\n"
