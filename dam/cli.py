@@ -22,10 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    if getattr(args, "quiet", False):  # every command's --quiet: no bars, no progress lines (children included)
-        from dam.progress import set_quiet
+    from dam.progress import set_quiet, silence_library_bars
 
+    if getattr(args, "quiet", False):  # every command's --quiet: no bars, no progress lines (children included)
         set_quiet(True)
+    silence_library_bars()  # no terminal (or --quiet): no transformers/datasets bars either
     try:
         return args.func(args) or 0
     except DamError as e:

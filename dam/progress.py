@@ -45,6 +45,16 @@ def bars_shown() -> bool:
     return not quiet() and sys.stderr.isatty()
 
 
+def silence_library_bars() -> None:
+    """When no bar is shown (:func:`bars_shown` False: a log, or ``--quiet``), turn off the bars of the libraries
+    too (transformers' weight loading and shard writing, huggingface_hub's, datasets' tokenizing) for this process
+    and its children, through their environment switches (read when they are imported, so call this first); a
+    switch the user set is kept."""
+    if not bars_shown():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 def progress_bar(
     iterable: Iterable[Any] | None = None,
     *,

@@ -116,6 +116,7 @@ def test_demo_runs_from_any_working_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resource_tracker" not in result.stderr and "leaked" not in result.stderr, result.stderr[-2000:]
     assert "demo: training DAM into runs/demo" in result.stderr  # a line per phase in a log
+    assert "Loading weights" not in result.stderr and "it/s]" not in result.stderr  # and no library's bars
     assert not (tmp_path / "dam").exists() and not (tmp_path / "configs").exists()
     saved = json.loads((tmp_path / "runs" / "demo" / "results.json").read_text())
     assert saved["dam_status"] == "trained" and "dam" in saved["accuracy"]

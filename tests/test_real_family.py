@@ -109,7 +109,7 @@ def test_run_on_the_real_family_layout(tiny_real: tuple[Path, dict], tmp_path: P
     from dam.demo.run import format_goals, run_demo
 
     root, _ = tiny_real
-    summary = run_demo(root, tmp_path / "run", quick=True, family=SMOLLM2)
+    summary = run_demo(root, tmp_path / "run", quick=True, family=SMOLLM2, full=True)  # every row
     assert summary["family"] == "smollm2" and summary["tasks"] == [GENERAL, *SKILLS]
     rows = set(summary["accuracy"])
     assert {"base", *SKILLS, "linear", "task_arithmetic", "ties", "dare_ties", "regmean", "adamerging", "dam"} == rows

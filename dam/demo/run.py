@@ -50,13 +50,15 @@ CLASSIC_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
     # layer-wise AdaMerging (Yang et al., 2024): W = W_base + sum_k lambda_k tau_k per tensor, the base a source at
     # its derived coefficient 1 - sum_k lambda_k, each lambda clamped to [0, 1] and started at 0.3, trained on the
-    # merged model's prediction entropy (no teacher); the coefficient-similarity term belongs to DAM, not AdaMerging
+    # merged model's prediction entropy (no teacher); the coefficient-similarity term and the layer alignment (the
+    # real family's DAM objective, which has no teacher to align with here) belong to DAM, not AdaMerging
     "adamerging": (
         "dam.granularity=tensor",
         "dam.transform=task_vector",
         "dam.init=0.3",
         "loss.objective=entropy",
         "loss.similarity=0",
+        "loss.align=0",
     ),
     "dam_column": ("dam.granularity=column",),
     "dam_row_column": ("dam.granularity=row_column",),
