@@ -28,7 +28,8 @@ what glibc's malloc keeps after frees (its heap returns only its top to the syst
 at free, so that the peak follows the tensors alive (the subprocesses inherit it).
 
 ``--shapes smollm2`` runs the same on SmolLM2-135M-Instruct's shapes (random weights: 30 layers, hidden 576,
-vocabulary 49152, tied embeddings) for N = 2 and 3, cached top-K and teachers on the fly.
+vocabulary 49152, tied embeddings) for N = 2 and 3, cached top-K and teachers on the fly, and the layer-wise
+alignment alone (``loss.align``, teachers on the fly: the real demo's objective).
 
 Not part of the test suite. Goals (issue 4): DAM at N = 3 at most 1.3x the plain step; each added source at most
 10% of a plain step; DAM peak memory about the sources plus one model's activations. On the real shapes (issue
@@ -38,6 +39,7 @@ Not part of the test suite. Goals (issue 4): DAM at N = 3 at most 1.3x the plain
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -86,7 +88,8 @@ def build_models(workdir: Path) -> tuple[Path, list[Path]]:
 def parse_kind(kind: str) -> tuple[int, str, bool, bool]:
     """``dam3`` (cached, own), ``dam3-all`` (cached, all), ``dam3-fly`` / ``dam3-fly-all`` (teachers on the fly),
     ``-ckpt`` (gradient checkpointing) -> (N, pairing, on the fly, checkpointing); ``plain`` -> (0, "own", False,
-    False)."""
+    False). ``-align`` (with ``-fly``): the layer-wise alignment alone (``loss.align: 1, loss.kl: 0``) instead of
+    the KL."""
     if kind == "plain":
         return 0, "own", False, False
     parts = kind.split("-")
@@ -98,6 +101,7 @@ def label(kind: str) -> str:
     if kind == "plain":
         return "plain fine-tune"
     text = f"DAM, N={n}, pairing {pairing}" + (", teachers on the fly" if on_the_fly else "")
+    text += ", layer alignment alone (no KL)" if "align" in kind.split("-") else ""
     return text + (", gradient checkpointing" if checkpointing else "")
 
 
@@ -131,11 +135,11 @@ def worker(args: argparse.Namespace) -> None:
     """One configuration in this process; prints a JSON line with the median step time and the peak memory."""
     from transformers import AutoModelForCausalLM
 
-    from dam.adaptive.losses import coefficient_losses
+    from dam.adaptive.losses import coefficient_losses, layer_alignment, token_weights
     from dam.adaptive.model import DAMModel
     from dam.adaptive.options import DAMOptions
     from dam.training.data import ALL_SOURCES
-    from dam.training.loop import _Teachers, distillation_loss, teacher_targets
+    from dam.training.loop import _Teachers, distillation_loss, loss_mask, teacher_targets
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,7 +174,17 @@ def worker(args: argparse.Namespace) -> None:
             batch["source"].fill_(ALL_SOURCES)
         teachers = _Teachers(model, model) if on_the_fly else None
 
+        def align_fn() -> torch.Tensor:  # loss.align alone: the teachers' layer states, no head, no KL
+            targets = teacher_targets(batch, teachers, n, 2.0, None, layers=True, kl=False)
+            weights, count = token_weights(loss_mask(batch["labels"]).float(), batch["labels"].shape, device)
+            layer_loss = functools.partial(layer_alignment, teacher=targets["layers"], weights=weights, count=count)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            _, aligned = model(**inputs, layer_loss=layer_loss)
+            return aligned + sum(coefficient_losses(model.coefficients(), similarity=0.01).values())
+
         def loss_fn() -> torch.Tensor:  # as dam.training.loop._step: teachers first, then the student with the loss
+            if "align" in args.worker.split("-"):
+                return align_fn()
             # on the fly: full-vocabulary teachers (no top-K); cached: the batch's random top-K targets
             targets = teacher_targets(batch, teachers, n, 2.0, None)
             chunk_loss, total = distillation_loss(batch["labels"], targets, 2.0, None, model.source_logits)
@@ -288,6 +302,7 @@ def main() -> None:
     kinds = ["plain", *(f"dam{n}" for n in SOURCES), "dam3-all"]
     if args.shapes == "smollm2":  # the real family's issue: cached top-K and teachers on the fly, N = 2 and 3
         kinds = ["plain", *(f"dam{n}" for n in SOURCES), *(f"dam{n}-fly" for n in SOURCES)]
+        kinds += [f"dam{n}-fly-align" for n in SOURCES]  # the real demo's objective (loss.align alone)
     rounds = [{kind: run(kind, args, base, sources) for kind in kinds} for _ in range(args.rounds)]
     best = {kind: min((r[kind] for r in rounds), key=lambda m: m["step_s"]) for kind in kinds}
     plain = best["plain"]
