@@ -320,20 +320,15 @@ class DAMModel(nn.Module):
             return self.model(*args, **kwargs)
         if self._head_fusable is None:  # inside this forward, so through the inner model (FSDP's root is self)
             self._head_fusable = self._probe_head(self.model)
-        states: tuple[Tensor, ...] = ()
         if not self._head_fusable:
-            if last_hidden:
-                raise RuntimeError("last_hidden: the model's logits are not lm_head(final hidden states)")
-            out = self.model(*args, output_hidden_states=layer_loss is not None, **kwargs)
-            value = out.logits.new_zeros((), dtype=torch.float32)
-            if chunk_loss is not None:
-                value = chunked_loss(out.logits.reshape(-1, out.logits.shape[-1]), chunk_loss, overwrite=True)
-            return value if layer_loss is None else (value, layer_loss(out.hidden_states[1:]))
+            if last_hidden or layer_loss is not None:  # the teachers' layer states are taken on the fused path only
+                raise RuntimeError("last_hidden/layer_loss: the model's logits are not lm_head(final hidden states)")
+            logits = self.model(*args, **kwargs).logits
+            return chunked_loss(logits.reshape(-1, logits.shape[-1]), chunk_loss, overwrite=True)
         wanted = layer_states or layer_loss is not None
         out = self.model.base_model(*args, output_hidden_states=wanted, **kwargs)
         hidden = out[0]  # (B, T, hidden)
-        if wanted:
-            states = out.hidden_states[1:]
+        states = out.hidden_states[1:] if wanted else ()
         if last_hidden:
             return (hidden, states) if layer_states else hidden
         value = hidden.new_zeros((), dtype=torch.float32)
