@@ -26,6 +26,9 @@ def test_installed_family_is_the_shipped_one_beside_the_committed_datasets(tmp_p
         shipped = sorted(p.relative_to(SHIPPED_FAMILY / name) for p in (SHIPPED_FAMILY / name).rglob("*"))
         installed = sorted(p.relative_to(tmp_path / "models" / name) for p in (tmp_path / "models" / name).rglob("*"))
         assert installed == shipped and any(p.suffix == ".safetensors" for p in shipped)
+        # a class name that transformers 4 and 5 both resolve (5 writes `TokenizersBackend`, unknown to 4)
+        tokenizer_config = json.loads((SHIPPED_FAMILY / name / "tokenizer_config.json").read_text())
+        assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
         for rel in shipped:
             if (SHIPPED_FAMILY / name / rel).is_file():
                 assert (tmp_path / "models" / name / rel).read_bytes() == (SHIPPED_FAMILY / name / rel).read_bytes()
