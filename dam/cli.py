@@ -329,6 +329,8 @@ def _demo_run(args: argparse.Namespace) -> int:
     seconds = dict(summary["seconds"])
     total = seconds.pop("total")
     phases = ", ".join(f"{name} {s:.0f} s" for name, s in seconds.items())
+    if summary["beside_dam"]:
+        phases += " (the classic merges and the first evaluation ran beside DAM's training)"
     print(
         f"DAM run {summary['dam_status']}; seconds per phase: {phases}; total {total:.0f} s; "
         f"wrote {args.out}/results.json, {args.out}/results.png, {args.out}/coefficients.png"

@@ -64,6 +64,8 @@ def test_run_writes_table_results_and_plots(demo_run):
     models = ["base", "reverse", "sort", "shift", *CLASSIC_METHODS, "regmean", *others, "dam"]
     tasks = ["generic", "reverse", "sort", "shift"]
     assert summary["dam_status"] == "trained"
+    # the toy family trains DAM in a child while this process merges and evaluates the models that need no DAM
+    assert summary["beside_dam"] and list(summary["seconds"])[:4] == ["family", "dam", "merges", "eval"]
     lines = summary["table"].splitlines()
     assert lines[0].split()[-6:-4] == ["skills", "mean"] and [line.split()[0] for line in lines[1:]] == models
     saved = json.loads((out / "results.json").read_text())

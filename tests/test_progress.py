@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dam.demo.run import measured, peak_rss_mib
+from dam.demo.run import ChildError, MeasuredChild, measured, peak_rss_mib
+from dam.errors import DamError
 from dam.progress import QUIET_ENV, bars_shown, phase, progress_bar, quiet, set_quiet
 
 CHILD_MODULE = """
@@ -30,6 +31,28 @@ def allocate(mib):
     KEEP.append(multiprocessing.RLock())
     buffer = bytearray(b"\\x01") * (mib * 2**20)
     return len(buffer)
+
+
+def threads():
+    import torch
+
+    return torch.get_num_threads()
+
+
+def fail():
+    raise ValueError("bad input 7")
+
+
+def die():
+    import os
+
+    os._exit(3)
+
+
+def sleep(seconds):
+    import time
+
+    time.sleep(seconds)
 """
 
 
@@ -135,3 +158,27 @@ def test_measured_children_leave_no_leaked_semaphores(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resource_tracker" not in result.stderr and "leaked" not in result.stderr, result.stderr[-2000:]
+
+
+def test_measured_child_failures_reach_the_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child's exception is raised again here, its traceback attached; a child that dies without answering is a
+    DamError naming the function and the exit code; ``threads`` sets the child's torch threads; ``stop`` kills a
+    child still running (the error path of the work done beside DAM's training)."""
+    import time
+
+    (tmp_path / "measured_child.py").write_text(CHILD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import measured_child
+
+    assert measured(tmp_path / "t", measured_child.threads, threads=1)[0] == 1
+    with pytest.raises(ValueError, match="bad input 7") as raised:
+        measured(tmp_path / "f", measured_child.fail)
+    assert isinstance(raised.value.__cause__, ChildError) and "def fail" not in str(raised.value.__cause__)
+    assert "in fail" in str(raised.value.__cause__)
+    assert not (tmp_path / "f" / "cost.json").exists()
+    with pytest.raises(DamError, match=r"running die ended without a result \(exit code 3\)"):
+        measured(tmp_path / "d", measured_child.die)
+    child = MeasuredChild(measured_child.sleep, 600)
+    t0 = time.perf_counter()
+    child.stop()
+    assert time.perf_counter() - t0 < 60 and not child._process.is_alive()

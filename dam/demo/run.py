@@ -27,11 +27,12 @@ is refused before any work starts, and ``force`` deletes it first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,16 @@ MERGE_CONFIG_DIR = TOY.config_dir / "merge"
 CLASSIC_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
 LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
     # layer-wise AdaMerging (Yang et al., 2024): W = W_base + sum_k lambda_k tau_k per tensor, the base a source at
-    # its derived coefficient 1 - sum_k lambda_k, each lambda clamped to [0, 1] and started at 0.3, trained on the
-    # merged model's prediction entropy (no teacher); the coefficient-similarity term and the layer alignment (the
-    # real family's DAM objective, which has no teacher to align with here) belong to DAM, not AdaMerging
+    # its derived coefficient 1 - sum_k lambda_k, each lambda clamped to [0, 1], trained on the merged model's
+    # prediction entropy (no teacher); the coefficient-similarity term and the layer alignment (the real family's
+    # DAM objective, which has no teacher to align with here) belong to DAM, not AdaMerging. The paper starts lambda
+    # at 0.3, task arithmetic's tuned scale on its benchmark; on the toy family's validation split (seed 0, the
+    # demo's budget) 0.3 and 0.5 kept no skill (skills mean 0.8, 0.7), 0.7 kept `reverse` (32.3, also on seed 1),
+    # 1.0 less (31.3 at 1500 steps, 16.0 on seed 1): docs/quickstart.md. Not tried on the real family.
     "adamerging": (
         "dam.granularity=tensor",
         "dam.transform=task_vector",
-        "dam.init=0.3",
+        "dam.init=0.7",
         "loss.objective=entropy",
         "loss.similarity=0",
         "loss.align=0",
@@ -164,29 +168,89 @@ def peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
-def _child(fn: Any, args: tuple[Any, ...]) -> tuple[Any, float, float]:
-    t0 = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - t0, peak_rss_mib()
+class ChildError(Exception):
+    """The traceback of an exception raised in a :class:`MeasuredChild`, attached as the ``__cause__`` of the
+    exception raised again in the parent."""
 
 
-def measured(folder: Path, fn: Any, *args: Any) -> tuple[Any, dict[str, float]]:
-    """``fn(*args)`` in a fresh child process (spawned: nothing of this process's memory is inherited), so that
-    its wall time and peak resident memory (:func:`peak_rss_mib`, the child's imports included) are its own; both
-    are recorded in ``folder/cost.json`` once ``fn`` has returned. Returns the result and ``{"seconds",
-    "peak_rss_mib"}``; an exception of ``fn`` is raised here.
+def _child(conn: Any, fn: Any, args: tuple[Any, ...], threads: int | None) -> None:
+    """Run ``fn(*args)`` and send ``("ok", (result, seconds, peak MiB))`` or ``("error", (exception, traceback))``
+    on ``conn``; then return, so that the process exits on its own and its finalizers run (a killed child leaves
+    its semaphores, tqdm's lock among them, to the resource tracker's "leaked semaphore" warnings at exit)."""
+    import traceback
 
-    The child exits on its own when the executor shuts down (a pool's ``terminate`` would kill it before its
-    finalizers run, leaving its semaphores to the resource tracker's "leaked semaphore" warnings at exit)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    try:
+        if threads is not None:
+            import torch
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        result, seconds, peak = pool.submit(_child, fn, args).result()
+            torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        result = fn(*args)
+        conn.send(("ok", (result, time.perf_counter() - t0, peak_rss_mib())))
+    except BaseException as e:  # raised again in the parent
+        trace = traceback.format_exc()
+        try:
+            conn.send(("error", (e, trace)))
+        except Exception:  # an exception that does not pickle
+            conn.send(("error", (RuntimeError(f"{type(e).__name__}: {e}"), trace)))
+    finally:
+        conn.close()
+
+
+class MeasuredChild:
+    """``fn(*args)`` started in a fresh child process (spawned: nothing of this process's memory is inherited), at
+    ``threads`` torch threads if given, so that its wall time and peak resident memory (:func:`peak_rss_mib`, the
+    child's imports included) are its own. :meth:`wait` for its result; :meth:`stop` kills it if it still runs
+    (the error path of work done beside it)."""
+
+    def __init__(self, fn: Any, *args: Any, threads: int | None = None):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe(duplex=False)
+        self._process = context.Process(target=_child, args=(child_conn, fn, args, threads))
+        self._process.start()
+        child_conn.close()
+        self._name = getattr(fn, "__name__", str(fn))
+
+    def wait(self) -> tuple[Any, float, float]:
+        """``(result, seconds, peak MiB)`` once the child has returned; its exception is raised here."""
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:  # the child died before it could answer (killed, out of memory)
+            self._process.join()
+            raise DamError(
+                f"the child process running {self._name} ended without a result (exit code {self._process.exitcode})"
+            ) from None
+        finally:
+            self._conn.close()
+        self._process.join()
+        if status == "error":
+            error, trace = payload
+            raise error from ChildError(trace)
+        return payload
+
+    def stop(self) -> None:
+        """Kill the child if it still runs (no-op after :meth:`wait`)."""
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+
+
+def record_cost(folder: Path, outcome: tuple[Any, float, float]) -> tuple[Any, dict[str, float]]:
+    """``(result, {"seconds", "peak_rss_mib"})`` of a :meth:`MeasuredChild.wait` outcome, the cost also written to
+    ``folder/cost.json``."""
+    result, seconds, peak = outcome
     cost = {"seconds": seconds, "peak_rss_mib": peak}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / COST_FILE).write_text(json.dumps(cost) + "\n")
     return result, cost
+
+
+def measured(folder: Path, fn: Any, *args: Any, threads: int | None = None) -> tuple[Any, dict[str, float]]:
+    """``fn(*args)`` in a :class:`MeasuredChild`, waited for: the result and ``{"seconds", "peak_rss_mib"}``, also
+    recorded in ``folder/cost.json``; an exception of ``fn`` is raised here."""
+    return record_cost(folder, MeasuredChild(fn, *args, threads=threads).wait())
 
 
 def _recorded_cost(folder: Path) -> dict[str, float] | None:
@@ -215,6 +279,19 @@ def _check_out(out: Path, config: Any, force: bool) -> None:
         )
 
 
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """This process's torch at ``threads`` threads inside the block."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _dam_run_complete(run: Path) -> bool:
     from dam.adaptive.coefficients import COEFFICIENTS_FILE
     from dam.training.run_dir import MERGED_DIR
@@ -232,14 +309,42 @@ def train_dam(config: Any, label: str = "DAM") -> tuple[Path, str, dict[str, flo
     """Train (or resume) the run of ``config`` unless it is complete, in a measured child process;
     ``(run folder, "reused"|"trained", cost)`` (the cost recorded when it was trained, None if unknown).
     ``label`` names the run in the progress lines (``DAM``, ``adamerging``, ...)."""
+    with dam_beside(config, label) as finish:
+        return finish()
+
+
+@contextlib.contextmanager
+def dam_beside(
+    config: Any, label: str = "DAM", threads: int | None = None
+) -> Iterator[Callable[[], tuple[Path, str, dict[str, float] | None]]]:
+    """Start training (or resuming) the run of ``config`` in a measured child process (at ``threads`` torch
+    threads if given) unless it is complete, and yield ``finish``, which waits for it and returns what
+    :func:`train_dam` does; the caller works beside it until then. Leaving the block before ``finish`` (an error
+    beside it) kills the training, which resumes from its last checkpoint on the next run."""
     run = Path(config.output_dir)
     if _dam_run_complete(run):
         logger.info("demo: reusing the finished %s run in %s", label, run)
-        return run, "reused", _recorded_cost(run)
+        yield lambda: (run, "reused", _recorded_cost(run))
+        return
     steps = f"{config.train.max_steps} steps" if config.train.max_steps else f"{config.train.epochs} epochs"
-    with phase(f"demo: training {label} into {run} ({steps} of {config.train.batch_size} sequences)", log=logger):
-        _, cost = measured(run, _train, config)
-    return run, "trained", cost
+    what = f"demo: training {label} into {run} ({steps} of {config.train.batch_size} sequences)"
+    if threads is not None:
+        what += f" at {threads} thread{'s' * (threads > 1)}"
+    if not quiet():  # the lines of :func:`dam.progress.phase`, for a phase that others overlap
+        logger.info("%s ...", what)
+    start = time.perf_counter()
+    child = MeasuredChild(_train, config, threads=threads)
+
+    def finish() -> tuple[Path, str, dict[str, float] | None]:
+        _, cost = record_cost(run, child.wait())
+        if not quiet():
+            logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
+        return run, "trained", cost
+
+    try:
+        yield finish
+    finally:
+        child.stop()
 
 
 def _regmean(config: Any, folder: Path) -> None:
@@ -290,17 +395,18 @@ def learned_merges(
     return folders, costs, seconds
 
 
-def _classic_merge(config: Any, folder: Path, seed: int) -> None:
+def _classic_merge(config: Any, folder: Path, seed: int, progress: bool) -> None:
     from dam.merge.engine import run_merge
 
-    run_merge(config, folder, seed=seed, progress=True)  # refuses a non-empty folder of another config
+    run_merge(config, folder, seed=seed, progress=progress)  # refuses a non-empty folder of another config
 
 
 def classic_merges(
-    root: str | Path, merges: Path, *, seed: int = 0, family: Family = TOY
+    root: str | Path, merges: Path, *, seed: int = 0, family: Family = TOY, threads: int | None = None
 ) -> tuple[dict[str, Path], dict[str, dict[str, float] | None]]:
-    """Run every classic demo merge into ``merges/<method>`` (measured, like the learned ones); a folder made from
-    the same config text is reused, one made from another is refused (DamError). ``(folders, costs)``."""
+    """Run every classic demo merge into ``merges/<method>`` (measured, like the learned ones, at ``threads``
+    torch threads if given, then without a bar: another process's bar is on the terminal); a folder made from the
+    same config text is reused, one made from another is refused (DamError). ``(folders, costs)``."""
     from dam.merge.config import parse_merge_config
 
     folders, costs = {}, {}
@@ -318,7 +424,7 @@ def classic_merges(
             logger.info("demo: reusing the %s merge in %s", method, folder)
             costs[method] = _recorded_cost(folder)
         else:
-            _, costs[method] = measured(folder, _classic_merge, config, folder, seed)
+            _, costs[method] = measured(folder, _classic_merge, config, folder, seed, threads is None, threads=threads)
             logger.info("demo: merged %s into %s in %.1f s", method, folder, costs[method]["seconds"])
         folders[method] = folder
     return folders, costs
@@ -332,16 +438,18 @@ def evaluate_models(
     split: str,
     limit: int | None = None,
     batch_size: int = 100,
+    bars: bool = True,
 ) -> list[Any]:
     """:func:`dam.evaluation.evaluate.evaluate_model` of every model on every task's ``split`` (``validation`` or
-    ``test``) under ``root``."""
+    ``test``) under ``root``; ``bars=False``: no bar even on a terminal (another process's bar is there)."""
     from dam.evaluation.evaluate import evaluate_model, load_tasks
 
     loaded = load_tasks(list(tasks), data_dir=root, split=split, limit=limit)
     results = []
     for i, (name, path) in enumerate(models.items(), 1):
         t0 = time.perf_counter()
-        results.append(evaluate_model(path, loaded, batch_size=batch_size, name=name, progress=bars_shown()))
+        progress = bars and bars_shown()
+        results.append(evaluate_model(path, loaded, batch_size=batch_size, name=name, progress=progress))
         if not quiet():
             logger.info(
                 "demo: evaluated %s on %s (%d/%d) in %.1f s", name, split, i, len(models), time.perf_counter() - t0
@@ -622,9 +730,48 @@ def run_demo(
     skills = list(report["skills"])
     seconds["family"] = time.perf_counter() - t0
 
+    tasks = [family.general, *skills]
+    limit = QUICK_EVAL_LIMIT if quick else None
+    batch = 32 if family is SMOLLM2 else 100
+    reused = family is SMOLLM2 and not quick  # the build scored the base and the experts on both splits
+    evaluated: dict[str, dict[str, Any]] = {"validation": {}, "test": {}}  # split -> model -> EvalResult
+
+    def evaluate(models: dict[str, Path], bars: bool = True) -> None:
+        if not models:
+            return
+        t0 = time.perf_counter()
+        with phase(f"demo: evaluating {len(models)} models on {len(tasks)} tasks' validation and test", log=logger):
+            for split, done in evaluated.items():
+                kwargs = {"split": split, "limit": limit, "batch_size": batch, "bars": bars}
+                done.update({r.model: r for r in evaluate_models(models, root, tasks, **kwargs)})
+        seconds["eval"] = seconds.get("eval", 0.0) + time.perf_counter() - t0
+
+    from dam.training.run_dir import MERGED_DIR
+
+    family_models = {} if reused else {name: root / report["models"][name] for name in ["base", *skills]}
     t0 = time.perf_counter()
-    run, dam_status, dam_cost = train_dam(config)
-    seconds["dam"] = time.perf_counter() - t0
+    classic = "demo: classic merges ({}) into {}".format(", ".join(CLASSIC_METHODS), out / "merges")
+    seconds["dam"] = 0.0  # first in the summary, whichever order the phases end in
+    beside = family.beside_dam and not _dam_run_complete(out)
+    if beside:  # the merges and the evaluation that need no DAM run on one core, DAM on the others
+        import torch
+
+        cores = torch.get_num_threads()
+        with dam_beside(config, threads=max(1, cores - 1)) as finish_dam, _torch_threads(1):
+            t1 = time.perf_counter()
+            with phase(classic + " beside DAM, at 1 thread", log=logger):
+                merges, costs = classic_merges(root, out / "merges", seed=seed, family=family, threads=1)
+            seconds["merges"] = time.perf_counter() - t1
+            evaluate(family_models | merges, bars=False)
+            run, dam_status, dam_cost = finish_dam()
+        seconds["dam"] = time.perf_counter() - t0
+    else:
+        run, dam_status, dam_cost = train_dam(config)
+        seconds["dam"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with phase(classic, log=logger):
+            merges, costs = classic_merges(root, out / "merges", seed=seed, family=family)
+        seconds["merges"] = time.perf_counter() - t0
     dam_compute_file = out / "dam_compute.json"  # DAM's training cost, kept for reruns that reuse the run
     if dam_status == "trained" or not dam_compute_file.is_file():
         from dam.demo.searches import dam_forward_tokens
@@ -633,10 +780,6 @@ def run_demo(
         dam_compute["forward_tokens"] = dam_forward_tokens(config)
         dam_compute_file.write_text(json.dumps(dam_compute) + "\n")
     dam_compute = json.loads(dam_compute_file.read_text())
-    t0 = time.perf_counter()
-    with phase(f"demo: classic merges ({', '.join(CLASSIC_METHODS)}) into {out / 'merges'}", log=logger):
-        merges, costs = classic_merges(root, out / "merges", seed=seed, family=family)
-    seconds["merges"] = time.perf_counter() - t0
     learned: dict[str, Path] = {}
     if full:
         learned, learned_costs, learned_seconds = learned_merges(
@@ -646,32 +789,20 @@ def run_demo(
         seconds |= learned_seconds
     costs |= {"dam": dam_cost}
 
-    from dam.training.run_dir import MERGED_DIR
-
-    reused = family is SMOLLM2 and not quick  # the build scored the base and the experts on both splits
-    models = {} if reused else {name: root / report["models"][name] for name in ["base", *skills]}
-    models.update(merges)
-    models.update(learned)
-    models["dam"] = run / MERGED_DIR
+    models = family_models | merges | learned | {"dam": run / MERGED_DIR}
     compute: dict[str, dict[str, Any]] = {"dam": dam_compute}
     if searches:
         from dam.demo.searches import run_searches
 
         t0 = time.perf_counter()
-        limit = QUICK_EVAL_LIMIT if quick else None
         with phase("demo: searches (greedy soup, kinship-greedy, CMA-ES), chosen on validation", log=logger):
             kept = run_searches(root, out, seed=seed, quick=quick, limit=limit, family=family)
         seconds["searches"] = time.perf_counter() - t0
         models.update({name: Path(k["path"]) for name, k in kept.items()})
         compute.update({name: {k: v for k, v in c.items() if k != "path"} for name, c in kept.items()})
-    tasks = [family.general, *skills]
-    t0 = time.perf_counter()
-    limit = QUICK_EVAL_LIMIT if quick else None
-    batch = 32 if family is SMOLLM2 else 100
-    with phase(f"demo: evaluating {len(models)} models on {len(tasks)} tasks' validation and test", log=logger):
-        validation = evaluate_models(models, root, tasks, split="validation", limit=limit, batch_size=batch)
-        results = evaluate_models(models, root, tasks, split="test", limit=limit, batch_size=batch)
-    seconds["eval"] = time.perf_counter() - t0
+    evaluate({name: path for name, path in models.items() if name not in evaluated["test"]})
+    validation = [evaluated["validation"][name] for name in models]
+    results = [evaluated["test"][name] for name in models]
     accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in results}
     validation_accuracy = {r.model: {t.task: t.accuracy for t in r.tasks} for r in validation}
     if reused:
@@ -694,6 +825,7 @@ def run_demo(
         "full": full,
         "dam_run": portable_reference(run, out),
         "dam_status": dam_status,
+        "beside_dam": beside,
         "tasks": tasks,
         "skills": skills,
         "accuracy": accuracy,
