@@ -740,7 +740,10 @@ def run_demo(
         if not models:
             return
         t0 = time.perf_counter()
-        with phase(f"demo: evaluating {len(models)} models on {len(tasks)} tasks' validation and test", log=logger):
+        what = (
+            f"demo: evaluating {len(models)} model{'s' * (len(models) > 1)} on {len(tasks)} tasks' validation and test"
+        )
+        with phase(what, log=logger):
             for split, done in evaluated.items():
                 kwargs = {"split": split, "limit": limit, "batch_size": batch, "bars": bars}
                 done.update({r.model: r for r in evaluate_models(models, root, tasks, **kwargs)})
