@@ -8,15 +8,17 @@ import functools
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from tiny_run import tiny_config
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from dam.adaptive.layers import fold
 from dam.adaptive.losses import layer_alignment, token_weights
 from dam.adaptive.model import DAMModel
 from dam.errors import DamError
+from dam.evaluation.analysis import alignment_by_layer, load_metrics, plot_alignment
 from dam.testing import make_family
 from dam.training.loop import _Teachers, loss_mask, teacher_targets, train
 
@@ -27,26 +29,28 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 
 
 def test_layer_alignment_is_the_weighted_mean_relative_distance() -> None:
-    """Every token, layer and teacher slot by hand, in float64: sum_t w_t mean_l mean_s |h - g|^2 / |g|^2 / W."""
+    """Every token, layer and teacher slot by hand, in float64: per layer sum_t w_t mean_s |h - g|^2 / |g|^2 / W."""
     gen = torch.Generator().manual_seed(0)
     layers, batch, slots, length, width = 3, 2, 2, 4, 5
     student = [torch.randn(batch, length, width, generator=gen) for _ in range(layers)]
     teacher = torch.randn(layers, batch, slots, length, width, generator=gen) * 3
     weights = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.0, 0.5, 1.0, 1.0])  # (B * T,): padding 0, a source weighted
     count = weights.sum()
-    want = 0.0
+    want = [0.0] * layers
     for b in range(batch):
         for t in range(length):
             w = float(weights[b * length + t])
-            for h, g in zip(student, teacher, strict=True):
+            for layer, (h, g) in enumerate(zip(student, teacher, strict=True)):
                 for s in range(slots):
                     a, ref = h[b, t].double(), g[b, s, t].double()
-                    want += w * float((a - ref).square().sum() / ref.square().sum()) / (slots * layers)
+                    want[layer] += w * float((a - ref).square().sum() / ref.square().sum()) / slots
     got = layer_alignment(student, teacher, weights, count)
-    assert got.dtype == torch.float32
-    assert float(got) == pytest.approx(want / float(count), rel=1e-6)  # float32 sums of ~20 terms of order 1
+    assert got.dtype == torch.float32 and got.shape == (layers,)
+    # float32 sums of ~10 terms of order 1 per layer
+    assert got.tolist() == pytest.approx([v / float(count) for v in want], rel=1e-6)
+    assert len(set(got.tolist())) == layers  # the layers apart, not one value repeated
     same = layer_alignment([g[:, 0] for g in teacher], teacher[:, :, :1], weights, count)
-    assert float(same) == 0.0  # a student equal to its teacher is at 0 exactly
+    assert same.tolist() == [0.0] * layers  # a student equal to its teacher is at 0 exactly
     with pytest.raises(ValueError, match="student states"):
         layer_alignment(student[:2], teacher, weights, count)
 
@@ -102,7 +106,7 @@ def test_alignment_gradient_equals_autograd_through_a_plain_merged_model(family:
     params = model.trainable_coefficients()
     loss_fn = functools.partial(layer_alignment, teacher=targets["layers"], weights=weights, count=count)
 
-    zero, got = model(**inputs, layer_loss=loss_fn)
+    zero, got = model(**inputs, layer_loss=lambda states: loss_fn(states).mean())  # the objective
     assert float(zero) == 0.0  # no chunk loss given
     g_got = torch.autograd.grad(got, params, allow_unused=True)  # the untied lm_head: not in any layer state
 
@@ -111,12 +115,12 @@ def test_alignment_gradient_equals_autograd_through_a_plain_merged_model(family:
     for name, (module, attr, _) in model.merged_tensors.items():
         merged[name] = fold(getattr(module, f"{attr}_sources"), module.coefficients(attr))
     out = torch.func.functional_call(plain, merged, args=(), kwargs={**inputs, "output_hidden_states": True})
-    want = loss_fn(out.hidden_states[1:])
+    want = loss_fn(out.hidden_states[1:]).mean()
     g_want = torch.autograd.grad(want, params, allow_unused=True)
     # float32: the custom backward rebuilds the merged weight and reduces per source in row chunks, the reference
     # differentiates the fold directly; values of order 1 agree to ~1e-7, gradients (up to ~1) to ~1e-6
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
-    assert float(got) > 1e-3  # the merge is not any one source
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert float(got.detach()) > 1e-3  # the merge is not any one source
     assert [g is None for g in g_got] == [g is None for g in g_want]
     assert sum(g is None for g in g_got) <= 1  # the lm_head's coefficients at most
     for a, b in zip(g_got, g_want, strict=True):
@@ -127,8 +131,9 @@ def test_alignment_gradient_equals_autograd_through_a_plain_merged_model(family:
 
 @pytest.mark.parametrize("kl", [1.0, 0.0])
 def test_training_with_alignment_lowers_it(family: tuple[Path, list[Path]], tmp_path: Path, kl: float) -> None:
-    """Beside the KL and alone: the run logs ``loss/align`` (and ``loss/kl`` only when it is computed), the total
-    is the weighted sum of its terms, and the alignment falls over training."""
+    """Beside the KL and alone: the run logs ``loss/align`` (and ``loss/kl`` only when it is computed) and each
+    decoder layer's alignment (their mean is ``loss/align``), the total is the weighted sum of its terms, and the
+    alignment falls over training; :func:`dam.evaluation.analysis.alignment_by_layer` reads it per layer."""
     config = tiny_config(
         *family, tmp_path / "run", "loss.align=0.5", f"loss.kl={kl}", "loss.similarity=0", "train.max_steps=12"
     )
@@ -137,6 +142,17 @@ def test_training_with_alignment_lowers_it(family: tuple[Path, list[Path]], tmp_
     for r in records:
         assert r["loss"] == pytest.approx(kl * r.get("loss/kl", 0.0) + 0.5 * r["loss/align"], rel=1e-9)
     assert records[-1]["loss/align"] < records[0]["loss/align"]
+    layers = AutoConfig.from_pretrained(family[0]).num_hidden_layers
+    for r in records:
+        per_layer = [r[f"align/layer_{i}"] for i in range(layers)]
+        assert f"align/layer_{layers}" not in r and min(per_layer) >= 0
+        assert sum(per_layer) / layers == pytest.approx(r["loss/align"], rel=1e-12)  # float64 sums
+    table = alignment_by_layer(load_metrics(tmp_path / "run"))
+    assert list(table.columns) == list(range(layers)) and list(table.index) == [r["step"] for r in records]
+    assert table.iloc[-1].mean() == pytest.approx(records[-1]["loss/align"], rel=1e-12)
+    png = tmp_path / "align.png"
+    plot_alignment(load_metrics(tmp_path / "run"), path=png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_alignment_config_refusals(family: tuple[Path, list[Path]], tmp_path: Path) -> None:
@@ -149,3 +165,13 @@ def test_alignment_config_refusals(family: tuple[Path, list[Path]], tmp_path: Pa
     for message, extra in cases.items():
         with pytest.raises(DamError, match=message):
             tiny_config(base, sources, tmp_path / "run", *extra)
+
+
+def test_alignment_by_layer_needs_a_run_trained_with_it() -> None:
+    metrics = pd.DataFrame({"step": [10, 20], "loss": [1.0, 0.5], "loss/kl": [1.0, 0.5]})
+    with pytest.raises(DamError, match="no per-layer alignment .*loss.align: 0"):
+        alignment_by_layer(metrics)
+    metrics["align/layer_1"], metrics["align/layer_0"] = [0.2, 0.1], [0.4, 0.0]
+    table = alignment_by_layer(metrics)  # layers in order whatever the columns' order; a zero is plotted too
+    assert list(table.columns) == [0, 1] and table.loc[20].tolist() == [0.0, 0.1]
+    plot_alignment(metrics)

@@ -304,8 +304,9 @@ def entropy_loss(weights: Tensor, count: Tensor) -> ChunkLoss:
 
 
 def layer_alignment(student: Sequence[Tensor], teacher: Tensor, weights: Tensor, count: Tensor) -> Tensor:
-    """Layer-wise alignment of hidden states, a token mean like the KL:
-    ``(1 / count) sum_t w_t mean_l mean_s ||h_l[t] - g_{l,s}[t]||^2 / ||g_{l,s}[t]||^2``.
+    """Layer-wise alignment of hidden states, per layer a token mean like the KL:
+    ``a_l = (1 / count) sum_t w_t mean_s ||h_l[t] - g_{l,s}[t]||^2 / ||g_{l,s}[t]||^2``; the objective
+    (``loss.align``) is their mean over the layers, ``mean_l a_l``.
 
     ``student``: L tensors (B, T, H), the merged model's hidden state after each decoder layer (the last one after
     the final norm, as Hugging Face's ``hidden_states[1:]``); ``teacher``: (L, B, S, T, H), the same states of the
@@ -313,7 +314,7 @@ def layer_alignment(student: Sequence[Tensor], teacher: Tensor, weights: Tensor,
     :func:`token_weights`. Each token's distance is relative to the teacher state's own squared norm, so layers
     and tokens of very different scales (the residual stream grows with depth; attention-sink tokens carry norms
     far above the others) weigh alike: a value of 0.01 is a 10% relative error at every layer. Only tokens of
-    nonzero weight are computed. Returns a float32 scalar.
+    nonzero weight are computed. Returns the float32 vector ``a`` (L,), which the training loop logs per layer.
     """
     layers, batch, slots, length, width = teacher.shape
     if len(student) != layers or student[0].shape != (batch, length, width):
@@ -321,13 +322,13 @@ def layer_alignment(student: Sequence[Tensor], teacher: Tensor, weights: Tensor,
         raise ValueError(f"{len(student)} student states {shapes} for teacher states {tuple(teacher.shape)}")
     picked = weights.nonzero().flatten()  # flattened (B * T) indices of the tokens that count
     w = weights[picked]
-    total = torch.zeros((), dtype=torch.float32, device=weights.device)
+    per_layer = []
     for h, g in zip(student, teacher, strict=True):
         h = h.reshape(batch * length, width)[picked].float()  # (M, H)
         g = g.transpose(0, 1).reshape(slots, batch * length, width)[:, picked].float()  # (S, M, H)
         relative = (h - g).square().sum(-1) / g.square().sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-        total = total + (relative.mean(0) * w).sum()
-    return total / (layers * count)
+        per_layer.append((relative.mean(0) * w).sum())
+    return torch.stack(per_layer) / count
 
 
 def coefficient_similarity(coefficients: Iterable[Tensor]) -> Tensor:

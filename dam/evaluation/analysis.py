@@ -47,7 +47,7 @@ from dam.adaptive.layers import row_count, transform_coefficients
 from dam.errors import DamError
 from dam.evaluation.kinship import module_kind
 from dam.io.checkpoint import CheckpointReader
-from dam.training.run_dir import METRICS_FILE
+from dam.training.run_dir import ALIGN_LAYER_PREFIX, METRICS_FILE
 
 # the layer names dam.evaluation.kinship.module_kind strips
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -461,6 +461,46 @@ def layer_means(table: pd.DataFrame) -> pd.DataFrame:
         return group, int(name.split()[1]) if group == 1 else names.index(name), label.endswith(" rows")
 
     return means.reindex(sorted(dict.fromkeys(labels), key=rank))
+
+
+def alignment_by_layer(metrics: pd.DataFrame) -> pd.DataFrame:
+    """``loss.align``'s relative distance ``||h_l - g_l||^2 / ||g_l||^2`` per decoder layer over training, from
+    :func:`load_metrics`: one row per logged step (index ``step``), one column per layer (0 = the first decoder
+    layer's output, the last = after the final norm). A run trained without ``loss.align`` is a DamError."""
+    columns = {c: int(c[len(ALIGN_LAYER_PREFIX) :]) for c in metrics.columns if c.startswith(ALIGN_LAYER_PREFIX)}
+    if not columns:
+        raise DamError("alignment_by_layer: the metrics have no per-layer alignment (the run had loss.align: 0)")
+    table = metrics.set_index("step")[list(columns)].rename(columns=columns).dropna(how="all")
+    table.columns.name = "layer"
+    return table[sorted(table.columns)]
+
+
+def plot_alignment(metrics: pd.DataFrame, *, path: str | Path | None = None) -> Figure:
+    """A heat map of :func:`alignment_by_layer`: decoder layer against step, the colour the relative distance on a
+    log scale (it falls by orders of magnitude as the merge learns), so a layer that stays misaligned while the
+    others converge stands out."""
+    from matplotlib.colors import LogNorm
+
+    table = alignment_by_layer(metrics)
+    values = table.to_numpy().T  # (layers, steps)
+    positive = values[values > 0]
+    fig = Figure(figsize=(min(3.0 + 0.25 * len(table), 14.0), 1.5 + 0.18 * values.shape[0]), layout="constrained")
+    ax = fig.subplots()
+    norm = LogNorm(positive.min(), positive.max()) if positive.size and positive.min() < positive.max() else None
+    steps = table.index.to_numpy(dtype=float)  # cell edges halfway between logged steps
+    middles = (steps[1:] + steps[:-1]) / 2 if len(steps) > 1 else np.array([])
+    first = steps[0] - (middles[0] - steps[0] if middles.size else 0.5)
+    last = steps[-1] + (steps[-1] - middles[-1] if middles.size else 0.5)
+    x_edges = np.concatenate([[first], middles, [last]])
+    y_edges = np.arange(values.shape[0] + 1) - 0.5
+    image = ax.pcolormesh(x_edges, y_edges, values, cmap="magma", norm=norm)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("decoder layer")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=ax, label="||h - g||^2 / ||g||^2")
+    ax.set_title("Layer-wise alignment with the teachers over training")
+    return _save(fig, path)
 
 
 def plot_loss_curves(metrics: pd.DataFrame, *, columns: int = 3, path: str | Path | None = None) -> Figure:

@@ -68,6 +68,7 @@ from dam.progress import bars_shown, progress_bar, quiet
 from dam.training.config import DAMConfig, config_to_dict, portable_config, resolve_config_paths, save_config
 from dam.training.data import IGNORE_INDEX, DataCollator, load_tokenizer
 from dam.training.run_dir import (
+    ALIGN_LAYER_PREFIX,
     CONFIG_FILE,
     MERGED_DIR,
     METRICS_FILE,
@@ -606,7 +607,7 @@ def _step(
     source_weights = torch.tensor([m.loss_weight for m in config.models], device=accelerator.device)
     weighted = bool((source_weights != 1).any())
     objective_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    align_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    align_sums = torch.zeros(1, device=accelerator.device, dtype=torch.float64)  # (L,) once a layer loss is in
     regularisers: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(window):
         last = i == len(window) - 1
@@ -640,14 +641,14 @@ def _step(
             # the student: the loss's mean over the batch's tokens, the logits never whole; times W, the token sum
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             out = model(**inputs, chunk_loss=chunk_loss, layer_loss=layer_loss)
-            objective, aligned = out if layer_loss is not None else (out, None)
+            objective, aligned = out if layer_loss is not None else (out, None)  # aligned: (L,) per layer
             term = objective * total
             del targets, chunk_loss, layer_loss
             loss = weight * term * scale
             if aligned is not None:
-                align_term = aligned * total
-                loss = loss + align * align_term * scale
-                align_sum += align_term.detach().double()
+                align_terms = aligned * total  # (L,)
+                loss = loss + align * align_terms.mean() * scale
+                align_sums = align_sums + align_terms.detach().double()
             if last:
                 regularisers = coefficient_losses(
                     wrapper.coefficients(),
@@ -661,13 +662,15 @@ def _step(
         objective_sum += term.detach().double()
     if config.train.shard_sources:
         average_gradients(params)
-    sums = accelerator.reduce(torch.stack([objective_sum, align_sum]), "sum").tolist()
-    objective_mean, align_mean = (value / max(loss_tokens, 1.0) for value in sums)
+    sums = accelerator.reduce(torch.cat([objective_sum.reshape(1), align_sums]), "sum").tolist()
+    objective_mean, *align_layers = (value / max(loss_tokens, 1.0) for value in sums)
+    align_mean = sum(align_layers) / len(align_layers)
     metrics: dict[str, float] = {}
     if weight > 0:  # with loss.kl: 0 the KL is not computed
         metrics[f"loss/{config.loss.objective}"] = objective_mean
-    if align > 0:
+    if align > 0:  # the objective, then each decoder layer's relative distance (their mean is the objective)
         metrics["loss/align"] = align_mean
+        metrics |= {f"{ALIGN_LAYER_PREFIX}{layer}": value for layer, value in enumerate(align_layers)}
     metrics |= {f"loss/{k}": float(v.detach()) for k, v in regularisers.items()}
     metrics["loss"] = (
         weight * objective_mean + align * align_mean + sum(float(v.detach()) for v in regularisers.values())

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+ALIGN_LAYER_PREFIX = "align/layer_"
+"""Metrics key prefix of ``loss.align``'s relative distance at each decoder layer (``align/layer_0``, ...)."""
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 TRAINER_STATE_FILE = "trainer_state.json"
