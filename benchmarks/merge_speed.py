@@ -13,8 +13,8 @@ tensor, not the number of models times their size.
 
 ``--real ROOT``: the real demo family's checkpoints instead (``ROOT/models/{base,reverse,initials,double}``,
 SmolLM2-135M-Instruct and three full fine-tunes of it, written once to bfloat16 in the work folder).
-``--methods all``: every config of ``configs/merge/`` (its model names mapped in order onto the base and the three
-sources), instead of linear, ties and dare_ties.
+``--methods all``: every config of ``configs/merge/`` (``--methods a,b``: those), its model names mapped in order
+onto the base and the three sources, instead of linear, ties and dare_ties.
 
 Not part of the test suite. Needs mergekit (``pip install mergekit==0.1.5``).
 """
@@ -120,8 +120,13 @@ def write_config(workdir: Path, name: str, base: Path, sources: list[Path]) -> P
     return path
 
 
+class ChildFailed(Exception):
+    """A merge that exited non-zero; its message is the last line of the child's stderr."""
+
+
 def run_child(argv: list[str]) -> tuple[float, float, float]:
-    """(wall seconds, CPU seconds, peak RSS in MB) of one child process, from its own rusage."""
+    """(wall seconds, CPU seconds, peak RSS in MB) of one child process, from its own rusage; ChildFailed if it
+    exits non-zero."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -129,7 +134,8 @@ def run_child(argv: list[str]) -> tuple[float, float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode() if proc.stderr else ""
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{err[-2000:]}")
+        last = [line for line in err.splitlines() if line.strip()][-1:] or [f"exit code {proc.returncode}"]
+        raise ChildFailed(last[0].strip()[:300])
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -153,7 +159,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep models here between runs (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--real", type=Path, help="the real demo family's folder (dam demo build --family smollm2)")
-    parser.add_argument("--methods", choices=["three", "all"], default="three", help="linear/ties/dare_ties or all")
+    parser.add_argument(
+        "--methods",
+        default="three",
+        help="three (linear, ties, dare_ties), all (every configs/merge config) or a comma-separated list of names",
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dam-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -169,30 +179,43 @@ def main() -> None:
             print(f"the real family of {args.real}: SmolLM2-135M-Instruct and three full fine-tunes")
         print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; best of {args.repeats} runs")
         print(f"python + torch import alone: {baseline[0]:.1f} s, {baseline[2]:.0f} MB peak RSS\n")
-        rows = []
         methods = list(CONFIGS)
         if args.methods == "all":
             methods = sorted(
                 p.stem for p in (Path(__file__).resolve().parent.parent / "configs" / "merge").glob("*.yaml")
             )
-        for name in methods:
-            config = write_config(workdir, name, base, sources)
-            runs: dict[str, list[tuple[float, float, float]]] = {"mergekit": [], "dam": []}
-            for _ in range(args.repeats):
-                for tool, tool_runs in runs.items():
-                    tool_runs.append(run_child(commands(tool, config, workdir / f"out-{tool}-{name}")))
-                    shutil.rmtree(workdir / f"out-{tool}-{name}")
-            (mk_s, mk_cpu, mk_mb), (dam_s, dam_cpu, dam_mb) = best_of(runs["mergekit"]), best_of(runs["dam"])
-            rows.append(
-                f"| {name} | {mk_s:.1f} | {dam_s:.1f} | {mk_s / dam_s:.2f}x | {mk_cpu:.1f} | {dam_cpu:.1f} | "
-                f"{mk_cpu / dam_cpu:.2f}x | {mk_mb:.0f} | {dam_mb:.0f} | {dam_mb / mk_mb:.2f} |"
-            )
+        elif args.methods != "three":
+            methods = args.methods.split(",")
         print(
             "| config (3 models) | mergekit s | dam s | speed-up | mergekit CPU s | dam CPU s | CPU ratio "
             "| mergekit peak MB | dam peak MB | RSS ratio |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(rows))
+        print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        for name in methods:  # each row as soon as it is measured; a tool's failure is its row, not the end
+            config = write_config(workdir, name, base, sources)
+            runs: dict[str, list[tuple[float, float, float]]] = {"mergekit": [], "dam": []}
+            failed: dict[str, str] = {}
+            for _ in range(args.repeats):
+                for tool, tool_runs in runs.items():
+                    if tool in failed:
+                        continue
+                    try:
+                        tool_runs.append(run_child(commands(tool, config, workdir / f"out-{tool}-{name}")))
+                    except ChildFailed as e:
+                        failed[tool] = str(e)
+                    shutil.rmtree(workdir / f"out-{tool}-{name}", ignore_errors=True)
+            if failed:
+                done = {t: best_of(r) for t, r in runs.items() if t not in failed and r}
+                cells = {t: f"{done[t][0]:.1f}" if t in done else "failed" for t in runs}
+                reasons = "; ".join(f"{t} failed: {why}" for t, why in failed.items())
+                print(f"| {name} | {cells['mergekit']} | {cells['dam']} | {reasons} | | | | | | |", flush=True)
+                continue
+            (mk_s, mk_cpu, mk_mb), (dam_s, dam_cpu, dam_mb) = best_of(runs["mergekit"]), best_of(runs["dam"])
+            print(
+                f"| {name} | {mk_s:.1f} | {dam_s:.1f} | {mk_s / dam_s:.2f}x | {mk_cpu:.1f} | {dam_cpu:.1f} | "
+                f"{mk_cpu / dam_cpu:.2f}x | {mk_mb:.0f} | {dam_mb:.0f} | {dam_mb / mk_mb:.2f} |",
+                flush=True,
+            )
 
         print("\n| dam linear over | input size MB | dam peak MB | peak above import MB |")
         print("|---|---|---|---|")

@@ -624,6 +624,9 @@ def test_multislerp_antipodal_inputs_fall_back_to_lerp_for_two_and_fail_for_thre
     close(merge("multislerp", [a, -a], model_params=[{"weight": 0.5}] * 2), vec(0.0, 0.0))
     with pytest.raises(DamError, match="weighted sum of the unit inputs is zero"):
         merge("multislerp", [a, -a, a, -a], model_params=[{"weight": 0.25}] * 4)
+    # every source equal to the base (a tensor no fine-tune touched): zero task vectors, the base comes back
+    # (mergekit 0.1.5 raises its antipodal error here)
+    close(merge("multislerp", [a, a, a, a], a, 0, [{}] + [{"weight": 1 / 3}] * 3), a)
     with pytest.raises(DamError, match="models\\[1\\]: missing required parameter 'weight'"):
         merge("multislerp", [a, a], model_params=[{"weight": 1.0}, {}])
 

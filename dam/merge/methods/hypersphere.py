@@ -22,7 +22,9 @@ def multislerp(
 
         out = (m cos|v|' + v sin|v|' / |v|') * sum_i w_i n_i.
 
-    When ``|sum_i w_i u_i| < eps`` two tensors fall back to ``w_0 x_0 + w_1 x_1``; more raise ``ValueError``.
+    When ``|sum_i w_i u_i| < eps`` two tensors fall back to ``w_0 x_0 + w_1 x_1``; more raise ``ValueError``,
+    unless every input is zero (with a base model: every source equals the base on this tensor, as a frozen
+    embedding does), whose barycentre is zero: mergekit raises there too.
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -32,6 +34,8 @@ def multislerp(
     if normalize_weights:
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)  # (N, 1)
+    if not bool(norms.any()):  # all zero: no direction to average
+        return torch.zeros_like(stacked[0])
     units = flat / (norms + eps)
     mean = (units * w.view(-1, 1)).sum(0)  # (D,)
     mean_norm = torch.norm(mean)
