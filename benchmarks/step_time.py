@@ -179,8 +179,8 @@ def worker(args: argparse.Namespace) -> None:
             weights, count = token_weights(loss_mask(batch["labels"]).float(), batch["labels"].shape, device)
             layer_loss = functools.partial(layer_alignment, teacher=targets["layers"], weights=weights, count=count)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            _, aligned = model(**inputs, layer_loss=layer_loss)
-            return aligned + sum(coefficient_losses(model.coefficients(), similarity=0.01).values())
+            _, aligned = model(**inputs, layer_loss=layer_loss)  # (L,): the objective is the mean over layers
+            return aligned.mean() + sum(coefficient_losses(model.coefficients(), similarity=0.01).values())
 
         def loss_fn() -> torch.Tensor:  # as dam.training.loop._step: teachers first, then the student with the loss
             if "align" in args.worker.split("-"):
