@@ -203,17 +203,27 @@ def train_lm(
 
 
 @contextlib.contextmanager
-def _build_environment(threads: int) -> Iterator[None]:
-    """``threads`` torch threads, and no transformers progress bar per saved or loaded tiny model, inside the block."""
-    from transformers.utils import logging as hf_logging
-
-    previous, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+def torch_threads(threads: int) -> Iterator[None]:
+    """This process's torch at ``threads`` threads inside the block (the previous count restored after)."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _build_environment(threads: int) -> Iterator[None]:
+    """``threads`` torch threads, and no transformers progress bar per saved or loaded tiny model, inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with torch_threads(threads):
+            yield
+    finally:
         if bars:
             hf_logging.enable_progress_bar()
 

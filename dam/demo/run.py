@@ -54,8 +54,8 @@ LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
     # prediction entropy (no teacher); the coefficient-similarity term and the layer alignment (the real family's
     # DAM objective, which has no teacher to align with here) belong to DAM, not AdaMerging. The paper starts lambda
     # at 0.3, task arithmetic's tuned scale on its benchmark; on the toy family's validation split (seed 0, the
-    # demo's budget) 0.3 and 0.5 kept no skill (skills mean 0.8, 0.7), 0.7 kept `reverse` (32.3, also on seed 1),
-    # 1.0 less (31.3 at 1500 steps, 16.0 on seed 1): docs/quickstart.md. Not tried on the real family.
+    # demo's budget) 0.3 and 0.5 (this one at 1500 steps) kept no skill (0.8, 0.7), 0.7 kept `reverse` (32.3, also
+    # on seed 1), 1.0 less (31.3 at 1500 steps, 16.0 on seed 1): docs/quickstart.md. Not tried on the real family.
     "adamerging": (
         "dam.granularity=tensor",
         "dam.transform=task_vector",
@@ -279,19 +279,6 @@ def _check_out(out: Path, config: Any, force: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    """This process's torch at ``threads`` threads inside the block."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _dam_run_complete(run: Path) -> bool:
     from dam.adaptive.coefficients import COEFFICIENTS_FILE
     from dam.training.run_dir import MERGED_DIR
@@ -330,21 +317,12 @@ def dam_beside(
     what = f"demo: training {label} into {run} ({steps} of {config.train.batch_size} sequences)"
     if threads is not None:
         what += f" at {threads} thread{'s' * (threads > 1)}"
-    if not quiet():  # the lines of :func:`dam.progress.phase`, for a phase that others overlap
-        logger.info("%s ...", what)
-    start = time.perf_counter()
-    child = MeasuredChild(_train, config, threads=threads)
-
-    def finish() -> tuple[Path, str, dict[str, float] | None]:
-        _, cost = record_cost(run, child.wait())
-        if not quiet():
-            logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
-        return run, "trained", cost
-
-    try:
-        yield finish
-    finally:
-        child.stop()
+    with phase(what, log=logger):  # its end line comes when the caller's block ends, right after ``finish``
+        child = MeasuredChild(_train, config, threads=threads)
+        try:
+            yield lambda: (run, "trained", record_cost(run, child.wait())[1])
+        finally:
+            child.stop()
 
 
 def _regmean(config: Any, folder: Path) -> None:
@@ -714,7 +692,7 @@ def run_demo(
     ``seconds`` (in ``results.json``) holds every phase's wall seconds: ``family``, ``dam``, ``merges`` (the
     classic ones), with ``full`` ``regmean`` and each learned baseline by name, with ``searches`` ``searches``,
     then ``eval``, ``plots`` and ``total``."""
-    from dam.demo.family import format_kinship_matrix
+    from dam.demo.family import format_kinship_matrix, torch_threads
     from dam.demo.searches import compute_table
 
     start = time.perf_counter()
@@ -760,7 +738,7 @@ def run_demo(
         import torch
 
         cores = torch.get_num_threads()
-        with dam_beside(config, threads=max(1, cores - 1)) as finish_dam, _torch_threads(1):
+        with dam_beside(config, threads=max(1, cores - 1)) as finish_dam, torch_threads(1):
             t1 = time.perf_counter()
             with phase(classic + " beside DAM, at 1 thread", log=logger):
                 merges, costs = classic_merges(root, out / "merges", seed=seed, family=family, threads=1)
