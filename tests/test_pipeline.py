@@ -14,6 +14,7 @@ from dam.cli import main
 from dam.demo.paths import CONFIG_DIR, rebase
 from dam.demo.run import (
     CLASSIC_METHODS,
+    FAMILY_FILE,
     LEARNED_BASELINES,
     MERGE_CONFIG_DIR,
     dam_config,
@@ -95,6 +96,23 @@ def test_rerun_reuses_and_other_config_is_refused(demo_run, capsys):
         run_demo(root, out, quick=True, dam_overrides=["train.lr=0.5"])
     with pytest.raises(DamError, match="another config"):
         run_demo(root, out, quick=True, seed=1)
+    assert (out / "dam_coefficients.safetensors").read_bytes() == before
+    # a run trained on another build of the family is not reused as if it were this build's (the paths match)
+    report = root / "models" / "build_report.json"
+    saved_report = report.read_bytes()
+    try:
+        report.write_bytes(saved_report + b"\n")  # a rebuild writes another report
+        with pytest.raises(DamError, match="another build of the family"):
+            run_demo(root, out, quick=True, full=True)
+    finally:
+        report.write_bytes(saved_report)
+    recorded = (out / FAMILY_FILE).read_bytes()
+    try:
+        (out / FAMILY_FILE).unlink()  # a run from before the record, or one `dam train` wrote
+        with pytest.raises(DamError, match="does not record"):
+            run_demo(root, out, quick=True, full=True)
+    finally:
+        (out / FAMILY_FILE).write_bytes(recorded)
     assert (out / "dam_coefficients.safetensors").read_bytes() == before
     (root / "other").mkdir()
     (root / "other" / "notes.txt").write_text("keep me")

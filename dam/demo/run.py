@@ -75,6 +75,7 @@ FAMILY_BASELINES: dict[str, tuple[str, ...]] = {"toy": tuple(LEARNED_BASELINES),
 AdaMerging beside DAM)."""
 REGMEAN_ALPHA = 0.9  # the off-diagonal scale the RegMean paper recommends for language models (0.9-0.95)
 COST_FILE = "cost.json"
+FAMILY_FILE = "family.json"  # which build of the family the runs in the output folder were trained on
 # --quick: a smoke run (seconds): few DAM steps on few examples, a short evaluation
 _QUICK_OVERRIDES = ("train.max_steps=6", "train.warmup_steps=1", "train.log_every=2", "data.num_examples=48")
 QUICK_EVAL_LIMIT = 20
@@ -258,8 +259,18 @@ def _recorded_cost(folder: Path) -> dict[str, float] | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def _check_out(out: Path, config: Any, force: bool) -> None:
-    """Refuse an ``out`` that holds anything but a DAM run of this exact config (or delete it under ``force``)."""
+def _family_fingerprint(root: Path) -> str | None:
+    """The SHA-256 of the family's build report under ``root`` (None before it is built): every build writes a
+    new one, so runs trained on another build of the family are told apart from runs on this one."""
+    import hashlib
+
+    report = root / "models" / "build_report.json"
+    return hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else None
+
+
+def _check_out(out: Path, config: Any, force: bool, root: Path) -> None:
+    """Refuse an ``out`` that holds anything but a DAM run of this exact config on this build of the family under
+    ``root`` (or delete it under ``force``)."""
     from dam.training.config import portable_config
     from dam.training.run_dir import CONFIG_FILE
 
@@ -275,6 +286,17 @@ def _check_out(out: Path, config: Any, force: bool) -> None:
     if yaml.safe_load(saved.read_text()) != portable_config(config, out):
         raise DamError(
             f"output folder {out} holds a DAM run of another config ({saved} differs): use --force to retrain, "
+            "or another --out"
+        )
+    recorded = out / FAMILY_FILE
+    try:
+        fingerprint = json.loads(recorded.read_text())["build_report_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        fingerprint = None
+    if fingerprint is None or fingerprint != _family_fingerprint(root):
+        why = "another build of the family" if fingerprint else f"a family it does not record ({recorded} missing)"
+        raise DamError(
+            f"output folder {out} holds runs trained on {why}, not on {root / 'models'}'s: use --force to retrain, "
             "or another --out"
         )
 
@@ -698,7 +720,7 @@ def run_demo(
     start = time.perf_counter()
     root, out = Path(root), Path(out)
     config = dam_config(root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family)
-    _check_out(out, config, force)
+    _check_out(out, config, force, root)
     for method in CLASSIC_METHODS:  # config errors before any heavy work
         merge_config_text(method, root, seed, family)
     seconds: dict[str, float] = {}
@@ -707,6 +729,8 @@ def run_demo(
         report = _ensure_family(root, quick, family)
     skills = list(report["skills"])
     seconds["family"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FAMILY_FILE).write_text(json.dumps({"build_report_sha256": _family_fingerprint(root)}) + "\n")
 
     tasks = [family.general, *skills]
     limit = QUICK_EVAL_LIMIT if quick else None
