@@ -58,6 +58,25 @@ def test_settings_refuse_non_positive_values() -> None:
         RealSettings(expert_steps=0)
     with pytest.raises(DamError, match="n_general"):
         RealSettings(n_general=(10, 0, 5))
+    with pytest.raises(DamError, match="step_scale"):
+        RealSettings(step_scale={"sort": 2.0})
+    with pytest.raises(DamError, match="step_scale"):
+        RealSettings(step_scale={"reverse": 0.0})
+
+
+def test_reverse_trains_twice_as_long_and_only_its_record_says_so() -> None:
+    settings = RealSettings(expert_steps=7)
+    assert [settings.steps(s) for s in SKILLS] == [14, 7, 7]
+    assert settings.expert_record("reverse")["expert_steps"] == 14
+    # an expert trained before the scale existed (90 steps, no other key) is still recognised, so it is not retrained
+    assert RealSettings().expert_record("initials") == {
+        "skill": "initials",
+        "expert_steps": 90,
+        "batch_size": 16,
+        "expert_lr": 3e-4,
+        "warmup_steps": 10,
+        "n_train": 1440,
+    }
 
 
 @pytest.fixture(scope="module")
