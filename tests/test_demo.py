@@ -220,3 +220,25 @@ def test_cli_demo_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys:
     err = capsys.readouterr().err
     assert err.startswith("error: output folder") and "--force" in err
     assert (tmp_path / "models" / "keep").read_text() == "x"
+
+
+def test_results_plot_tells_dam_from_the_searches_and_fits_a_deep_model(monkeypatch, tmp_path: Path) -> None:
+    """DAM is the one red bar (the searches get shades of their own), and a 30-layer row_column map (60 rows and
+    more) keeps its row labels apart: every k-th labelled, no per-cell values."""
+    import pandas as pd
+    from matplotlib.colors import to_hex
+
+    import dam.demo.run as demo_run
+
+    models = ["base", "reverse", "linear", "regmean", "dam", "greedy_soup", "evolve_8"]
+    colours = [to_hex(c) for c in demo_run._model_colours(models, ["reverse"])]
+    assert colours[models.index("dam")] == to_hex("tab:red") and len(set(colours)) == len(models)
+    rows = ["embed_tokens"] + [f"layer {i}{suffix}" for i in range(30) for suffix in ("", " rows")] + ["norm"]
+    table = pd.DataFrame({"base": -2.0, "reverse": 1.0}, index=rows)
+    monkeypatch.setattr(demo_run, "layer_coefficients", lambda run: table)
+    accuracy = {m: {"general": 50.0, "reverse": 50.0} for m in models}
+    fig = demo_run.plot_results(accuracy, ["general", "reverse"], ["reverse"], tmp_path, tmp_path / "r.png")
+    heat = fig.axes[1]
+    labels = [t.get_text() for t in heat.get_yticklabels()]
+    assert labels[0] == "embed_tokens" and len(labels) <= demo_run.HEAT_MAP_LABELS and not heat.texts
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

@@ -572,6 +572,8 @@ def _model_colours(models: Sequence[str], skills: Sequence[str]) -> list[Any]:
     from matplotlib import colormaps
 
     blues, oranges, greens = colormaps["Blues"], colormaps["Oranges"], colormaps["Greens"]
+    named = ("base", "dam", *skills, *CLASSIC_METHODS, "regmean", *LEARNED_BASELINES)
+    searched = [m for m in models if m not in named]
     colours = []
     for m in models:
         if m == "base":
@@ -583,8 +585,10 @@ def _model_colours(models: Sequence[str], skills: Sequence[str]) -> list[Any]:
         elif m in ("regmean", *LEARNED_BASELINES):
             order = ("regmean", *LEARNED_BASELINES)
             colours.append(greens(0.35 + 0.55 * order.index(m) / (len(order) - 1)))
-        else:
+        elif m == "dam":
             colours.append("tab:red")
+        else:  # the searches (greedy soup, kinship-greedy, CMA-ES)
+            colours.append(colormaps["Purples"](0.4 + 0.5 * searched.index(m) / max(len(searched) - 1, 1)))
     return colours
 
 
@@ -595,6 +599,9 @@ def layer_coefficients(run: str | Path) -> Any:
     from dam.evaluation.analysis import layer_means, load_coefficient_table
 
     return layer_means(load_coefficient_table(run))
+
+
+HEAT_MAP_LABELS = 24  # the most row labels (and rows annotated with their values) the coefficient map shows
 
 
 def plot_results(
@@ -631,9 +638,12 @@ def plot_results(
     data = coefficients.to_numpy(dtype=float)
     image = heat_ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
     heat_ax.set_xticks(range(data.shape[1]), list(coefficients.columns))
-    heat_ax.set_yticks(range(data.shape[0]), list(coefficients.index))
+    # a deep model's rows (30 layers, twice that with row_column's row scales) are too many to label and annotate
+    # each: every k-th label, and the values only on a short map
+    every = -(-data.shape[0] // HEAT_MAP_LABELS)
+    heat_ax.set_yticks(range(0, data.shape[0], every), list(coefficients.index)[::every])
     lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
-    for (r, c), v in np.ndenumerate(data):
+    for (r, c), v in np.ndenumerate(data if every == 1 else np.empty((0, 0))):
         dark = (v - lo) / ((hi - lo) or 1.0) < 0.5
         heat_ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
     heat_ax.set_title("DAM coefficients: mean per layer and source", fontsize=10)
