@@ -171,6 +171,22 @@ def test_load_causal_lm_and_dam_eval_loading_equal_the_folder(single):
             assert lm.lm_head.weight is lm.model.embed_tokens.weight
 
 
+def test_lm_eval_on_a_gguf_equals_lm_eval_on_the_folder(single, tmp_path):
+    """`dam eval --lm-eval` hands lm-eval the file itself (its cache folder holds no weights): the scores equal
+    those of the folder transformers writes from it, exactly (the same float32 weights and tokenizer)."""
+    pytest.importorskip("lm_eval")
+    from test_lm_eval import write_tasks
+
+    from dam.evaluation.lm_eval import evaluate_lm_eval
+
+    gguf, ref = single["llama", "Q4_1"]
+    tasks = write_tasks(tmp_path, "damgguf", loglikelihood=True)
+    names = ["damgguf_mc", "damgguf_ll"]
+    on_file = evaluate_lm_eval(gguf, names, include_path=tasks, batch_size=2)
+    assert on_file == evaluate_lm_eval(ref, names, include_path=tasks, batch_size=2)
+    assert set(on_file) == set(names) and on_file["damgguf_ll"]["perplexity"] > 1
+
+
 def test_a_lora_reference_on_a_gguf(single, tmp_path):
     peft = pytest.importorskip("peft")
     gguf, ref = single["llama", "Q8_0"]

@@ -1,7 +1,8 @@
 """Evaluate a model folder with EleutherAI's lm-evaluation-harness (``pip install 'dam[lm-eval]'``).
 
 :func:`evaluate_lm_eval` runs ``lm_eval.simple_evaluate`` with its Hugging Face backend (``HFLM``) on a model
-folder (or Hub id, or ``MODEL+LORA``: lm-eval applies the adapter through PEFT) and returns the scores as
+folder (or Hub id; a ``.gguf`` file, which lm-eval reads with transformers' GGUF loading; or ``MODEL+LORA``: lm-eval
+applies the adapter through PEFT) and returns the scores as
 ``{task: {metric: value}}``. Tasks are lm-eval's own names (``hellaswag``, ``arc_easy``, ...), task YAML files, or
 names defined by YAML files under ``include_path`` (a folder or file of task configs, lm-eval's
 ``--include_path``), so a task over a local jsonl runs offline.
@@ -19,6 +20,7 @@ from typing import Any
 
 from dam.errors import DamError
 from dam.io.checkpoint import resolve_folder, resolve_model_path
+from dam.io.gguf import gguf_source
 from dam.io.lora import split_reference
 
 logger = logging.getLogger(__name__)
@@ -100,8 +102,12 @@ def evaluate_lm_eval(
     """
     lm_eval = _import_lm_eval()
     manager = check_lm_eval_tasks(tasks, include_path)
-    path = resolve_model_path(model)
+    path = resolve_model_path(model)  # a missing model or a damaged GGUF is a DamError here, before lm-eval runs
     model_args = {"pretrained": str(path), "dtype": dtype}
+    gguf = gguf_source(split_reference(model)[0])
+    if gguf is not None:  # lm-eval loads the file itself: transformers' GGUF loading, its dequantized weights and
+        # tokenizer (the cache folder above holds no weights)
+        model_args = {"pretrained": str(gguf.parent), "gguf_file": gguf.name, "dtype": dtype}
     adapter = split_reference(model)[1]
     if adapter is not None:  # MODEL+LORA: lm-eval's own PEFT loading
         model_args["peft"] = str(resolve_folder(adapter))
