@@ -16,7 +16,8 @@ SmolLM2-135M-Instruct and three full fine-tunes of it, written once to bfloat16 
 ``--methods all``: every config of ``configs/merge/`` (``--methods a,b``: those), its model names mapped in order
 onto the base and the three sources, instead of linear, ties and dare_ties.
 
-Not part of the test suite. Needs mergekit (``pip install mergekit==0.1.5``).
+Its figures are not part of the test suite (a test runs it with ``--smoke``: tiny models, figures meaningless). Needs
+mergekit (``pip install mergekit==0.1.5``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from pathlib import Path
 import yaml
 
 MODEL = dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4, vocab_size=16000)
+# --smoke: that the script runs end to end, in seconds (tests/test_benchmarks.py); its figures mean nothing
+TINY_MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, vocab_size=256)
 # Built in a child process: a child's peak RSS starts at its parent's RSS at fork time, so this process stays small
 # (it imports neither torch nor transformers) to keep every measured child's figure its own.
 BUILD = """
@@ -48,13 +51,13 @@ CONFIGS = {
 }
 
 
-def build_models(workdir: Path) -> tuple[Path, list[Path]]:
-    root = workdir / "models"
+def build_models(workdir: Path, model: dict[str, int]) -> tuple[Path, list[Path]]:
+    root = workdir / ("models" if model == MODEL else "tiny_models")
     base, sources = root / "base", [root / f"source{i}" for i in range(3)]
     if not all((p / "model.safetensors").exists() for p in [base, *sources]):
         shutil.rmtree(root, ignore_errors=True)
-        print("building 4 models of ~110M parameters ...", flush=True)
-        subprocess.run([sys.executable, "-c", BUILD.format(model=MODEL), str(root)], check=True, capture_output=True)
+        print(f"building 4 Llama models of shapes {model} ...", flush=True)
+        subprocess.run([sys.executable, "-c", BUILD.format(model=model), str(root)], check=True, capture_output=True)
     return base, sources
 
 
@@ -164,11 +167,13 @@ def main() -> None:
         default="three",
         help="three (linear, ties, dare_ties), all (every configs/merge config) or a comma-separated list of names",
     )
+    parser.add_argument("--smoke", action="store_true", help="tiny models: the script runs (figures mean nothing)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dam-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        base, sources = real_models(workdir, args.real) if args.real else build_models(workdir)
+        model = TINY_MODEL if args.smoke else MODEL
+        base, sources = real_models(workdir, args.real) if args.real else build_models(workdir, model)
         model_mb = (sources[0] / "model.safetensors").stat().st_size / 1e6
         importing = [sys.executable, "-c", "import torch, safetensors, yaml, pydantic"]
         baseline = best_of([run_child(importing) for _ in range(args.repeats)])
