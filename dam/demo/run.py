@@ -268,9 +268,8 @@ def _family_fingerprint(root: Path) -> str | None:
     return hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else None
 
 
-def _check_out(out: Path, config: Any, force: bool, root: Path) -> None:
-    """Refuse an ``out`` that holds anything but a DAM run of this exact config on this build of the family under
-    ``root`` (or delete it under ``force``)."""
+def _check_out(out: Path, config: Any, force: bool) -> None:
+    """Refuse an ``out`` that holds anything but a DAM run of this exact config (or delete it under ``force``)."""
     from dam.training.config import portable_config
     from dam.training.run_dir import CONFIG_FILE
 
@@ -288,13 +287,23 @@ def _check_out(out: Path, config: Any, force: bool, root: Path) -> None:
             f"output folder {out} holds a DAM run of another config ({saved} differs): use --force to retrain, "
             "or another --out"
         )
+
+
+def _check_family(out: Path, root: Path) -> None:
+    """Refuse an ``out`` whose runs were trained on another build of the family than the one under ``root``, or
+    that does not record which (the config names the models by path only, so a rebuilt family looks the same)."""
+    from dam.training.run_dir import CONFIG_FILE
+
+    if not (out / CONFIG_FILE).is_file():
+        return
     recorded = out / FAMILY_FILE
     try:
         fingerprint = json.loads(recorded.read_text())["build_report_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         fingerprint = None
     if fingerprint is None or fingerprint != _family_fingerprint(root):
-        why = "another build of the family" if fingerprint else f"a family it does not record ({recorded} missing)"
+        unrecorded = f"a family it does not record ({recorded} missing or unreadable)"
+        why = "another build of the family" if fingerprint else unrecorded
         raise DamError(
             f"output folder {out} holds runs trained on {why}, not on {root / 'models'}'s: use --force to retrain, "
             "or another --out"
@@ -643,7 +652,7 @@ def plot_results(
     every = -(-data.shape[0] // HEAT_MAP_LABELS)
     heat_ax.set_yticks(range(0, data.shape[0], every), list(coefficients.index)[::every])
     lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
-    for (r, c), v in np.ndenumerate(data if every == 1 else np.empty((0, 0))):
+    for (r, c), v in np.ndenumerate(data) if every == 1 else ():
         dark = (v - lo) / ((hi - lo) or 1.0) < 0.5
         heat_ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
     heat_ax.set_title("DAM coefficients: mean per layer and source", fontsize=10)
@@ -730,7 +739,9 @@ def run_demo(
     start = time.perf_counter()
     root, out = Path(root), Path(out)
     config = dam_config(root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family)
-    _check_out(out, config, force, root)
+    _check_out(out, config, force)
+    if _family_fingerprint(root) is not None:  # a family there already: its runs are checked before any work
+        _check_family(out, root)
     for method in CLASSIC_METHODS:  # config errors before any heavy work
         merge_config_text(method, root, seed, family)
     seconds: dict[str, float] = {}
@@ -739,6 +750,7 @@ def run_demo(
         report = _ensure_family(root, quick, family)
     skills = list(report["skills"])
     seconds["family"] = time.perf_counter() - t0
+    _check_family(out, root)  # the family installed or built just now (the shipped toy family is the same each time)
     out.mkdir(parents=True, exist_ok=True)
     (out / FAMILY_FILE).write_text(json.dumps({"build_report_sha256": _family_fingerprint(root)}) + "\n")
 
