@@ -67,10 +67,18 @@ SHAPES = {
         tied=True,
         max_position_embeddings=2048,
     ),
+    # a smoke test of every kind in seconds (tests/test_benchmarks.py): its figures mean nothing
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        vocab_size=256,
+        tied=True,
+        max_position_embeddings=128,
+    ),
 }
-# a smoke test of every kind in seconds (tests/test_benchmarks.py): its figures mean nothing
-SHAPES["tiny"] = dict(SHAPES["smollm2"], hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2)
-SHAPES["tiny"].update(num_kv_heads=1, vocab_size=256, max_position_embeddings=128)
 MODEL = SHAPES["small"]  # the shapes of this run: main() and the workers set it from --shapes
 TOP_K = 64
 SOURCES = (2, 3, 4)

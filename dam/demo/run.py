@@ -259,12 +259,17 @@ def _recorded_cost(folder: Path) -> dict[str, float] | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def _report_file(root: Path) -> Path:
+    """The build report of the family under ``root`` (every family's build writes one)."""
+    return root / "models" / "build_report.json"
+
+
 def _family_fingerprint(root: Path) -> str | None:
     """The SHA-256 of the family's build report under ``root`` (None before it is built): every build writes a
     new one, so runs trained on another build of the family are told apart from runs on this one."""
     import hashlib
 
-    report = root / "models" / "build_report.json"
+    report = _report_file(root)
     return hashlib.sha256(report.read_bytes()).hexdigest() if report.is_file() else None
 
 
@@ -289,21 +294,22 @@ def _check_out(out: Path, config: Any, force: bool) -> None:
         )
 
 
-def _check_family(out: Path, root: Path) -> None:
-    """Refuse an ``out`` whose runs were trained on another build of the family than the one under ``root``, or
-    that does not record which (the config names the models by path only, so a rebuilt family looks the same)."""
+def _check_family(out: Path, root: Path, fingerprint: str | None) -> None:
+    """Refuse an ``out`` whose runs were trained on another build of the family than the one under ``root`` (whose
+    :func:`_family_fingerprint` is ``fingerprint``), or that does not record which (the config names the models by
+    path only, so a rebuilt family looks the same)."""
     from dam.training.run_dir import CONFIG_FILE
 
     if not (out / CONFIG_FILE).is_file():
         return
     recorded = out / FAMILY_FILE
     try:
-        fingerprint = json.loads(recorded.read_text())["build_report_sha256"]
+        trained_on = json.loads(recorded.read_text())["build_report_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        fingerprint = None
-    if fingerprint is None or fingerprint != _family_fingerprint(root):
+        trained_on = None
+    if trained_on is None or trained_on != fingerprint:
         unrecorded = f"a family it does not record ({recorded} missing or unreadable)"
-        why = "another build of the family" if fingerprint else unrecorded
+        why = "another build of the family" if trained_on else unrecorded
         raise DamError(
             f"output folder {out} holds runs trained on {why}, not on {root / 'models'}'s: use --force to retrain, "
             "or another --out"
@@ -671,7 +677,7 @@ def _ensure_family(root: Path, quick: bool, family: Family = TOY) -> dict[str, A
     family built in seconds (``quick``), or the real family built (minutes to hours)."""
     from dam.demo.family import SHIPPED_FAMILY, DemoSettings, build_demo, install_shipped_family
 
-    report_file = root / "models" / "build_report.json"
+    report_file = _report_file(root)
     if report_file.is_file():
         return json.loads(report_file.read_text())
     if family is SMOLLM2:
@@ -740,8 +746,9 @@ def run_demo(
     root, out = Path(root), Path(out)
     config = dam_config(root, out, seed=seed, overrides=dam_overrides, quick=quick, family=family)
     _check_out(out, config, force)
-    if _family_fingerprint(root) is not None:  # a family there already: its runs are checked before any work
-        _check_family(out, root)
+    fingerprint = _family_fingerprint(root)
+    if fingerprint is not None:  # a family there already: its runs are checked before any work
+        _check_family(out, root, fingerprint)
     for method in CLASSIC_METHODS:  # config errors before any heavy work
         merge_config_text(method, root, seed, family)
     seconds: dict[str, float] = {}
@@ -750,9 +757,10 @@ def run_demo(
         report = _ensure_family(root, quick, family)
     skills = list(report["skills"])
     seconds["family"] = time.perf_counter() - t0
-    _check_family(out, root)  # the family installed or built just now (the shipped toy family is the same each time)
+    fingerprint = _family_fingerprint(root)  # of the family installed or built just now, if it was
+    _check_family(out, root, fingerprint)  # (the shipped toy family installs the same report each time)
     out.mkdir(parents=True, exist_ok=True)
-    (out / FAMILY_FILE).write_text(json.dumps({"build_report_sha256": _family_fingerprint(root)}) + "\n")
+    (out / FAMILY_FILE).write_text(json.dumps({"build_report_sha256": fingerprint}) + "\n")
 
     tasks = [family.general, *skills]
     limit = QUICK_EVAL_LIMIT if quick else None

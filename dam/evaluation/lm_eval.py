@@ -104,11 +104,11 @@ def evaluate_lm_eval(
     manager = check_lm_eval_tasks(tasks, include_path)
     path = resolve_model_path(model)  # a missing model or a damaged GGUF is a DamError here, before lm-eval runs
     model_args = {"pretrained": str(path), "dtype": dtype}
-    gguf = gguf_source(split_reference(model)[0])
+    reference, adapter = split_reference(model)
+    gguf = gguf_source(reference)
     if gguf is not None:  # lm-eval loads the file itself: transformers' GGUF loading, its dequantized weights and
         # tokenizer (the cache folder above holds no weights)
         model_args = {"pretrained": str(gguf.parent), "gguf_file": gguf.name, "dtype": dtype}
-    adapter = split_reference(model)[1]
     if adapter is not None:  # MODEL+LORA: lm-eval's own PEFT loading
         model_args["peft"] = str(resolve_folder(adapter))
     output = lm_eval.simple_evaluate(
