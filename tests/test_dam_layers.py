@@ -16,9 +16,11 @@ from dam.adaptive.layers import (
     _DAMEmbeddingFunction,
     _DAMLinearFunction,
     _DAMLinearLossFunction,
+    _merged_weight,
     apply_transform,
     fold,
     inverse_transform,
+    merge,
     row_count,
     transform_coefficients,
 )
@@ -288,6 +290,19 @@ def test_coefficient_gradients_are_exact_over_row_chunks(granularity, monkeypatc
     c2 = c.detach().clone().requires_grad_()
     (F.linear(x, _explicit_weight(ws, c2)) * gy).sum().backward()
     torch.testing.assert_close(c.grad, c2.grad)
+
+
+@pytest.mark.parametrize("source_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", list(WIDTHS))
+def test_chunked_fold_has_the_bits_of_the_whole_merge(granularity, source_dtype, monkeypatch):
+    """The linear functions' weight, folded a few rows at a time (here 3 rows a chunk, the last one short), is
+    ``merge`` of the whole tensor rounded to the sources' dtype, bit for bit, in every compute dtype."""
+    monkeypatch.setattr("dam.adaptive.layers._CHUNK_ELEMENTS", 3 * IN)
+    ws = torch.randn(N, OUT + 1, IN, dtype=torch.float32).to(source_dtype)  # 7 rows: chunks of 3, 3, 1
+    c = torch.randn(N, WIDTHS[granularity] + (1 if granularity == "row_column" else 0), dtype=torch.float32)
+    whole = merge(ws, c, row_count(ws.shape, c.shape)).to(source_dtype)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(_merged_weight(ws, c, dtype), whole.to(dtype))
 
 
 @pytest.mark.parametrize("granularity", list(WIDTHS))

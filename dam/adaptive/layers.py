@@ -50,7 +50,10 @@ from torch import Tensor, nn
 TRANSFORMS = ("none", "tanh", "sigmoid", "softmax", "task_vector")
 GRANULARITIES = ("column", "row_column", "tensor")
 SOURCE_SUFFIXES = ("weight_sources", "bias_sources")
-_CHUNK_ELEMENTS = 2**22  # rows per chunk in the coefficient-gradient reduction: ~16 MB float32 temporaries
+_CHUNK_ELEMENTS = 2**16
+"""Elements per row chunk of the fold and the coefficient-gradient reduction inside the linear functions: 256 KiB
+float32 temporaries, which stay in a core's cache and are allocated once per call (whole-layer temporaries cost
+fresh pages on every call)."""
 
 
 def task_vector_coefficients(raw: Tensor, base: int) -> Tensor:
@@ -198,7 +201,7 @@ def _coefficient_grads(grad_w: Tensor, sources: Tensor, coefficients: Tensor) ->
 
     With ``P_i = grad_w * W_i``: column layout (C = J) ``sum_k P_i[k, j]``; scalar (C = 1) ``sum_{k,j} P_i``;
     row_column (C = K + J) ``[sum_j P_i[k, j] c_i[j] | sum_k P_i[k, j] r_i[k]]``. Accumulates over row chunks
-    so that temporaries stay small whatever the layer size; no per-source product is kept whole.
+    of ``_CHUNK_ELEMENTS`` into one reused temporary; no per-source product is kept whole.
     """
     n, k, j = sources.shape
     dtype = coefficients.dtype
@@ -206,14 +209,16 @@ def _coefficient_grads(grad_w: Tensor, sources: Tensor, coefficients: Tensor) ->
     out = torch.zeros(n, j, dtype=dtype, device=grad_w.device)  # the column part
     row_grads = torch.zeros(n, rows, dtype=dtype, device=grad_w.device)
     step = max(1, _CHUNK_ELEMENTS // max(j, 1))
+    buffer = torch.empty(min(step, k), j, dtype=dtype, device=grad_w.device)
     for start in range(0, k, step):
         end = min(start + step, k)
         block = grad_w[start:end].to(dtype)  # (k', J)
+        product = buffer[: end - start]
         for i in range(n):
-            product = block * sources[i, start:end]  # (k', J) in dtype
+            torch.mul(block, sources[i, start:end], out=product)  # (k', J) in dtype
             if rows:
-                row_grads[i, start:end] = product @ coefficients[i, rows:]
-                out[i] += coefficients[i, start:end] @ product
+                torch.mv(product, coefficients[i, rows:], out=row_grads[i, start:end])
+                out[i].addmv_(product.t(), coefficients[i, start:end])
             else:
                 out[i] += product.sum(0)
     if rows:
@@ -341,10 +346,38 @@ class _DAMLinearLossFunction(torch.autograd.Function):
 
 
 def _merged_weight(weight_sources: Tensor, coefficients: Tensor, dtype: torch.dtype) -> Tensor:
-    """The merged weight (out, in) that the linear functions compute with: folded in the coefficients' dtype,
-    rounded to the sources' dtype (what an exported checkpoint holds), then in ``dtype``."""
+    """The merged weight (out, in) that the linear functions compute with: :func:`merge` (folded in the
+    coefficients' dtype, rounded to the sources' dtype: what an exported checkpoint holds), then in ``dtype``.
+
+    The same arithmetic in the same order, so the same bits, as ``merge(...).to(weight_sources.dtype).to(dtype)``,
+    but folded ``_CHUNK_ELEMENTS`` at a time into the result (through one reused temporary when the dtypes
+    differ): every source is read once and no whole-layer temporary is made. Not differentiable (the linear
+    functions give the coefficients' gradients themselves)."""
+    n, k, j = weight_sources.shape
     rows = row_count(weight_sources.shape, coefficients.shape)
-    return merge(weight_sources, coefficients, rows).to(weight_sources.dtype).to(dtype)
+    acc = coefficients.dtype
+    merged = torch.empty(k, j, dtype=dtype, device=weight_sources.device)
+    step = max(1, _CHUNK_ELEMENTS // max(j, 1))
+    direct = dtype == acc == weight_sources.dtype
+    folded = None if direct else torch.empty(min(step, k), j, dtype=acc, device=merged.device)
+    scaled = torch.empty(min(step, k), j, dtype=acc, device=merged.device) if rows else None
+    for start in range(0, k, step):
+        end = min(start + step, k)
+        block = merged[start:end] if direct else folded[: end - start]
+        for i in range(n):
+            source, c = weight_sources[i, start:end], coefficients[i]
+            if rows:  # (W_i[rows] * c_i) * r_i[rows], as merge does
+                factor, scale = scaled[: end - start], c[start:end, None]
+                torch.mul(source, c[rows:], out=factor)
+            else:
+                factor, scale = source, c
+            if i == 0:
+                torch.mul(factor, scale, out=block)
+            else:
+                block.addcmul_(factor, scale)
+        if not direct:
+            merged[start:end] = block.to(weight_sources.dtype)
+    return merged
 
 
 class _DAMEmbeddingFunction(torch.autograd.Function):
