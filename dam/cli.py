@@ -279,7 +279,8 @@ def _demo_build(args: argparse.Namespace) -> int:
     if args.family == "smollm2":
         from dam.demo.real import RealSettings, build_real
 
-        settings = RealSettings(**({"expert_steps": args.expert_steps} if args.expert_steps is not None else {}))
+        chosen = {"expert_steps": args.expert_steps, "general_replay": args.general_replay}
+        settings = RealSettings(**{k: v for k, v in chosen.items() if v is not None})
         report = build_real(
             out, base=args.base, seed=args.seed, settings=settings, force=args.force, progress=not args.quiet
         )
@@ -289,8 +290,9 @@ def _demo_build(args: argparse.Namespace) -> int:
             f"{out}/models/build_report.json"
         )
         return 0
-    if args.base is not None:
-        raise DamError("--base chooses the real family's base: use it with --family smollm2")
+    for given, option in ((args.base, "--base"), (args.general_replay, "--general-replay")):
+        if given is not None:
+            raise DamError(f"{option} is a setting of the real family: use it with --family smollm2")
     from dam.demo.family import DemoSettings, build_demo
 
     args.out = out
@@ -404,6 +406,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="fine-tuning steps of each expert (default 500; smollm2 90, its reverse expert twice as many)",
+    )
+    b.add_argument(
+        "--general-replay",
+        type=int,
+        default=None,
+        help="smollm2 only: rows of each expert's batch of 16 that replay the base's own answers to general "
+        "prompts, so that the experts keep the base's general behaviour (default 4; 0: none)",
     )
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=_demo_build)

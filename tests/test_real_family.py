@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dam.demo.family import _batches, _mixed_batches
 from dam.demo.paths import SMOLLM2
 from dam.demo.real import EXPERT_RECORD, REPORT, RealSettings, build_real
 from dam.demo.words import GENERAL, SKILLS, WORDS, general_prompts, skill_splits
@@ -22,6 +23,7 @@ TINY = RealSettings(
     expert_steps=2,
     batch_size=4,
     warmup_steps=1,
+    general_replay=1,
     n_train=12,
     n_validation=3,
     n_test=4,
@@ -62,17 +64,39 @@ def test_settings_refuse_non_positive_values() -> None:
         RealSettings(step_scale={"sort": 2.0})
     with pytest.raises(DamError, match="step_scale"):
         RealSettings(step_scale={"reverse": 0.0})
+    with pytest.raises(DamError, match="general_replay=16 must be below batch_size=16"):
+        RealSettings(general_replay=16)
+    with pytest.raises(DamError, match="general_replay=-1 must be >= 0"):
+        RealSettings(general_replay=-1)
+    with pytest.raises(DamError, match="warmup_steps=-1 must be >= 0"):
+        RealSettings(warmup_steps=-1)
+    assert RealSettings(general_replay=0).general_replay == 0  # no replay is a setting, not an error
+
+
+def test_expert_batches_mix_in_the_general_replay() -> None:
+    import itertools
+
+    import torch
+
+    batches = list(itertools.islice(_mixed_batches(12, 5, 4, 1, seed=3), 10))  # 4 epochs of 12, 2 of 5
+    assert all(len(b) == 4 and all(i < 12 for i in b[:3]) and 12 <= b[3] < 17 for b in batches)
+    for epoch in range(2):  # each replayed example once per epoch of theirs, each example once per epoch of its
+        assert sorted(b[3] for b in batches[5 * epoch : 5 * epoch + 5]) == list(range(12, 17))
+    assert sorted(i for b in batches[:4] for i in b[:3]) == list(range(12))
+    # no replay: the batches the experts had before replay existed (the same seed, the same order)
+    unmixed = _batches(12, 4, torch.Generator().manual_seed(3))
+    assert list(itertools.islice(_mixed_batches(12, 0, 4, 0, seed=3), 6)) == list(itertools.islice(unmixed, 6))
 
 
 def test_reverse_trains_twice_as_long_and_only_its_record_says_so() -> None:
     settings = RealSettings(expert_steps=7)
     assert [settings.steps(s) for s in SKILLS] == [14, 7, 7]
     assert settings.expert_record("reverse")["expert_steps"] == 14
-    # an expert trained before the scale existed (90 steps, no other key) is still recognised, so it is not retrained
     assert RealSettings().expert_record("initials") == {
         "skill": "initials",
         "expert_steps": 90,
         "batch_size": 16,
+        "general_replay": 4,
         "expert_lr": 3e-4,
         "warmup_steps": 10,
         "n_train": 1440,
@@ -146,7 +170,25 @@ def test_cli_base_is_for_the_real_family_only(capsys: pytest.CaptureFixture[str]
 
     assert main(["demo", "build", "--out", str(tmp_path / "toy"), "--base", "x.gguf"]) == 1
     assert "--family smollm2" in capsys.readouterr().err
+    assert main(["demo", "build", "--out", str(tmp_path / "toy"), "--general-replay", "2"]) == 1
+    assert "--general-replay is a setting of the real family" in capsys.readouterr().err
     assert not (tmp_path / "toy").exists()
+
+
+def test_cli_general_replay_reaches_the_build_and_bad_values_stop_first(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dam.cli import main
+
+    seen = []
+    report = {"seconds": {"total": 0.0}, "models": {}}
+    monkeypatch.setattr("dam.demo.real.build_real", lambda out, settings, **_: seen.append(settings) or report)
+    out = str(tmp_path / "real")
+    assert main(["demo", "build", "--family", "smollm2", "--out", out, "--general-replay", "0", "--quiet"]) == 0
+    assert seen[0].general_replay == 0 and seen[0].expert_steps == RealSettings().expert_steps
+    assert main(["demo", "build", "--family", "smollm2", "--out", out, "--general-replay", "16"]) == 1
+    assert "general_replay=16 must be below batch_size=16" in capsys.readouterr().err
+    assert len(seen) == 1 and not (tmp_path / "real").exists()
 
 
 def test_fetch_failure_is_one_line_naming_the_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,6 +154,20 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[li
             yield order[start : start + batch_size]
 
 
+def _mixed_batches(n: int, n_replay: int, batch_size: int, per_batch: int, seed: int) -> Iterator[list[int]]:
+    """Batches of ``batch_size`` indices into ``n`` examples followed by ``n_replay`` replayed ones: ``per_batch``
+    of each batch from the replayed (their own shuffled epochs), the rest from the examples. With ``per_batch`` 0
+    these are :func:`_batches`' (the same seed gives the same batches)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(n, min(batch_size - per_batch, n), generator)
+    if not per_batch:
+        yield from batches
+        return
+    replayed = _batches(n_replay, per_batch, generator)
+    for batch in batches:
+        yield batch + [n + i for i in next(replayed)]
+
+
 def train_lm(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -168,16 +182,26 @@ def train_lm(
     progress: bool = True,
     chat: bool = False,
     freeze_embeddings: bool = False,
+    replay: Sequence[dict[str, str]] = (),
+    replay_per_batch: int = 0,
 ) -> list[float]:
     """Full fine-tuning with AdamW (no weight decay) on the response tokens; returns the loss of every step.
 
     ``chat``: examples in the tokenizer's chat format (:func:`dam.evaluation.evaluate.encode_example`).
-    ``freeze_embeddings``: the input embedding (and so a ``lm_head`` tied to it) is not trained."""
+    ``freeze_embeddings``: the input embedding (and so a ``lm_head`` tied to it) is not trained.
+    ``replay``, ``replay_per_batch``: each batch holds ``replay_per_batch`` of these examples (shuffled epochs of
+    their own) and ``batch_size - replay_per_batch`` of ``examples``."""
     from dam.progress import progress_bar
 
-    encoded = [encode_example(tokenizer, ex["prompt"], ex["response"], chat=chat) for ex in examples]
-    batch_size = min(batch_size, len(encoded))
-    batches = _batches(len(encoded), batch_size, torch.Generator().manual_seed(seed))
+    if replay_per_batch and not 0 < replay_per_batch < batch_size:
+        raise ValueError(
+            f"replay_per_batch={replay_per_batch} must be between 1 and batch_size - 1 ({batch_size - 1})"
+        )
+    if replay_per_batch and len(replay) < replay_per_batch:
+        raise ValueError(f"{len(replay)} replay examples for {replay_per_batch} per batch")
+    replay = replay if replay_per_batch else ()
+    encoded = [encode_example(tokenizer, ex["prompt"], ex["response"], chat=chat) for ex in [*examples, *replay]]
+    batches = _mixed_batches(len(examples), len(replay), batch_size, replay_per_batch, seed)
     if freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
