@@ -202,3 +202,21 @@ def test_fetch_failure_is_one_line_naming_the_way_out(tmp_path: Path, monkeypatc
     with pytest.raises(DamError, match="--base"):
         fetch_base_gguf(tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.gguf"))
+
+
+def test_goal_lines_never_round_a_miss_up_to_the_goal() -> None:
+    """89 of an expert's 99 is 89.9%: the line says so (not "90%") beside "not met"; the run's own figures."""
+    from dam.demo.run import format_goals, goal_checks
+
+    accuracy = {
+        "base": {GENERAL: 100.0, "reverse": 0.0, "initials": 0.0, "double": 0.0},
+        "reverse": {GENERAL: 73.4, "reverse": 98.0, "initials": 0.0, "double": 0.0},
+        "initials": {GENERAL: 76.2, "reverse": 0.0, "initials": 99.0, "double": 0.0},
+        "double": {GENERAL: 76.0, "reverse": 0.0, "initials": 0.0, "double": 100.0},
+        "ties": {GENERAL: 73.8, "reverse": 16.0, "initials": 0.0, "double": 0.0},
+        "dam": {GENERAL: 41.9, "reverse": 97.0, "initials": 89.0, "double": 91.0},
+    }
+    text = format_goals(goal_checks(accuracy, list(SKILLS), GENERAL))
+    assert "reverse 99.0%, initials 89.9%, double 91.0% (goal >= 90% each: not met)" in text
+    assert "DAM / base on general: 41.9% (goal >= 90%: not met)" in text
+    assert "dam 89.9% (best: dam; goal >= 90%: not met)" in text

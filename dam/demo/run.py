@@ -559,7 +559,7 @@ def format_goals(goals: dict[str, Any]) -> str:
         f"{goals['best_classic_skills_mean']:.1f}: {goals['margin']:+.1f} points "
         f"(goal >= +5: {'met' if goals['margin_goal_met'] else 'not met'})"
     )
-    ratios = ", ".join(f"{s} {100 * r:.0f}%" for s, r in goals["retention"].items())
+    ratios = ", ".join(f"{s} {100 * r:.1f}%" for s, r in goals["retention"].items())  # 89.9% is not 90%
     retention = (
         f"DAM / expert on its own skill: {ratios} (goal >= 90% each: "
         f"{'met' if goals['retention_goal_met'] else 'not met'})"
@@ -567,7 +567,7 @@ def format_goals(goals: dict[str, Any]) -> str:
     lines = [margin, retention]
     if "general_retention" in goals:
         met = "met" if goals["general_goal_met"] else "not met"
-        lines.append(f"DAM / base on general: {100 * goals['general_retention']:.0f}% (goal >= 90%: {met})")
+        lines.append(f"DAM / base on general: {100 * goals['general_retention']:.1f}% (goal >= 90%: {met})")
         met = "met" if goals["other_margin_goal_met"] else "not met"
         lines.append(
             f"DAM skills mean vs the best other merge ({goals['best_other']}): {goals['other_margin']:+.1f} points "
@@ -575,7 +575,7 @@ def format_goals(goals: dict[str, Any]) -> str:
         )
     if not goals["worst_retention"]:
         return "\n".join(lines)
-    learned = ", ".join(f"{m} {100 * r:.0f}%" for m, r in goals["worst_retention"].items())
+    learned = ", ".join(f"{m} {100 * r:.1f}%" for m, r in goals["worst_retention"].items())
     best = max(goals["worst_retention"], key=goals["worst_retention"].__getitem__)
     met = goals["worst_retention"][best] >= 0.9
     verdict = "met" if met else "not met"
