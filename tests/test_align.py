@@ -11,15 +11,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from tiny_run import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dam.adaptive.layers import fold
 from dam.adaptive.losses import layer_alignment, token_weights
 from dam.adaptive.model import DAMModel
+from dam.cli import main
 from dam.errors import DamError
 from dam.evaluation.analysis import alignment_by_layer, load_metrics, plot_alignment
+from dam.evaluation.check import check_config, refuse_training
 from dam.testing import make_family
+from dam.training.config import config_to_dict
 from dam.training.loop import _Teachers, loss_mask, teacher_targets, train
 
 
@@ -165,6 +169,28 @@ def test_alignment_config_refusals(family: tuple[Path, list[Path]], tmp_path: Pa
     for message, extra in cases.items():
         with pytest.raises(DamError, match=message):
             tiny_config(base, sources, tmp_path / "run", *extra)
+
+
+def test_alignment_alone_refuses_a_trained_tied_head(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With ``loss.kl: 0`` nothing sees the output, so a tied ``lm_head`` must not train with the embedding: refused
+    by ``dam train`` before the run folder, by ``dam check`` and by :func:`train` itself (the API path), each naming
+    the fix; without the embedding, with the KL, or with an untied head, the same run is accepted."""
+    base, sources = make_family(tmp_path / "tied", 3, tied=True)
+    run = tmp_path / "run"
+    blind = tiny_config(base, sources, run, "loss.align=1", "loss.kl=0")
+    path = tmp_path / "dam.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(blind), sort_keys=False))
+    assert main(["train", str(path)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "tied to its embedding" in errors[0] and "dam.targets: [linear, norm]" in errors[0]
+    assert not run.exists()
+    assert check_config(path).verdict == "refuse"
+    with pytest.raises(DamError, match="lm_head of base .* is tied to its embedding"):
+        train(blind)
+    for extra in (["dam.targets=[linear,norm]"], ["loss.kl=0.5"]):
+        refuse_training(tiny_config(base, sources, run, "loss.align=1", "loss.kl=0", *extra))
+    untied = make_family(tmp_path / "untied", 3)
+    refuse_training(tiny_config(*untied, run, "loss.align=1", "loss.kl=0"))
 
 
 def test_alignment_by_layer_needs_a_run_trained_with_it() -> None:

@@ -195,16 +195,19 @@ class CheckReport:
 def refuse_training(config: DAMConfig) -> None:
     """``dam train``'s refusals that need no weight read: the sources' config.json against the base's
     (:func:`dam.adaptive.checks.check_configs`) and their tokenizers' vocabularies against the base's
-    (:func:`dam.training.data.check_vocabularies`). Raises the first as a DamError; ``dam train`` calls it
-    before it creates the run folder."""
-    _refuse_dam_sources(config.base_model, [(m.name, m.model) for m in config.models])
+    (:func:`dam.training.data.check_vocabularies`), and an objective blind to a tied head
+    (:meth:`dam.training.config.DAMConfig.refuse_blind_tied_head`). Raises the first as a DamError; ``dam train``
+    calls it before it creates the run folder."""
+    _refuse_dam_sources(config.base_model, [(m.name, m.model) for m in config.models], config)
 
 
-def _refuse_dam_sources(base: str, sources: list[tuple[str, str]]) -> None:
+def _refuse_dam_sources(base: str, sources: list[tuple[str, str]], settings: DAMConfig | None = None) -> None:
     from dam.adaptive.checks import check_configs, load_source_config
     from dam.training.data import check_vocabularies, load_tokenizer
 
     base_config = load_source_config(base, "base")
+    if settings is not None:
+        settings.refuse_blind_tied_head(bool(getattr(base_config, "tie_word_embeddings", False)))
     models = [model for _, model in sources]
     check_configs(base, base_config, models, [load_source_config(m, "source") for m in models])
     own = {
@@ -571,7 +574,7 @@ def _check_train(
     """A DAM run of ``sources`` (name, model) over ``base``; ``settings`` None: the run config's defaults."""
     target = TargetReport(name=None)
     try:
-        _refuse_dam_sources(base, sources)
+        _refuse_dam_sources(base, sources, settings)
     except DamError as e:
         reasons.append(Reason("refuse", "compatibility", str(e)))
     models = list(dict.fromkeys([base, *(m for _, m in sources)]))

@@ -388,6 +388,20 @@ class DAMConfig(BaseModel):
             raise ValueError("loss.kl and loss.align are both 0: no term pulls the merge toward the sources")
         return self
 
+    def refuse_blind_tied_head(self, tied: bool) -> None:
+        """Refuse an objective that never sees the output while the output head trains: with ``loss.kl: 0`` the
+        alignment stops at the final norm, so an ``lm_head`` tied to a trained embedding (``tied``: the base's
+        ``tie_word_embeddings``) moves with the embedding's coefficients, driven by the input side alone. Measured
+        on SmolLM2-135M (docs/real-family.md): the vocabulary row scales of the letters the ``initials`` skill
+        reads grew to 1.8, so the merge began every general answer with ``R``. Needs the base's config, hence not
+        a validator: ``dam train`` calls it before the run folder, :func:`dam.training.loop.train` on its model."""
+        if tied and self.loss.objective == "kl" and self.loss.kl == 0 and "embedding" in self.dam.targets:
+            raise DamError(
+                f"loss.kl: 0 with dam.targets {self.dam.targets}: the lm_head of base {self.base_model!r} is tied to "
+                "its embedding, which would train with no term on the output (loss.align stops at the final norm); "
+                "leave the embedding out (dam.targets: [linear, norm]) or set loss.kl > 0"
+            )
+
     @model_validator(mode="after")
     def _cached_logits_need_top_k(self) -> DAMConfig:
         if self.data.teacher_logits == "cached" and self.loss.top_k is None:

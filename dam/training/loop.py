@@ -221,6 +221,7 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
         dtype=parse_dtype(config.dtype),
         device="meta" if shard else accelerator.device,
     )
+    config.refuse_blind_tied_head(bool(model.tied))
     if shard:
         shard_sources(model, accelerator.device)
         local, total = source_bytes(model)
