@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from tiny_run import tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -191,6 +192,24 @@ def test_alignment_alone_refuses_a_trained_tied_head(tmp_path: Path, capsys: pyt
         refuse_training(tiny_config(base, sources, run, "loss.align=1", "loss.kl=0", *extra))
     untied = make_family(tmp_path / "untied", 3)
     refuse_training(tiny_config(*untied, run, "loss.align=1", "loss.kl=0"))
+
+
+@pytest.mark.parametrize("kl", [0.0, 0.5])
+def test_alignment_alone_keeps_an_untied_head_at_its_init(
+    family: tuple[Path, list[Path]], tmp_path: Path, kl: float
+) -> None:
+    """With ``loss.kl: 0`` no gradient of the objective reaches an untied ``lm_head``; a regulariser (here the L2
+    toward 0) would move it with nothing to hold it, so it is frozen: after training its coefficients are the
+    init's bit for bit while a decoder layer's moved. With the KL it trains."""
+    config = tiny_config(
+        *family, tmp_path / "run", "loss.align=1", f"loss.kl={kl}", "loss.l2=0.5", "train.max_steps=4"
+    )
+    trained = load_file(train(config) / "dam_coefficients.safetensors")
+    init = DAMModel.from_pretrained(config.base_model, [m.model for m in config.models], config.dam)
+    start = init.raw_coefficients()
+    assert trained["lm_head.weight"].equal(start["lm_head.weight"]) == (kl == 0)
+    layer = "model.layers.0.mlp.up_proj.weight"
+    assert not trained[layer].equal(start[layer])
 
 
 def test_alignment_by_layer_needs_a_run_trained_with_it() -> None:

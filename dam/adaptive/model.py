@@ -425,6 +425,21 @@ class DAMModel(nn.Module):
         """The parameters to optimise: every coefficient tensor with ``requires_grad`` (no duplicates)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def freeze_output_head(self) -> list[str]:
+        """Stop training an untied ``lm_head``'s coefficients (weight and bias), for an objective that never reads
+        the output (``loss.kl: 0``): no gradient would reach them but the regularisers' and the optimizer's weight
+        decay, which would move the head with nothing to hold it. A tied head is the embedding's business
+        (:meth:`dam.training.config.DAMConfig.refuse_blind_tied_head`). Returns the names frozen (none when tied,
+        when the model has no DAM head, or when it was not trained)."""
+        head = self.model.get_output_embeddings()
+        frozen = []
+        for name, (module, attr, _) in self.merged_tensors.items():
+            coefficients = getattr(module, f"{attr}_coefficients")
+            if module is head and coefficients.requires_grad:
+                coefficients.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
     def source_parameter_names(self) -> list[str]:
         """Names of the frozen source parameters (e.g. for DDP's ``_set_params_and_buffers_to_ignore_for_model``)."""
         return [n for n, _ in self.named_parameters() if n.rsplit(".", 1)[-1].endswith("_sources")]

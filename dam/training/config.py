@@ -46,6 +46,8 @@ class LossConfig(BaseModel):
     ``||h - g||^2 / ||g||^2`` averaged over the layers (:func:`dam.adaptive.losses.layer_alignment`), a token mean
     like the KL. A signal at every layer instead of the output alone, as in progressive layer-wise distillation
     (ProDistill, arXiv 2502.12706) and Expert Merging (arXiv 2509.25712); alone with ``kl: 0`` or beside the KL.
+    Alone it never reads the output: an untied ``lm_head``'s coefficients then stay at the init, and a tied one's
+    embedding must be left out of ``dam.targets`` (:meth:`DAMConfig.refuse_blind_tied_head`).
     The teachers' layer states come from their on-the-fly forwards (``data.teacher_logits: on_the_fly``; the
     logits cache holds none); they add ``L x tokens x hidden`` values per teacher to the step's memory, no model
     copy."""
