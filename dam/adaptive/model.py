@@ -432,13 +432,10 @@ class DAMModel(nn.Module):
         (:meth:`dam.training.config.DAMConfig.refuse_blind_tied_head`). Returns the names frozen (none when tied,
         when the model has no DAM head, or when it was not trained)."""
         head = self.model.get_output_embeddings()
-        frozen = []
-        for name, (module, attr, _) in self.merged_tensors.items():
-            coefficients = getattr(module, f"{attr}_coefficients")
-            if module is head and coefficients.requires_grad:
-                coefficients.requires_grad_(False)
-                frozen.append(name)
-        return frozen
+        items = [(name, attr) for name, module, attr in self._coefficient_items(True) if module is head]
+        for _, attr in items:
+            getattr(head, f"{attr}_coefficients").requires_grad_(False)
+        return [name for name, _ in items]
 
     def source_parameter_names(self) -> list[str]:
         """Names of the frozen source parameters (e.g. for DDP's ``_set_params_and_buffers_to_ignore_for_model``)."""

@@ -72,6 +72,12 @@ class LossConfig(BaseModel):
     """Teacher logits cached as the top-K logits and indices per token (typically 50 to 128); ``None`` uses full
     teacher logits. See :func:`dam.adaptive.losses.topk_kl_divergence` for the approximation."""
 
+    @property
+    def reads_output(self) -> bool:
+        """Whether a term of the objective reads the merged model's output (the KL or the entropy): with
+        ``loss.kl: 0`` only the layer alignment is left, which stops at the final norm."""
+        return self.objective != "kl" or self.kl > 0
+
 
 class DataConfig(BaseModel):
     """Training data: how each model's dataset is read, rendered, sampled and paired with teachers
@@ -386,7 +392,7 @@ class DAMConfig(BaseModel):
                 "loss.align needs the teachers' hidden states after every layer, which the logits cache does not "
                 "hold: set data.teacher_logits: on_the_fly"
             )
-        if self.loss.objective == "kl" and self.loss.kl == 0 and self.loss.align == 0:
+        if not self.loss.reads_output and self.loss.align == 0:
             raise ValueError("loss.kl and loss.align are both 0: no term pulls the merge toward the sources")
         return self
 
@@ -397,7 +403,7 @@ class DAMConfig(BaseModel):
         on SmolLM2-135M (docs/real-family.md): the vocabulary row scales of the letters the ``initials`` skill
         reads grew to 1.8, so the merge began every general answer with ``R``. Needs the base's config, hence not
         a validator: ``dam train`` calls it before the run folder, :func:`dam.training.loop.train` on its model."""
-        if tied and self.loss.objective == "kl" and self.loss.kl == 0 and "embedding" in self.dam.targets:
+        if tied and not self.loss.reads_output and "embedding" in self.dam.targets:
             raise DamError(
                 f"loss.kl: 0 with dam.targets {self.dam.targets}: the lm_head of base {self.base_model!r} is tied to "
                 "its embedding, which would train with no term on the output (loss.align stops at the final norm); "

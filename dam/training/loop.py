@@ -222,7 +222,7 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
         device="meta" if shard else accelerator.device,
     )
     config.refuse_blind_tied_head(bool(model.tied))
-    if config.loss.objective == "kl" and config.loss.kl == 0:  # nothing reads the output: the head keeps its init
+    if not config.loss.reads_output:  # the head keeps its init
         frozen = model.freeze_output_head()
         if frozen:
             logger.info("loss.kl: 0: %s not trained (the objective never reads the output)", ", ".join(frozen))
