@@ -20,9 +20,11 @@ from dam.adaptive.options import DAMOptions
 from dam.errors import DamError
 from dam.evaluation.analysis import (
     COLUMNS,
+    SHIFT_COLUMNS,
     layer_means,
     load_coefficient_table,
     load_metrics,
+    merge_shift,
     plot_coefficient_distributions,
     plot_coefficient_heatmap,
     plot_loss_curves,
@@ -30,6 +32,7 @@ from dam.evaluation.analysis import (
     summarise_coefficients,
     tensor_layer,
     tensor_module,
+    total_shift,
 )
 from dam.testing import make_family
 from dam.training.loop import train
@@ -316,3 +319,53 @@ def test_task_vector_form_shows_the_lambdas(qwen2_family, tmp_path: Path) -> Non
     assert list(layer_means(table).columns) == ["source0", "source1"]
     distributions = plot_coefficient_distributions(path)
     assert [t.get_text() for t in distributions.axes[0].get_legend().get_texts()] == ["source0", "source1"]
+
+
+def _shift_by_hand(w_base: torch.Tensor, weights: list[torch.Tensor], a: torch.Tensor) -> tuple[float, float, float]:
+    """``(rescale, task, task_arithmetic)`` of :func:`merge_shift` from the effective coefficients ``a`` (N, *S)."""
+    taus = [w - w_base for w in weights]
+    norm = w_base.norm()
+    rescale = (a.sum(0) - 1) * w_base
+    task = sum(a_i * tau for a_i, tau in zip(a, taus, strict=True))
+    return float(rescale.norm() / norm), float(task.norm() / norm), float(sum(taus).norm() / norm)
+
+
+@pytest.mark.parametrize("base_first", [True, False])
+def test_merge_shift_splits_the_move_into_the_base_rescaled_and_the_task_vectors(
+    qwen2_family, tmp_path: Path, base_first: bool
+) -> None:
+    base, experts = qwen2_family
+    path = _coefficients_file(qwen2_family, tmp_path, base_first, granularity="row_column")
+    raw = load_file(path)
+    sources = [base, *experts] if base_first else experts
+    weights = [load_file(next(Path(s).glob("*.safetensors"))) for s in sources]
+    w_base = load_file(next(Path(base).glob("*.safetensors")))
+    table = merge_shift(path).set_index("tensor")
+    assert list(table.columns) == [c for c in SHIFT_COLUMNS if c != "tensor"]
+    assert set(table.index) == set(raw)
+    for name, shape_of in [
+        ("model.layers.0.self_attn.q_proj.weight", "row_column"),
+        ("model.layers.1.input_layernorm.weight", "element"),
+        ("model.layers.0.self_attn.k_proj.bias", "element"),
+    ]:
+        c = raw[name].double()
+        out = w_base[name].shape[0]
+        a = c[:, :out, None] * c[:, None, out:] if shape_of == "row_column" else c  # (N, out, in) or (N, out)
+        expected = _shift_by_hand(w_base[name].double(), [w[name].double() for w in weights], a)
+        row = table.loc[name]
+        # float32 reads against a float64 hand computation: relative 1e-4 is far below the 0.2 moves drawn
+        assert (row["rescale"], row["task"], row["task_arithmetic"]) == pytest.approx(expected, rel=1e-4), name
+        assert row["base_norm"] == pytest.approx(float(w_base[name].norm()), rel=1e-5)
+    assert table.loc["model.layers.0.self_attn.q_proj.weight", "rescale"] > 0.05  # the random move rescales
+    weights = table["base_norm"] ** 2
+    pooled = total_shift(table.reset_index())
+    for column in ["rescale", "task", "task_arithmetic"]:  # the whole model's move over the whole base, by hand
+        moves = sum(float((table.loc[n, column] * table.loc[n, "base_norm"]) ** 2) for n in table.index)
+        assert pooled[column] == pytest.approx((moves / weights.sum()) ** 0.5, rel=1e-9)
+
+
+def test_merge_shift_of_the_task_vector_form_never_rescales_the_base(qwen2_family, tmp_path: Path) -> None:
+    path = _coefficients_file(qwen2_family, tmp_path, True, granularity="column", transform="task_vector")
+    table = merge_shift(path)
+    assert table["rescale"].max() < 1e-6  # 1 - sum lambda_k + sum lambda_k = 1 up to float32 rounding
+    assert (table["task"] > 0).all()

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from dam.adaptive.coefficients import read_coefficients
 from dam.adaptive.init import task_vector_base
-from dam.adaptive.layers import row_count, transform_coefficients
+from dam.adaptive.layers import merge, row_count, transform_coefficients
 from dam.errors import DamError
 from dam.evaluation.kinship import module_kind
 from dam.io.checkpoint import CheckpointReader
@@ -232,6 +232,68 @@ def summarise_coefficients(table: pd.DataFrame, by: tuple[str, ...] = ("kind", "
     out["drift"] = out["mean"] - out["init"]
     out["abs_drift"] = out["_abs"] / out["numel"]
     return out[["numel", "init", "mean", "std", "min", "max", "drift", "abs_drift"]].reset_index()
+
+
+SHIFT_COLUMNS = ["tensor", "module", "kind", "layer", "numel", "base_norm", "rescale", "task", "task_arithmetic"]
+
+
+def merge_shift(run_or_file: str | Path) -> pd.DataFrame:
+    """Where the merge moved each tensor away from the base: one row per merged tensor (columns
+    :data:`SHIFT_COLUMNS`), reading the base and every source tensor by tensor.
+
+    With ``a_i`` the effective coefficient of source i on each element (``r_i c_i^T`` under ``row_column``, the
+    column, element or scalar coefficients broadcast otherwise; the transform applied) and ``tau_i = W_i -
+    W_base``, the merge is ``W = sum_i a_i * W_i = W_base + (sum_i a_i - 1) * W_base + sum_i a_i * tau_i`` (``*``
+    elementwise). ``rescale`` is the norm of the second term and ``task`` of the third, both relative to
+    ``||W_base||`` (Frobenius): how much of the move rescales the base itself and how much adds the sources'
+    differences from it. ``task_arithmetic`` is ``||sum_i tau_i|| / ||W_base||``, the move of task arithmetic at
+    lambda 1, for scale. The coefficients of a merge that only reweights the task vectors sum to 1 on every element
+    (``rescale`` 0, as in the task-vector form); a learned ``rescale`` far above ``task_arithmetic`` means the
+    coefficients rescaled the base's weights more than they merged the sources (measured on SmolLM2-135M:
+    docs/real-family.md). ``base_norm`` is ``||W_base||`` (weights of a pooled mean)."""
+    tensors, metadata = read_coefficients(run_or_file)
+    options = metadata["options"]
+    transform = options["transform"]
+    base = task_vector_base(metadata)
+    order = sorted(tensors, key=lambda name: _tensor_order(name, metadata["tensors"].get(name, {}).get("kind")))
+    rows = []
+    with contextlib.ExitStack() as stack:
+        base_reader = stack.enter_context(CheckpointReader(metadata["base_model"]))
+        readers = [stack.enter_context(CheckpointReader(s)) for s in metadata["sources"]]
+        for name in order:
+            w_base = base_reader.get(name, dtype=torch.float32)
+            raw = tensors[name].float()
+            count = row_count((len(readers), *w_base.shape), raw.shape)
+            coefficients = transform_coefficients(raw, transform, count, base)
+            rescaled = merge((w_base for _ in readers), coefficients, count) - w_base
+            taus = [reader.get(name, dtype=torch.float32) - w_base for reader in readers]
+            norm = float(w_base.norm()) or math.nan  # a zero tensor (a bias) has no relative move
+            rows.append(
+                {
+                    "tensor": name,
+                    "module": tensor_module(name),
+                    "kind": _kind(name, metadata["tensors"].get(name, {}).get("kind")),
+                    "layer": tensor_layer(name),
+                    "numel": w_base.numel(),
+                    "base_norm": norm,
+                    "rescale": float(rescaled.norm()) / norm,
+                    "task": float(merge(taus, coefficients, count).norm()) / norm,
+                    "task_arithmetic": float(sum(taus).norm()) / norm,
+                }
+            )
+    table = pd.DataFrame(rows, columns=SHIFT_COLUMNS)
+    table["layer"] = table["layer"].astype("Int64")
+    return table
+
+
+def total_shift(table: pd.DataFrame) -> pd.Series:
+    """The whole model's ``rescale``, ``task`` and ``task_arithmetic`` from :func:`merge_shift`'s rows: each
+    move's norm over every tensor at once relative to the base's, ``sqrt(sum_t ||W_t|| ^ 2 x_t ^ 2 / sum_t ||W_t||
+    ^ 2)`` (tensors whose base is zero left out)."""
+    shown = table.dropna(subset=["base_norm"])
+    weights = shown["base_norm"] ** 2
+    columns = ["rescale", "task", "task_arithmetic"]
+    return np.sqrt((shown[columns] ** 2).mul(weights, axis=0).sum() / weights.sum())
 
 
 def load_metrics(run: str | Path) -> pd.DataFrame:
