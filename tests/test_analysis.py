@@ -369,3 +369,14 @@ def test_merge_shift_of_the_task_vector_form_never_rescales_the_base(qwen2_famil
     table = merge_shift(path)
     assert table["rescale"].max() < 1e-6  # 1 - sum lambda_k + sum lambda_k = 1 up to float32 rounding
     assert (table["task"] > 0).all()
+
+
+def test_total_shift_leaves_out_tensors_whose_base_is_zero() -> None:
+    nan = float("nan")
+    table = pd.DataFrame(
+        {"base_norm": [3.0, 4.0, nan], "rescale": [0.1, 0.2, nan], "task": [0.0, 0.5, nan], "task_arithmetic": 1.0}
+    )
+    pooled = total_shift(table)
+    # moves 0.3 and 0.8 (rescale), 0 and 2 (task), 3 and 4 (task arithmetic) over a base of norm 5
+    assert pooled["rescale"] == pytest.approx((0.3**2 + 0.8**2) ** 0.5 / 5)
+    assert pooled["task"] == pytest.approx(2 / 5) and pooled["task_arithmetic"] == pytest.approx(1.0)

@@ -250,7 +250,8 @@ def merge_shift(run_or_file: str | Path) -> pd.DataFrame:
     lambda 1, for scale. The coefficients of a merge that only reweights the task vectors sum to 1 on every element
     (``rescale`` 0, as in the task-vector form); a learned ``rescale`` far above ``task_arithmetic`` means the
     coefficients rescaled the base's weights more than they merged the sources (measured on SmolLM2-135M:
-    docs/real-family.md). ``base_norm`` is ``||W_base||`` (weights of a pooled mean)."""
+    docs/real-family.md). ``base_norm`` is ``||W_base||`` (weights of a pooled mean: :func:`total_shift`); a
+    base tensor of zeros has no relative move, and its row holds NaN there and in the three ratios."""
     tensors, metadata = read_coefficients(run_or_file)
     options = metadata["options"]
     transform = options["transform"]
