@@ -357,11 +357,11 @@ def test_merge_shift_splits_the_move_into_the_base_rescaled_and_the_task_vectors
         assert (row["rescale"], row["task"], row["task_arithmetic"]) == pytest.approx(expected, rel=1e-4), name
         assert row["base_norm"] == pytest.approx(float(w_base[name].norm()), rel=1e-5)
     assert table.loc["model.layers.0.self_attn.q_proj.weight", "rescale"] > 0.05  # the random move rescales
-    weights = table["base_norm"] ** 2
+    base_sq = table["base_norm"] ** 2
     pooled = total_shift(table.reset_index())
     for column in ["rescale", "task", "task_arithmetic"]:  # the whole model's move over the whole base, by hand
         moves = sum(float((table.loc[n, column] * table.loc[n, "base_norm"]) ** 2) for n in table.index)
-        assert pooled[column] == pytest.approx((moves / weights.sum()) ** 0.5, rel=1e-9)
+        assert pooled[column] == pytest.approx((moves / base_sq.sum()) ** 0.5, rel=1e-9)
 
 
 def test_merge_shift_of_the_task_vector_form_never_rescales_the_base(qwen2_family, tmp_path: Path) -> None:

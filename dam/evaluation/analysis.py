@@ -112,7 +112,7 @@ def coefficient_parts(run_or_file: str | Path) -> tuple[dict[str, dict[str, Tens
     options = metadata["options"]
     transform, granularity = options["transform"], options.get("granularity", "column")
     base = task_vector_base(metadata)
-    order = sorted(tensors, key=lambda name: _tensor_order(name, metadata["tensors"].get(name, {}).get("kind")))
+    order = _ordered(tensors, metadata)
     out: dict[str, dict[str, Tensor]] = {}
     with contextlib.ExitStack() as stack:
         reader = None
@@ -135,6 +135,11 @@ def coefficient_parts(run_or_file: str | Path) -> tuple[dict[str, dict[str, Tens
 
 def _kind(name: str, metadata_kind: str | None) -> str:
     return "bias" if name.endswith(".bias") else str(metadata_kind)
+
+
+def _ordered(tensors: dict[str, Tensor], metadata: dict[str, Any]) -> list[str]:
+    """The coefficient file's tensor names in model order (:func:`_tensor_order`)."""
+    return sorted(tensors, key=lambda name: _tensor_order(name, metadata["tensors"].get(name, {}).get("kind")))
 
 
 def _tensor_order(name: str, metadata_kind: str | None) -> tuple[int, int, int, str]:
@@ -256,18 +261,20 @@ def merge_shift(run_or_file: str | Path) -> pd.DataFrame:
     options = metadata["options"]
     transform = options["transform"]
     base = task_vector_base(metadata)
-    order = sorted(tensors, key=lambda name: _tensor_order(name, metadata["tensors"].get(name, {}).get("kind")))
+    order = _ordered(tensors, metadata)
+    sources = metadata["sources"]
+    models = dict.fromkeys([metadata["base_model"], *sources])  # the base is usually a source too: read it once
     rows = []
     with contextlib.ExitStack() as stack:
-        base_reader = stack.enter_context(CheckpointReader(metadata["base_model"]))
-        readers = [stack.enter_context(CheckpointReader(s)) for s in metadata["sources"]]
+        readers = {m: stack.enter_context(CheckpointReader(m)) for m in models}
         for name in order:
-            w_base = base_reader.get(name, dtype=torch.float32)
+            weights = {m: reader.get(name, dtype=torch.float32) for m, reader in readers.items()}
+            w_base = weights[metadata["base_model"]]
             raw = tensors[name].float()
-            count = row_count((len(readers), *w_base.shape), raw.shape)
+            count = row_count((len(sources), *w_base.shape), raw.shape)
             coefficients = transform_coefficients(raw, transform, count, base)
-            rescaled = merge((w_base for _ in readers), coefficients, count) - w_base
-            taus = [reader.get(name, dtype=torch.float32) - w_base for reader in readers]
+            rescaled = merge((w_base for _ in sources), coefficients, count) - w_base
+            taus = [weights[m] - w_base for m in sources]
             norm = float(w_base.norm()) or math.nan  # a zero tensor (a bias) has no relative move
             rows.append(
                 {
