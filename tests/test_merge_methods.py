@@ -12,7 +12,16 @@ from torch import Tensor
 
 from dam.errors import DamError
 from dam.merge.methods.slerp import nuslerp, slerp
-from dam.merge.methods.sparsify import apply_mask, breadcrumbs_mask, della_mask, magnitude_mask, random_mask, sparsify
+from dam.merge.methods.sparsify import (
+    RADIX_MIN,
+    apply_mask,
+    breadcrumbs_mask,
+    della_mask,
+    kth_largest,
+    magnitude_mask,
+    random_mask,
+    sparsify,
+)
 from dam.merge.methods.task_arithmetic import sign_consensus
 from dam.merge.registry import METHODS, REQUIRED, describe_methods, get_method
 
@@ -230,6 +239,29 @@ def test_ties_trims_by_magnitude() -> None:
     out = merge("ties", [x], base=base, model_params=[{"weight": 1.0, "density": 0.5}])
     close(out, vec(0.0, -5.0, 3.0, 0.0))
     assert magnitude_mask(x, 0.1).tolist() == [False, True, False, False]  # k = max(1, int(0.4)) = 1
+
+
+def test_kth_largest_is_exactly_kthvalue() -> None:
+    g = torch.Generator().manual_seed(5)
+    n = 3 * RADIX_MIN + 17  # the radix path
+    cases = {
+        "distinct": torch.randn(n, generator=g).abs(),
+        # bf16 deltas: few distinct values, so the k-th largest sits in a long run of equal ones
+        "bf16 deltas": (0.01 * torch.randn(n, generator=g)).bfloat16().float().abs(),
+        "mostly zeros": torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.rand(n, generator=g)),
+        "all equal": torch.full((n,), 0.25),
+        "subnormal to large": torch.randn(n, generator=g).abs() * 10.0 ** torch.randint(-44, 30, (n,), generator=g),
+        "one bucket apart": torch.tensor([1.0, 1.0 + 2**-23] * (n // 2)),  # same top 16 bits, different low 16
+    }
+    for name, m in cases.items():
+        n = m.numel()
+        for k in (1, 2, n // 3, n // 2, n - 1, n):
+            expected = torch.kthvalue(m, n - k + 1).values
+            got = kth_largest(m, k)
+            assert got.dtype == m.dtype and got.dim() == 0
+            assert got.item() == expected.item(), (name, k)
+    small = torch.randn(100, generator=g).abs()  # below RADIX_MIN: kthvalue itself
+    assert kth_largest(small, 7).item() == torch.kthvalue(small, 94).values.item()
 
 
 def _sorted_top_k(x: Tensor, density: float, stable: bool) -> Tensor:
@@ -654,6 +686,33 @@ def test_sce_select_topk_keeps_the_entries_that_vary_most_across_models() -> Non
     a, b = vec(1.0, 5.0, 2.0, 0.0), vec(1.0, -5.0, 3.0, 0.0)  # variances 0, 25, 0.25, 0
     out = merge("sce", [base, a, b], base, 0, select_topk=0.5)  # k = int(2 nonzero * 0.5) = 1: entry 1 only
     assert out[0] == 0 and out[2] == 0 and out[3] == 0 and out[1] != 0
+
+
+def test_population_variance_is_torch_var_bit_for_bit(monkeypatch) -> None:
+    from dam.merge.methods import sce
+
+    g = torch.Generator().manual_seed(3)
+    monkeypatch.setattr(sce, "VARIANCE_CHUNK", 1000)  # several chunks, the last one partial
+    for n, shape in ((2, (37, 90)), (3, (4096,)), (5, (7, 11, 13))):
+        x = torch.randn(n, *shape, generator=g) * torch.rand(n, 1, generator=g).view(n, *[1] * len(shape))
+        for t in (x, x.bfloat16().float(), 1e-3 * x):
+            assert torch.equal(sce.population_variance(t), torch.var(t, dim=0, unbiased=False))
+
+
+def test_sce_mask_keeps_what_topk_keeps() -> None:
+    from dam.merge.methods.sce import sce_mask
+
+    g = torch.Generator().manual_seed(4)
+    distinct = torch.randn(3, 300, 257, generator=g)  # above RADIX_MIN entries: the radix path, no tied variances
+    var = torch.var(distinct, dim=0, unbiased=False)
+    for topk in (0.01, 0.3, 0.5, 0.99):
+        k = int(torch.count_nonzero(var) * topk)
+        expected = torch.zeros(var.numel(), dtype=torch.bool)
+        expected[torch.topk(var.view(-1), k).indices] = True  # mergekit's selection
+        assert torch.equal(sce_mask(distinct, topk), expected.view(var.shape))
+    # tied variances at the threshold: the lowest-index ones are kept, k of them in all
+    tied = torch.tensor([[0.0, 1.0, 1.0, 1.0, 2.0, 0.0], [0.0, -1.0, -1.0, -1.0, -2.0, 0.0]])  # variances 0 1 1 1 4 0
+    assert sce_mask(tied, 0.5).tolist() == [False, True, False, False, True, False]  # k = int(4 * 0.5) = 2
 
 
 def test_nearswap_takes_near_values_and_moves_far_ones_by_t() -> None:

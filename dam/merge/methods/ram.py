@@ -25,17 +25,27 @@ def ram(base: Tensor, task_vectors: Tensor, epsilon: float = 1e-5, *, r: float =
     """
     n = task_vectors.shape[0]
     flat = task_vectors.view(n, -1)  # (N, D)
-    contributes = flat.abs() > epsilon  # (N, D)
-    counts = contributes.sum(dim=0, keepdim=True)  # (1, D)
-    overlap, unique = counts > 1, counts == 1
-    kept = flat * contributes
+    # Row by row, so that beyond the task vectors only (N, D) booleans and a few (D,) tensors are held at once.
+    contributes = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)  # (N, D)
+    counts = torch.zeros(flat.shape[1], dtype=torch.int16, device=flat.device)  # (D,)
+    for i in range(n):
+        torch.gt(flat[i].abs(), epsilon, out=contributes[i])
+        counts += contributes[i]
+    overlap = counts > 1  # (D,)
+    boost = [1.0] * n
     if r:
-        rho = (contributes & overlap).sum(dim=1) / (contributes & unique).sum(dim=1).clamp(min=epsilon)  # (N,)
-        boost = (1 + r * rho.clamp(min=0, max=alpha)).unsqueeze(-1)  # (N, 1)
-        merged = (kept * unique * boost + kept * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
-    else:
-        merged = (kept * unique + kept * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
-    return base + merged.reshape_as(base)
+        unique = counts == 1
+        shared = [int((contributes[i] & overlap).sum()) for i in range(n)]
+        alone = [int((contributes[i] & unique).sum()) for i in range(n)]
+        rho = torch.tensor(shared, dtype=flat.dtype) / torch.tensor(alone, dtype=flat.dtype).clamp(min=epsilon)
+        boost = (1 + r * rho.clamp(min=0, max=alpha)).tolist()
+    merged = torch.zeros_like(flat[0])  # (D,)
+    for i in range(n):
+        # tau_i / c where several contribute, tau_i * lambda_i where model i alone does, 0 where it does not
+        alone_term = flat[i] * boost[i] if boost[i] != 1 else flat[i]
+        term = torch.where(overlap, flat[i] / counts, alone_term)
+        merged += term.masked_fill_(~contributes[i], 0.0)
+    return base + merged.view_as(base)
 
 
 def merge_ram(
@@ -53,5 +63,7 @@ def merge_ram(
     others = [x for i, x in enumerate(tensors) if i != base_index]
     if not others:
         return base
-    task_vectors = torch.stack([x - base for x in others], dim=0)
+    task_vectors = base.new_empty((len(others), *base.shape))  # (N, *shape)
+    for row, x in enumerate(others):
+        torch.sub(x, base, out=task_vectors[row])
     return ram(base, task_vectors, params["epsilon"], r=params.get("r", 0.0), alpha=params.get("alpha", 0.0))

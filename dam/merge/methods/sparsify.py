@@ -5,16 +5,16 @@ True where the entry is kept. :func:`apply_mask` zeroes the rest and can rescale
 delta keeps its L1 norm. :func:`sparsify` dispatches by method name, as the task-arithmetic family uses it.
 
 All of them reproduce mergekit 0.1.5 (``mergekit/sparsify.py``) entry for entry. :func:`random_mask` (DARE) keeps an
-entry where a uniform draw in ``[0, 1)`` is below ``density``: on CPU the very draws of mergekit's
-``torch.bernoulli`` of a tensor filled with ``density`` from the same generator state (tested on torch 2.6 and
-2.13), at about half its cost. One documented difference is in :func:`magnitude_mask` (TIES): it finds the ``k``-th
-largest magnitude with ``torch.kthvalue`` (linear time) instead of sorting every magnitude, and among entries
-*equal* to that threshold magnitude it keeps those of lowest flat index (the order of a stable sort). mergekit keeps
-the ones its unstable sort happens to place first, an order that depends on the tensor's size (tested: for tensors
-of a few thousand entries it is neither the stable order nor its reverse). Both keep exactly ``k`` entries, the same
-ones above the threshold and the same number at it; only which of the equal-magnitude entries at the threshold
-survive can differ. Float32 deltas of real fine-tunes rarely tie there; deltas of bf16 checkpoints take few distinct
-values, so they can. Breadcrumbs still sorts, as mergekit does, so its ties resolve as mergekit's.
+entry where a uniform draw in ``[0, 1)`` is below ``density``: on CPU the very draws of mergekit's ``torch.bernoulli``
+of a tensor filled with ``density`` from the same generator state (tested on torch 2.6 and 2.13), at about half its
+cost. One documented difference is in :func:`magnitude_mask` (TIES): it finds the ``k``-th largest magnitude by a radix
+select (:func:`kth_largest`, linear time) instead of sorting every magnitude, and among entries *equal* to that
+threshold magnitude it keeps those of lowest flat index (the order of a stable sort). mergekit keeps the ones its
+unstable sort happens to place first, an order that depends on the tensor's size (tested: for tensors of a few thousand
+entries it is neither the stable order nor its reverse). Both keep exactly ``k`` entries, the same ones above the
+threshold and the same number at it; only which of the equal-magnitude entries at the threshold survive can differ.
+Float32 deltas of real fine-tunes rarely tie there; deltas of bf16 checkpoints take few distinct values, so they can.
+Breadcrumbs still sorts, as mergekit does, so its ties resolve as mergekit's.
 """
 
 from __future__ import annotations
@@ -53,6 +53,38 @@ def _keep_all(x: Tensor) -> Tensor:
     return torch.ones_like(x, dtype=torch.bool)
 
 
+RADIX_MIN = 1 << 16  # below this many entries torch.kthvalue is as fast as the two histograms
+
+
+def kth_largest(magnitudes: Tensor, k: int) -> Tensor:
+    """The ``k``-th largest entry (1-based) of a 1-D tensor of non-negative values, as a 0-D tensor: exactly
+    ``torch.kthvalue(magnitudes, numel - k + 1).values``.
+
+    For float32 it is a two-pass radix select, about four times faster than ``kthvalue`` on CPU (which copies and
+    partially sorts the whole tensor): the bit patterns of non-negative floats, read as integers, are in the
+    values' order, so a histogram of their top 16 bits finds the bucket that holds the ``k``-th largest, and a
+    histogram of the low 16 bits of that bucket's entries finds the value itself. Other dtypes and small tensors
+    use ``kthvalue``.
+    """
+    n = magnitudes.numel()
+    if magnitudes.dtype != torch.float32 or n < RADIX_MIN:
+        return torch.kthvalue(magnitudes, n - k + 1).values
+    bits = magnitudes.view(torch.int32)
+    high = bits >> 16  # in [0, 2^15): the sign bit is 0
+    top, k = _bucket_of_kth_largest(high, k, 1 << 15)
+    bottom, _ = _bucket_of_kth_largest(bits[high == top] & 0xFFFF, k, 1 << 16)
+    return torch.tensor((top << 16) | bottom, dtype=torch.int32, device=magnitudes.device).view(torch.float32)
+
+
+def _bucket_of_kth_largest(keys: Tensor, k: int, size: int) -> tuple[int, int]:
+    """``(b, r)``: the key ``b`` in ``[0, size)`` of the ``k``-th largest of ``keys`` (1-D, integer), and that
+    entry's rank ``r`` (1-based, from the largest) among the entries whose key is ``b``."""
+    counts = torch.bincount(keys, minlength=size)  # (size,)
+    at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[b]: how many keys are >= b
+    b = int((at_least >= k).nonzero()[-1])
+    return b, k - int(at_least[b] - counts[b])
+
+
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
     """Top-k by magnitude over the whole tensor: keep the ``k = max(1, int(density * numel))`` largest ``|x|``.
 
@@ -66,12 +98,17 @@ def magnitude_mask(x: Tensor, density: float) -> Tensor:
     k = max(1, int(density * n))
     if k >= n:
         return _keep_all(x)
-    magnitudes = x.abs().flatten()
-    threshold = torch.kthvalue(magnitudes, n - k + 1).values  # the k-th largest
+    return top_k_mask(x.abs().flatten(), k).view(x.shape)
+
+
+def top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest of ``magnitudes`` (1-D, non-negative, ``0 < k <= numel``): with ``v`` the
+    ``k``-th largest, every entry above ``v``, then the entries equal to ``v`` of lowest index until ``k``."""
+    threshold = kth_largest(magnitudes, k)
     mask = magnitudes > threshold
     tied = (magnitudes == threshold).nonzero().view(-1)  # flat indices, ascending
     mask[tied[: k - int(mask.sum())]] = True  # the first `missing` of the tied entries in index order
-    return mask.view(x.shape)
+    return mask
 
 
 def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:

@@ -46,15 +46,20 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def sign_consensus(weighted_deltas: Tensor) -> Tensor:
-    """TIES sign election.
+def elected_sign(weighted_deltas: Tensor) -> Tensor:
+    """TIES sign election on ``weighted_deltas`` (N, *shape), the ``w_i * delta_i``: +1 where ``sum_i`` is >= 0,
+    else -1, as a (*shape) tensor of their dtype."""
+    return (weighted_deltas.sum(dim=0) >= 0).to(weighted_deltas.dtype).mul_(2).sub_(1)
 
-    ``weighted_deltas``: (N, *shape), the ``w_i * delta_i``. The elected sign is +1 where ``sum_i`` is >= 0, else
-    -1. Returns a bool (N, *shape) mask, True where ``sign(w_i delta_i)`` equals the elected sign; zero entries
-    never agree.
-    """
-    elected = torch.where(weighted_deltas.sum(dim=0) >= 0, 1.0, -1.0).to(weighted_deltas.dtype)
-    return weighted_deltas.sign() == elected
+
+def sign_consensus(weighted_deltas: Tensor) -> Tensor:
+    """TIES sign agreement: a bool (N, *shape) mask, True where ``sign(w_i delta_i)`` is the elected sign
+    (:func:`elected_sign`); zero entries never agree. Built row by row: no (N, *shape) float temporary."""
+    elected = elected_sign(weighted_deltas)
+    mask = torch.empty(weighted_deltas.shape, dtype=torch.bool, device=weighted_deltas.device)
+    for i in range(weighted_deltas.shape[0]):
+        torch.gt(weighted_deltas[i] * elected, 0, out=mask[i])  # same sign as the elected one, and not zero
+    return mask
 
 
 def combine_task_vectors(
@@ -73,10 +78,18 @@ def combine_task_vectors(
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).view(-1, *[1] * base.dim())  # (N, 1, ...)
     weighted = deltas.mul_(w)  # (N, *shape)
     if consensus:
-        mask = sign_consensus(weighted)
-        mixed = weighted.mul_(mask).sum(dim=0)
-        if normalize:
-            divisor = (w * mask).sum(dim=0)
+        # With s the elected sign, m_i d_i = s * max(s d_i, 0): row by row, in place, and exact (s is +-1, and a
+        # sum of terms of one sign is its magnitudes' sum with that sign), so no mask is multiplied in.
+        elected = elected_sign(weighted)
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
+        for i in range(len(weights)):
+            agreeing = weighted[i].mul_(elected).clamp_(min=0)  # |d_i| where m_i, else 0
+            mixed += agreeing
+            if divisor is not None:
+                divisor.add_(agreeing.sign(), alpha=float(w[i]))  # sum_i w_i m_i (sign: 1 where m_i, else 0)
+        mixed.mul_(elected)
+        if divisor is not None:
             divisor[divisor == 0] = 1
             mixed = mixed / divisor
     else:
