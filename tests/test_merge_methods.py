@@ -264,6 +264,19 @@ def test_kth_largest_is_exactly_kthvalue() -> None:
     assert kth_largest(small, 7).item() == torch.kthvalue(small, 94).values.item()
 
 
+@pytest.mark.parametrize("shape", [(7,), (300, 257)])  # the second above RADIX_MIN: the radix path
+@pytest.mark.parametrize(("density", "gamma"), [(0.3, 0.0), (0.5, 0.01), (0.2, 0.3), (0.9, 0.2), (0.001, 0.0)])
+def test_breadcrumbs_mask_is_a_stable_sorts_window(shape, density, gamma) -> None:
+    g = torch.Generator().manual_seed(len(shape))
+    for x in (torch.randn(shape, generator=g), (0.01 * torch.randn(shape, generator=g)).bfloat16().float()):
+        n = x.numel()
+        keep, start = int(density * n), max(0, n - int(density * n) - int(gamma * n))
+        order = torch.sort(x.abs().flatten(), stable=True).indices  # bf16 deltas: many equal magnitudes
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[start : start + keep]] = True
+        assert torch.equal(breadcrumbs_mask(x, density, gamma), expected.view(shape))
+
+
 def _sorted_top_k(x: Tensor, density: float, stable: bool) -> Tensor:
     """mergekit 0.1.5's selection (``stable=False``: its exact call) or the stable-sort order of ties."""
     k = max(1, int(density * x.numel()))
@@ -535,6 +548,9 @@ def test_task_arithmetic_family_matches_mergekit(
         # dam's TIES keeps the lowest-index entries among magnitudes tied at the threshold (a stable sort's
         # order); mergekit's unstable argsort keeps others. With a stable argsort, mergekit must agree exactly.
         monkeypatch.setattr(torch, "argsort", functools.partial(torch.argsort, stable=True))
+    if quantized and name.startswith("breadcrumbs"):
+        # the same for breadcrumbs' two bounds: dam takes tied magnitudes in a stable ascending sort's order
+        monkeypatch.setattr(torch, "sort", functools.partial(torch.sort, stable=True))
     close(ours(name, tensors, 0, per_model, params), mergekit_merge(name, tensors, 0, per_model, params))
 
 

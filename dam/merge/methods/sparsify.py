@@ -14,7 +14,7 @@ unstable sort happens to place first, an order that depends on the tensor's size
 entries it is neither the stable order nor its reverse). Both keep exactly ``k`` entries, the same ones above the
 threshold and the same number at it; only which of the equal-magnitude entries at the threshold survive can differ.
 Float32 deltas of real fine-tunes rarely tie there; deltas of bf16 checkpoints take few distinct values, so they can.
-Breadcrumbs still sorts, as mergekit does, so its ties resolve as mergekit's.
+Breadcrumbs finds its two bounds the same way (see :func:`breadcrumbs_mask`).
 """
 
 from __future__ import annotations
@@ -118,15 +118,32 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
     positions ``[start, start + keep)`` where ``start = max(0, n - keep - top)``: the top ``top`` entries go, and
     when ``keep + top > n`` fewer outliers are dropped so that exactly ``keep`` entries survive.
     At ``density >= 1`` everything is kept (no outlier removal either).
+
+    No sort is made: the smallest and the largest kept magnitudes are found by :func:`kth_largest`, everything
+    strictly between them is kept, and the entries equal to either are taken in the order of a *stable* ascending
+    sort (index order among equal magnitudes). mergekit's unstable sort can order equal magnitudes otherwise on
+    large tensors (the module docstring says the same of TIES): the same number of entries, the same ones strictly
+    between the two bounds.
     """
     if density >= 1:
         return _keep_all(x)
     n = x.numel()
     keep = int(density * n)
     start = max(0, n - keep - int(gamma * n))
-    order = torch.sort(x.abs().flatten()).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-    mask[order[start : start + keep]] = True
+    magnitudes = x.abs().flatten()
+    if keep == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    low = kth_largest(magnitudes, n - start)  # ascending position `start`
+    high = kth_largest(magnitudes, n - start - keep + 1)  # ascending position `start + keep - 1`
+    mask = (magnitudes > low) & (magnitudes < high)
+    at_low = (magnitudes == low).nonzero().view(-1)  # ascending positions below_low, below_low + 1, ...
+    first = start - int((magnitudes < low).sum())
+    if bool(low == high):
+        mask[at_low[first : first + keep]] = True
+    else:
+        mask[at_low[first:]] = True
+        at_high = (magnitudes == high).nonzero().view(-1)
+        mask[at_high[: start + keep - int((magnitudes < high).sum())]] = True
     return mask.view(x.shape)
 
 
