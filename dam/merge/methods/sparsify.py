@@ -130,9 +130,9 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
     n = x.numel()
     keep = int(density * n)
     start = max(0, n - keep - int(gamma * n))
-    magnitudes = x.abs().flatten()
     if keep == 0:
         return torch.zeros_like(x, dtype=torch.bool)
+    magnitudes = x.abs().flatten()
     low = kth_largest(magnitudes, n - start)  # ascending position `start`
     high = kth_largest(magnitudes, n - start - keep + 1)  # ascending position `start + keep - 1`
     mask = (magnitudes > low) & (magnitudes < high)
