@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dam.merge.methods.task_arithmetic import stacked_task_vectors
+
 
 def ram(base: Tensor, task_vectors: Tensor, epsilon: float = 1e-5, *, r: float = 0.0, alpha: float = 0.0) -> Tensor:
     """``task_vectors``: (N, *shape). An entry of ``tau_i`` contributes where ``|tau_i| > epsilon``; with ``c``
@@ -63,7 +65,10 @@ def merge_ram(
     others = [x for i, x in enumerate(tensors) if i != base_index]
     if not others:
         return base
-    task_vectors = base.new_empty((len(others), *base.shape))  # (N, *shape)
-    for row, x in enumerate(others):
-        torch.sub(x, base, out=task_vectors[row])
-    return ram(base, task_vectors, params["epsilon"], r=params.get("r", 0.0), alpha=params.get("alpha", 0.0))
+    return ram(
+        base,
+        stacked_task_vectors(others, base),
+        params["epsilon"],
+        r=params.get("r", 0.0),
+        alpha=params.get("alpha", 0.0),
+    )

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from dam.merge.methods.sparsify import top_k_mask
-from dam.merge.methods.task_arithmetic import sign_consensus
+from dam.merge.methods.task_arithmetic import sign_consensus, stacked_task_vectors
 
 VARIANCE_CHUNK = 1 << 20  # entries per float64 pass of population_variance (N * 8 MiB of float64 at a time)
 
@@ -45,7 +45,7 @@ def sce_mask(task_vectors: Tensor, select_topk: float) -> Tensor:
     k = int(torch.count_nonzero(var) * select_topk)
     if k == 0:
         return torch.zeros_like(var, dtype=torch.bool)
-    return top_k_mask(var.abs().view(-1), k).view(var.shape)
+    return top_k_mask(var.view(-1), k).view(var.shape)  # a variance is never negative: no abs() pass
 
 
 def sce(base: Tensor, task_vectors: Tensor, select_topk: float = 1.0) -> Tensor:
@@ -87,7 +87,4 @@ def merge_sce(
     others = [x for i, x in enumerate(tensors) if i != base_index]
     if not others:
         return base
-    task_vectors = base.new_empty((len(others), *base.shape))  # (N, *shape)
-    for row, x in enumerate(others):
-        torch.sub(x, base, out=task_vectors[row])
-    return sce(base, task_vectors, params["select_topk"])
+    return sce(base, stacked_task_vectors(others, base), params["select_topk"])

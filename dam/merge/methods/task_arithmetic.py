@@ -46,6 +46,15 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def stacked_task_vectors(models: list[Tensor], base: Tensor) -> Tensor:
+    """``x_i - base`` for each of ``models``, written straight into one (N, *base.shape) buffer (no per-model
+    temporaries and no ``torch.stack`` copy)."""
+    out = base.new_empty((len(models), *base.shape))
+    for row, x in enumerate(models):
+        torch.sub(x, base, out=out[row])
+    return out
+
+
 def elected_sign(weighted_deltas: Tensor) -> Tensor:
     """TIES sign election on ``weighted_deltas`` (N, *shape), the ``w_i * delta_i``: +1 where ``sum_i`` is >= 0,
     else -1, as a (*shape) tensor of their dtype."""
@@ -127,12 +136,11 @@ def merge_task_arithmetic(
             validate_sparsity(
                 method, p["density"], gamma=p.get("gamma", 0.0), epsilon=p.get("epsilon", 0.0), where=f"models[{i}]: "
             )
-    deltas = base.new_empty((len(entries), *base.shape))  # (N, *shape)
-    for row, (_, x, p) in enumerate(entries):
-        delta = torch.sub(x, base, out=deltas[row])
-        if method is not None:
+    deltas = stacked_task_vectors([x for _, x, _ in entries], base)  # (N, *shape)
+    if method is not None:
+        for row, (_, _, p) in enumerate(entries):
             deltas[row] = sparsify(
-                delta,
+                deltas[row],
                 method,
                 p["density"],
                 gamma=p.get("gamma", 0.0),
