@@ -38,7 +38,7 @@ from dam.adaptive.coefficients import (
     read_coefficients,
     save_coefficients,
 )
-from dam.adaptive.init import task_vector_base
+from dam.adaptive.init import relative_to, task_vector_base
 from dam.adaptive.layers import coefficient_shape, merge, row_count, transform_coefficients
 from dam.errors import DamError
 from dam.io.checkpoint import (
@@ -152,6 +152,7 @@ def write_merged_model(
         raise DamError(f"base {metadata['base_model']!r}: no config.json in {base_path}")
     transform = options["transform"]
     base = task_vector_base(metadata)
+    relative = relative_to(metadata)  # the task-vector basis: every source but the base enters as W_i - W_base
     coefficient_dtype = parse_dtype(options["coefficient_dtype"])
     models = _named_models(metadata)
     for name, folder in models.items():  # before any read or write: a damaged file is named, never copied
@@ -170,7 +171,9 @@ def write_merged_model(
                     raw = tensors[name].to(coefficient_dtype)
                     coefficients = transform_coefficients(raw, transform, rows, base)
                     weights = (reader.get(name, dtype=wrapper_dtype) for reader in readers)
-                    writer.add(name, merge(weights, coefficients, rows).to(wrapper_dtype))
+                    if relative is not None:  # the differences need the base's tensor beside each source's
+                        weights = list(weights)
+                    writer.add(name, merge(weights, coefficients, rows, relative).to(wrapper_dtype))
                 files = writer.finalize()
             except BaseException:
                 writer.abort()

@@ -1,6 +1,7 @@
 """Starting coefficients (``dam.init``): uniform, a list of per-source weights, a task-arithmetic ``lambda``, or a
 mergekit linear / task_arithmetic YAML rewritten as ``sum_i c_i x_i`` over the sources; and which source is the base
-(:func:`find_base_source`, for ``dam.transform: task_vector``).
+(:func:`find_base_source`, for ``dam.transform: task_vector``, ``dam.basis: task_vectors`` and ``dam.train_base:
+false``), and the init in the task-vector basis (:func:`basis_weights`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,47 @@ def find_base_source(base_model: str, sources: list[str], key: str) -> int:
     if len(found) != 1:
         what = "is not one of the sources" if not found else f"is listed {len(found)} times among the sources"
         raise DamError(
-            f"{key}: the base model {base_model!r} {what}; the task-vector form needs it exactly once as a source "
-            "(the model whose coefficient is 1 minus the task vectors' lambdas)"
+            f"{key}: the base model {base_model!r} {what}; {key.split(':')[0]} needs it exactly once as a source "
+            "(the model the task vectors are taken from)"
         )
     return found[0]
+
+
+def base_source_key(options: Any) -> str | None:
+    """The first option of ``options`` (a :class:`DAMOptions` or its dumped mapping) that needs the base among the
+    sources, as ``key: value`` for error messages, or None when none does."""
+    get = options.get if isinstance(options, dict) else lambda k, d=None: getattr(options, k, d)
+    if get("transform") == "task_vector":
+        return "dam.transform: task_vector"
+    if get("basis", "weights") == "task_vectors":
+        return "dam.basis: task_vectors"
+    if not get("train_base", True):
+        return "dam.train_base: false"
+    return None
+
+
+def base_index(metadata: dict[str, Any]) -> int | None:
+    """The base source's index in a coefficients file's ``metadata`` when its options need one
+    (:func:`base_source_key`), else None."""
+    key = base_source_key(metadata["options"])
+    return None if key is None else find_base_source(metadata["base_model"], metadata["sources"], key)
+
+
+def relative_to(metadata: dict[str, Any]) -> int | None:
+    """The base source's index when a coefficients file's run used ``dam.basis: task_vectors`` (its other sources
+    enter the merge as task vectors), else None (files from before the option: the weights basis)."""
+    return base_index(metadata) if metadata["options"].get("basis", "weights") == "task_vectors" else None
+
+
+def basis_weights(weights: list[float], basis: str, base: int | None) -> list[float]:
+    """Per-source init coefficients in ``basis``: as given for ``weights``; for ``task_vectors`` the base's is the
+    sum of all (``sum_i w_i W_i = (sum_i w_i) W_base + sum_k w_k tau_k``) and every other source's its own."""
+    if basis == "weights":
+        return list(weights)
+    assert base is not None, "the task-vector basis needs the base's index"
+    out = list(weights)
+    out[base] = math.fsum(weights)
+    return out
 
 
 def task_vector_base(metadata: dict[str, Any]) -> int | None:

@@ -40,7 +40,7 @@ This module imports only torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 TRANSFORMS = ("none", "tanh", "sigmoid", "softmax", "task_vector")
 GRANULARITIES = ("column", "row_column", "tensor")
+BASES = ("weights", "task_vectors")
 SOURCE_SUFFIXES = ("weight_sources", "bias_sources")
 _CHUNK_ELEMENTS = 2**16
 """Elements per row chunk of the fold and the coefficient-gradient reduction inside the linear functions: 256 KiB
@@ -186,22 +187,45 @@ def inverse_transform_coefficients(
     return torch.cat([coefficients[:, :rows], inverse_transform(coefficients[:, rows:], transform, base)], dim=1)
 
 
-def merge(sources: Tensor | Iterable[Tensor], coefficients: Tensor, rows: int = 0) -> Tensor:
+def basis_sources(
+    sources: Tensor | Sequence[Tensor], relative_to: int | None, dtype: torch.dtype
+) -> Tensor | Iterable[Tensor]:
+    """The tensors the coefficients multiply: ``sources`` as they are (``relative_to`` None, the weights basis), or
+    in the task-vector basis (``dam.basis: task_vectors``) source ``relative_to`` (the base) as it is and every
+    other source's difference from it, ``W_i - W_base`` in ``dtype`` (the coefficients'), made one at a time."""
+    if relative_to is None:
+        return sources
+    anchor = sources[relative_to].to(dtype)
+    return (s if i == relative_to else s.to(dtype) - anchor for i, s in enumerate(sources))
+
+
+def merge(
+    sources: Tensor | Sequence[Tensor] | Iterable[Tensor],
+    coefficients: Tensor,
+    rows: int = 0,
+    relative_to: int | None = None,
+) -> Tensor:
     """The merged tensor in ``coefficients.dtype``: :func:`fold` when ``rows`` is 0 (column, elementwise or scalar
     coefficients), else ``sum_i diag(r_i) W_i diag(c_i)`` with ``r_i = coefficients[i, :rows]`` (out,) and
-    ``c_i = coefficients[i, rows:]`` (in,) for sources (N, out, in). Differentiable in ``coefficients``."""
+    ``c_i = coefficients[i, rows:]`` (in,) for sources (N, out, in). Differentiable in ``coefficients``.
+    ``relative_to``: the base source's index in the task-vector basis (:func:`basis_sources`: every ``W_i`` but
+    the base's is then ``W_i - W_base``); ``sources`` must then be a tensor or a sequence."""
+    if relative_to is not None:
+        assert isinstance(sources, Tensor | Sequence), "the task-vector basis indexes the sources"
+        sources = basis_sources(sources, relative_to, coefficients.dtype)
     if not rows:
         return fold(sources, coefficients)
     scaled = (src * c[rows:] for src, c in zip(sources, coefficients, strict=False))  # (out, in) each, one at a time
     return fold(scaled, coefficients[:, :rows, None])  # the row scales r_i (out, 1) broadcast over the columns
 
 
-def _coefficient_grads(grad_w: Tensor, sources: Tensor, coefficients: Tensor) -> Tensor:
+def _coefficient_grads(grad_w: Tensor, sources: Tensor, coefficients: Tensor, relative_to: int | None) -> Tensor:
     """``dL/dcoefficients`` (N, C) in ``coefficients.dtype`` from ``grad_w = dL/dW`` (K, J) for sources (N, K, J).
 
-    With ``P_i = grad_w * W_i``: column layout (C = J) ``sum_k P_i[k, j]``; scalar (C = 1) ``sum_{k,j} P_i``;
-    row_column (C = K + J) ``[sum_j P_i[k, j] c_i[j] | sum_k P_i[k, j] r_i[k]]``. Accumulates over row chunks
-    of ``_CHUNK_ELEMENTS`` into one reused temporary; no per-source product is kept whole.
+    With ``P_i = grad_w * W_i`` (``W_i - W_base`` for every source but ``relative_to`` in the task-vector basis):
+    column layout (C = J) ``sum_k P_i[k, j]``; scalar (C = 1) ``sum_{k,j} P_i``; row_column (C = K + J)
+    ``[sum_j P_i[k, j] c_i[j] | sum_k P_i[k, j] r_i[k]]``. Accumulates over row chunks of ``_CHUNK_ELEMENTS``
+    into reused temporaries; no per-source product is kept whole.
     """
     n, k, j = sources.shape
     dtype = coefficients.dtype
@@ -210,12 +234,13 @@ def _coefficient_grads(grad_w: Tensor, sources: Tensor, coefficients: Tensor) ->
     row_grads = torch.zeros(n, rows, dtype=dtype, device=grad_w.device)
     step = max(1, _CHUNK_ELEMENTS // max(j, 1))
     buffer = torch.empty(min(step, k), j, dtype=dtype, device=grad_w.device)
+    difference = None if relative_to is None else torch.empty_like(buffer)
     for start in range(0, k, step):
         end = min(start + step, k)
         block = grad_w[start:end].to(dtype)  # (k', J)
         product = buffer[: end - start]
         for i in range(n):
-            torch.mul(block, sources[i, start:end], out=product)  # (k', J) in dtype
+            torch.mul(block, _basis_chunk(sources, i, start, end, relative_to, difference), out=product)  # (k', J)
             if rows:
                 torch.mv(product, coefficients[i, rows:], out=row_grads[i, start:end])
                 out[i].addmv_(product.t(), coefficients[i, start:end])
@@ -240,38 +265,46 @@ class _DAMLinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with ``W = merge(weight_sources, coefficients)``, saving x but never W.
 
     Shapes: x (..., in), weight_sources (N, out, in), coefficients (N, in), (N, out + in) or (N, 1), bias (out,)
-    or None -> y (..., out).
+    or None -> y (..., out). ``relative_to``: the base's index in the task-vector basis (:func:`basis_sources`).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight_sources: Tensor, coefficients: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight_sources: Tensor,
+        coefficients: Tensor,
+        bias: Tensor | None,
+        relative_to: int | None = None,
+    ) -> Tensor:
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            weight = _merged_weight(weight_sources, coefficients, dtype)  # (out, in)
+            weight = _merged_weight(weight_sources, coefficients, dtype, relative_to)  # (out, in)
             out = F.linear(xc, weight, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(xc, weight_sources, coefficients)
+        ctx.relative_to = relative_to
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, None]:
         x, weight_sources, coefficients = ctx.saved_tensors
         g = grad_out.to(x.dtype)  # (..., out)
         grad_x = grad_c = grad_b = None
         if ctx.needs_input_grad[0]:
-            weight = _merged_weight(weight_sources, coefficients, x.dtype)  # (out, in)
+            weight = _merged_weight(weight_sources, coefficients, x.dtype, ctx.relative_to)  # (out, in)
             grad_x = (g @ weight).to(ctx.x_dtype)  # (..., in)
             del weight
         if ctx.needs_input_grad[2]:
             g2 = g.reshape(-1, g.shape[-1])  # (T, out)
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, in): the weight-gradient GEMM
-            grad_c = _coefficient_grads(grad_w, weight_sources, coefficients)  # (N, C)
+            grad_c = _coefficient_grads(grad_w, weight_sources, coefficients, ctx.relative_to)  # (N, C)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             acc = torch.promote_types(g.dtype, torch.float32)
             grad_b = g.reshape(-1, g.shape[-1]).sum(0, dtype=acc).to(ctx.bias_dtype)  # (out,)
-        return grad_x, None, grad_c, grad_b
+        return grad_x, None, grad_c, grad_b, None
 
 
 class _DAMLinearLossFunction(torch.autograd.Function):
@@ -295,6 +328,7 @@ class _DAMLinearLossFunction(torch.autograd.Function):
         bias: Tensor | None,
         chunk_loss: Callable[[Tensor, slice], Tensor],
         rows: int,
+        relative_to: int | None = None,
     ) -> Tensor:
         device = x.device.type
         dtype = _compute_dtype(x)
@@ -302,7 +336,7 @@ class _DAMLinearLossFunction(torch.autograd.Function):
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         with torch.autocast(device, enabled=False):
             xc = x.to(dtype)
-            weight = _merged_weight(weight_sources, coefficients, dtype)  # (out, in)
+            weight = _merged_weight(weight_sources, coefficients, dtype, relative_to)  # (out, in)
             b = None if bias is None else bias.to(dtype)
         total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=x.device)
         for start in range(0, xc.shape[0], rows):
@@ -311,14 +345,14 @@ class _DAMLinearLossFunction(torch.autograd.Function):
                 out = F.linear(xc[chunk], weight, b)
             total += chunk_loss(out, chunk)
         ctx.save_for_backward(xc, weight_sources, coefficients, bias)
-        ctx.chunk_loss, ctx.rows, ctx.x_dtype = chunk_loss, rows, x.dtype
+        ctx.chunk_loss, ctx.rows, ctx.x_dtype, ctx.relative_to = chunk_loss, rows, x.dtype, relative_to
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         x, weight_sources, coefficients, bias = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            weight = _merged_weight(weight_sources, coefficients, x.dtype)  # (out, in)
+            weight = _merged_weight(weight_sources, coefficients, x.dtype, ctx.relative_to)  # (out, in)
             b = None if bias is None else bias.to(x.dtype)
             grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             acc = torch.promote_types(x.dtype, torch.float32)  # accumulators over the chunks
@@ -339,13 +373,29 @@ class _DAMLinearLossFunction(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += g.sum(0, dtype=acc)
             del weight
-        grad_c = None if grad_w is None else _coefficient_grads(grad_w, weight_sources, coefficients)
+        grad_c = None if grad_w is None else _coefficient_grads(grad_w, weight_sources, coefficients, ctx.relative_to)
         grad_x = None if grad_x is None else grad_x.to(ctx.x_dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_x, None, grad_c, grad_b, None, None
+        return grad_x, None, grad_c, grad_b, None, None, None
 
 
-def _merged_weight(weight_sources: Tensor, coefficients: Tensor, dtype: torch.dtype) -> Tensor:
+def _basis_chunk(
+    sources: Tensor, i: int, start: int, end: int, relative_to: int | None, difference: Tensor | None
+) -> Tensor:
+    """Rows ``start:end`` of what source i's coefficients multiply: ``W_i`` (the sources' dtype), or in the
+    task-vector basis, for every source but ``relative_to``, ``W_i - W_base`` written into ``difference``
+    (the coefficients' dtype: the same bits as :func:`basis_sources`)."""
+    if relative_to is None or i == relative_to:
+        return sources[i, start:end]
+    assert difference is not None
+    out = difference[: end - start]
+    out.copy_(sources[i, start:end])
+    return out.sub_(sources[relative_to, start:end])
+
+
+def _merged_weight(
+    weight_sources: Tensor, coefficients: Tensor, dtype: torch.dtype, relative_to: int | None = None
+) -> Tensor:
     """The merged weight (out, in) that the linear functions compute with: :func:`merge` (folded in the
     coefficients' dtype, rounded to the sources' dtype: what an exported checkpoint holds), then in ``dtype``.
 
@@ -361,11 +411,12 @@ def _merged_weight(weight_sources: Tensor, coefficients: Tensor, dtype: torch.dt
     direct = dtype == acc == weight_sources.dtype
     folded = None if direct else torch.empty(min(step, k), j, dtype=acc, device=merged.device)
     scaled = torch.empty(min(step, k), j, dtype=acc, device=merged.device) if rows else None
+    difference = None if relative_to is None else torch.empty(min(step, k), j, dtype=acc, device=merged.device)
     for start in range(0, k, step):
         end = min(start + step, k)
         block = merged[start:end] if direct else folded[: end - start]
         for i in range(n):
-            source, c = weight_sources[i, start:end], coefficients[i]
+            source, c = _basis_chunk(weight_sources, i, start, end, relative_to, difference), coefficients[i]
             if rows:  # (W_i[rows] * c_i) * r_i[rows], as merge does
                 factor, scale = scaled[: end - start], c[start:end, None]
                 torch.mul(source, c[rows:], out=factor)
@@ -384,14 +435,18 @@ class _DAMEmbeddingFunction(torch.autograd.Function):
     """Rows of ``E = merge(weight_sources, coefficients)`` for ``ids``, gathering per source; saves the ids only.
 
     Shapes: ids (...,) integer, weight_sources (N, vocab, hidden), coefficients (N, hidden), (N, vocab + hidden)
-    or (N, 1) -> (..., hidden) in the sources' dtype.
+    or (N, 1) -> (..., hidden) in the sources' dtype. ``relative_to``: as :class:`_DAMLinearFunction`'s.
     """
 
     @staticmethod
-    def forward(ctx: Any, ids: Tensor, weight_sources: Tensor, coefficients: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, ids: Tensor, weight_sources: Tensor, coefficients: Tensor, relative_to: int | None = None
+    ) -> Tensor:
         ctx.save_for_backward(ids, weight_sources, coefficients)
+        ctx.relative_to = relative_to
         rows = row_count(weight_sources.shape, coefficients.shape)
-        looked_up = (F.embedding(ids, w) for w in weight_sources)  # (..., hidden) per source
+        rows_of = [F.embedding(ids, w) for w in weight_sources]  # (..., hidden) per source
+        looked_up = basis_sources(rows_of, relative_to, coefficients.dtype)
         if not rows:
             return fold(looked_up, coefficients).to(weight_sources.dtype)
         # the same arithmetic as ``merge`` on the whole table, on the looked-up rows only: (E_i[ids] c_i) r_i[ids]
@@ -399,16 +454,17 @@ class _DAMEmbeddingFunction(torch.autograd.Function):
         return fold(scaled, coefficients[:, :rows][:, ids].unsqueeze(-1)).to(weight_sources.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[None, None, Tensor | None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[None, None, Tensor | None, None]:
         ids, weight_sources, coefficients = ctx.saved_tensors
         if not ctx.needs_input_grad[2]:
-            return None, None, None
+            return None, None, None, None
         rows = row_count(weight_sources.shape, coefficients.shape)
         flat = ids.reshape(-1)
         g = grad_out.reshape(flat.numel(), -1).to(coefficients.dtype)  # (T, hidden)
         grads = []
-        for w, c in zip(weight_sources, coefficients, strict=True):
-            product = g * F.embedding(flat, w).to(coefficients.dtype)  # (T, hidden): dL/dc_i per token, row scale 1
+        looked_up = basis_sources([F.embedding(flat, w) for w in weight_sources], ctx.relative_to, coefficients.dtype)
+        for e, c in zip(looked_up, coefficients, strict=True):
+            product = g * e.to(coefficients.dtype)  # (T, hidden): dL/dc_i per token, row scale 1
             if not rows:
                 grads.append(product.sum(0))  # (hidden,)
                 continue
@@ -418,7 +474,7 @@ class _DAMEmbeddingFunction(torch.autograd.Function):
         grad_c = torch.stack(grads)  # (N, hidden) or (N, vocab + hidden)
         if coefficients.shape[1] == 1 and grad_c.shape[1] != 1:
             grad_c = grad_c.sum(1, keepdim=True)  # one scalar per source
-        return None, None, grad_c
+        return None, None, grad_c, None
 
 
 def _frozen(t: Tensor) -> nn.Parameter:
@@ -442,7 +498,11 @@ class DAMModule(nn.Module):
     ``bias_coefficients`` (N, out) or (N, 1), or None. Sources are frozen parameters and are dropped from
     ``state_dict()`` (and not required by ``load_state_dict``); coefficients are parameters whose
     ``requires_grad`` says whether they train. ``transform`` maps raw to merge coefficients (``base``: the base
-    source's index, which ``task_vector`` needs). ``selected``: None (merge) or a source index (teacher mode).
+    source's index, which ``task_vector`` and the task-vector basis need). ``basis``: ``weights`` (every
+    coefficient multiplies its source's weight) or ``task_vectors`` (every source's but the base's multiplies
+    ``W_i - W_base``: :func:`basis_sources`); ``relative_to`` is then the base's index, else None.
+    ``freeze_base``: the base source's raw coefficients get no gradient (they stay at the init). ``selected``:
+    None (merge) or a source index (teacher mode: the source's own weights, whatever the basis).
     """
 
     def __init__(
@@ -453,12 +513,16 @@ class DAMModule(nn.Module):
         bias_coefficients: Tensor | None = None,
         transform: str = "none",
         base: int | None = None,
+        basis: str = "weights",
+        freeze_base: bool = False,
     ):
         super().__init__()
         if transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
-        if transform == "task_vector":
-            _base_index(transform, base, weight_sources.shape[0])
+        if basis not in BASES:
+            raise ValueError(f"unknown basis {basis!r}; valid: {', '.join(BASES)}")
+        if transform == "task_vector" or basis == "task_vectors" or freeze_base:
+            _base_index(transform if transform == "task_vector" else basis, base, weight_sources.shape[0])
         if (bias_sources is None) != (bias_coefficients is None):
             raise ValueError("bias_sources and bias_coefficients go together")
         _check_pair("weight", weight_sources, weight_coefficients)
@@ -476,6 +540,8 @@ class DAMModule(nn.Module):
             self.register_parameter("bias_coefficients", None)
         self.transform = transform
         self.base = base
+        self.relative_to = base if basis == "task_vectors" else None
+        self.freeze_base = freeze_base
         if transform == "task_vector" and self.rows():
             raise ValueError("transform 'task_vector' cannot be combined with row scales (granularity row_column)")
         self.selected: int | None = None
@@ -494,6 +560,9 @@ class DAMModule(nn.Module):
     def coefficients(self, name: str = "weight") -> Tensor:
         """Merge coefficients of ``name`` ("weight" or "bias") after the transform (differentiable)."""
         raw = getattr(self, f"{name}_coefficients")
+        if self.freeze_base and raw.requires_grad:  # the base's row as a constant: its gradient is 0
+            b = self.base
+            raw = torch.cat([raw[:b], raw[b : b + 1].detach(), raw[b + 1 :]])
         return transform_coefficients(raw, self.transform, self.rows(name), self.base)
 
     def merged(self, name: str = "weight") -> Tensor | None:
@@ -502,18 +571,20 @@ class DAMModule(nn.Module):
         if sources is None:
             return None
         with torch.no_grad():
-            return merge(sources, self.coefficients(name), self.rows(name)).to(sources.dtype)
+            return merge(sources, self.coefficients(name), self.rows(name), self.relative_to).to(sources.dtype)
 
     def _merged_bias(self) -> Tensor | None:
         if self.bias_sources is None:
             return None
         if self.selected is not None:
             return self.bias_sources[self.selected]
-        return fold(self.bias_sources, self.coefficients("bias")).to(self.bias_sources.dtype)
+        sources = basis_sources(self.bias_sources, self.relative_to, self.bias_coefficients.dtype)
+        return fold(sources, self.coefficients("bias")).to(self.bias_sources.dtype)
 
     def extra_repr(self) -> str:
         shape, bias = tuple(self.weight_sources.shape[1:]), self.bias_sources is not None
-        return f"sources={self.num_sources}, weight={shape}, bias={bias}, transform={self.transform}"
+        basis = "" if self.relative_to is None else f", task vectors relative to source {self.relative_to}"
+        return f"sources={self.num_sources}, weight={shape}, bias={bias}, transform={self.transform}{basis}"
 
 
 def _as_parameter(t: Tensor) -> nn.Parameter:
@@ -564,7 +635,7 @@ class DAMLinear(DAMModule):
         bias = self._merged_bias()
         if self.selected is not None:
             return F.linear(x, self.weight_sources[self.selected], bias)
-        return _DAMLinearFunction.apply(x, self.weight_sources, self.coefficients("weight"), bias)
+        return _DAMLinearFunction.apply(x, self.weight_sources, self.coefficients("weight"), bias, self.relative_to)
 
     def chunked_loss(self, x: Tensor, chunk_loss: Callable[[Tensor, slice], Tensor], rows: int) -> Tensor:
         """``sum over chunks of chunk_loss(self(x)[rows], rows)`` for x (M, in), ``rows`` rows at a time: the
@@ -573,7 +644,7 @@ class DAMLinear(DAMModule):
             raise RuntimeError("chunked_loss runs the merged layer, not a selected source")
         bias = self._merged_bias()
         return _DAMLinearLossFunction.apply(
-            x, self.weight_sources, self.coefficients("weight"), bias, chunk_loss, rows
+            x, self.weight_sources, self.coefficients("weight"), bias, chunk_loss, rows, self.relative_to
         )
 
     def source_forward(self, x: Tensor, k: int) -> Tensor:
@@ -616,12 +687,12 @@ class DAMEmbedding(DAMModule):
             if self.selected is not None:
                 weight = self.weight_sources[self.selected]
             else:
-                weight = merge(self.weight_sources, self.coefficients("weight"), self.rows())
+                weight = merge(self.weight_sources, self.coefficients("weight"), self.rows(), self.relative_to)
                 weight = weight.to(self.weight_sources.dtype)
             return torch.func.functional_call(self.embedding, {"weight": weight}, (ids,), strict=False)
         if self.selected is not None:
             return F.embedding(ids, self.weight_sources[self.selected], self.padding_idx)
-        return _DAMEmbeddingFunction.apply(ids, self.weight_sources, self.coefficients("weight"))
+        return _DAMEmbeddingFunction.apply(ids, self.weight_sources, self.coefficients("weight"), self.relative_to)
 
 
 class DAMNorm(DAMModule):
@@ -642,7 +713,8 @@ class DAMNorm(DAMModule):
         if self.selected is not None:
             weight = self.weight_sources[self.selected]
         else:
-            weight = merge(self.weight_sources, self.coefficients("weight")).to(self.weight_sources.dtype)
+            coefficients = self.coefficients("weight")
+            weight = merge(self.weight_sources, coefficients, 0, self.relative_to).to(self.weight_sources.dtype)
         tensors = {"weight": weight}
         if self.bias_sources is not None:
             tensors["bias"] = self._merged_bias()

@@ -59,7 +59,7 @@ from dam.adaptive.coefficients import (
     read_coefficients,
     save_coefficients,
 )
-from dam.adaptive.init import find_base_source, resolve_init_weights
+from dam.adaptive.init import base_source_key, basis_weights, find_base_source, resolve_init_weights
 from dam.adaptive.layers import (
     DAMEmbedding,
     DAMLinear,
@@ -236,9 +236,9 @@ class DAMModel(nn.Module):
         base_config = load_source_config(base_model, "base")
         source_configs = [load_source_config(s, "source") for s in sources]
         check_configs(base_model, base_config, sources, source_configs)
-        base = None  # the base source's index, for the task-vector form only
-        if options.transform == "task_vector":
-            base = find_base_source(base_model, sources, "dam.transform: task_vector")
+        base = None  # the base source's index, for the options that name it (base_source_key) only
+        if (key := base_source_key(options)) is not None:
+            base = find_base_source(base_model, sources, key)
         init_weights = resolve_init_weights(options.init, base_model, sources)
         readers = [CheckpointReader(s) for s in sources]
 
@@ -250,7 +250,7 @@ class DAMModel(nn.Module):
         slots = _plan(model, base_model)
         _check_source_tensors(slots, sources, readers)
 
-        weights = torch.tensor(init_weights, dtype=torch.float64)
+        weights = torch.tensor(basis_weights(init_weights, options.basis, base), dtype=torch.float64)
         merged: dict[str, tuple[DAMModule, str, str]] = {}
         tied: dict[str, str] = {}
         new_modules: dict[str, DAMModule] = {}
@@ -446,8 +446,11 @@ class DAMModel(nn.Module):
         return {name: m.coefficients(attr) for name, m, attr in self._coefficient_items(trainable_only)}
 
     def initial_coefficients(self, trainable_only: bool = True) -> dict[str, Tensor]:
-        """The init's merge coefficients, same keys and shapes as :meth:`coefficients` (constants; row scales 1)."""
-        weights = torch.tensor(self.init_weights, dtype=parse_dtype(self.options.coefficient_dtype))
+        """The init's merge coefficients, same keys and shapes as :meth:`coefficients` (constants; row scales 1;
+        in the run's ``dam.basis``)."""
+        base = self.base_index()
+        init = basis_weights(self.init_weights, self.options.basis, base)
+        weights = torch.tensor(init, dtype=parse_dtype(self.options.coefficient_dtype))
         out = {}
         for name, m, attr in self._coefficient_items(trainable_only):
             raw = getattr(m, f"{attr}_coefficients")
@@ -465,6 +468,11 @@ class DAMModel(nn.Module):
                 raw = getattr(m, f"{attr}_coefficients")
                 wanted = initial[name].to(raw.device)
                 raw.copy_(inverse_transform_coefficients(wanted, self.options.transform, m.rows(attr), m.base))
+
+    def base_index(self) -> int | None:
+        """The base source's index when the options name it (:func:`base_source_key`), else None."""
+        key = base_source_key(self.options)
+        return None if key is None else find_base_source(self.base_model, self.sources, key)
 
     def raw_coefficients(self) -> dict[str, Tensor]:
         """Every coefficient tensor (raw, before the transform) by tensor name, detached on CPU: what is saved."""
@@ -501,9 +509,10 @@ class DAMModel(nn.Module):
         where = f"coefficients file {path}"
         if len(meta["sources"]) != self.num_sources:
             raise DamError(f"{where}: made for {len(meta['sources'])} sources, this model has {self.num_sources}")
-        transform = meta["options"].get("transform")
-        if transform != self.options.transform:
-            raise DamError(f"{where}: dam.transform is {transform!r} there but {self.options.transform!r} here")
+        for key, default in (("transform", None), ("basis", "weights")):
+            there, here = meta["options"].get(key, default), getattr(self.options, key)
+            if there != here:
+                raise DamError(f"{where}: dam.{key} is {there!r} there but {here!r} here")
         items = list(self._coefficient_items(False))
         expected = {name: tuple(getattr(m, f"{a}_coefficients").shape) for name, m, a in items}
         check_coefficients(tensors, expected, where, self.num_sources)
@@ -584,7 +593,7 @@ def _build_module(
     base: int | None,
 ) -> DAMModule:
     """The DAM module replacing ``slot.module``, with stacked sources read from the checkpoints; ``base`` is the
-    base source's index for ``dam.transform: task_vector``, else None."""
+    base source's index for the options that name it (:func:`base_source_key`), else None."""
     module = slot.module
     kind = "embedding" if slot.tied_to is not None and isinstance(built[slot.tied_to], DAMEmbedding) else slot.kind
     trainable = kind in options.targets
@@ -603,12 +612,14 @@ def _build_module(
         bias_trainable = trainable and options.bias != "frozen"
         bias_coefficients = _coefficient_parameter(weights, bshape, options, bias_trainable, device, base=base)
     args = (weight_sources, weight_coefficients, bias_sources, bias_coefficients, options.transform, base)
+    kwargs = {"basis": options.basis, "freeze_base": not options.train_base}
     if slot.kind == "linear":
-        return DAMLinear(*args)
+        return DAMLinear(*args, **kwargs)
     own_forward = slot.kind == "norm" or type(module).forward is not nn.Embedding.forward
     if own_forward:  # the module's own forward runs with merged tensors substituted for its parameters
         for pname in [n for n, _ in module.named_parameters(recurse=False)]:
             delattr(module, pname)
     if slot.kind == "embedding":
-        return DAMEmbedding(*args, padding_idx=module.padding_idx, embedding=module if own_forward else None)
-    return DAMNorm(module, *args)
+        embedding = module if own_forward else None
+        return DAMEmbedding(*args, padding_idx=module.padding_idx, embedding=embedding, **kwargs)
+    return DAMNorm(module, *args, **kwargs)

@@ -52,6 +52,25 @@ class DAMOptions(BaseModel):
     row_column``. The raw init is the inverse transform of the init coefficients (e.g. ``atanh(1/N)``), so every
     transform starts at the requested merge."""
 
+    basis: Literal["weights", "task_vectors"] = "weights"
+    """What each source's coefficients multiply. ``weights`` (the paper's): its own weight, ``W = sum_i diag(r_i)
+    W_i diag(c_i)``. ``task_vectors``: the base's coefficients its own weight and every other source's its task
+    vector ``tau_k = W_k - W_base``, ``W = diag(r_b) W_base diag(c_b) + sum_k diag(r_k) tau_k diag(c_k)``; the
+    base must be one of the sources (the one whose ``model`` is ``base_model``) and ``transform`` is ``none``.
+    ``dam.init`` still names the merge in the weights' terms (``[-2, 1, 1, 1]``, task arithmetic at lambda 1,
+    starts the base's coefficients at 1, the sum of all, and each task vector's at its own 1). Under ``column``
+    and ``tensor`` granularities the two bases span the same merges, but the optimizer sees them apart: in the
+    weights basis the sources' gradients differ only by their task vectors (~1% of the weights), so Adam moves
+    every source's coefficients alike and their sum, the base's scale, N times as far; here the base's scale has
+    its own coefficients and each task vector's weights follow their own gradient. Under ``row_column`` the base's
+    rescaling is one rank-one factor instead of N. ``train_base: false`` keeps the base's coefficients at the
+    init, so only the task vectors' weights train (an unclamped, row_column-capable AdaMerging form)."""
+
+    train_base: bool = True
+    """Whether the base source's coefficients train. ``false`` keeps them at the init (their gradient is zeroed;
+    with ``basis: task_vectors`` and the default init the base's weight stays exactly ``W_base``); the base must be
+    a source, and AdamW's weight decay (``train.weight_decay``) must be 0, which would move them anyway."""
+
     coefficient_dtype: Literal["float32", "float64"] = "float32"
     """Storage dtype of the coefficients (the trained master copy), independent of the frozen weights' dtype:
     bf16/fp16 coefficients would lose every update smaller than one ulp."""
@@ -83,6 +102,10 @@ class DAMOptions(BaseModel):
 
     @model_validator(mode="after")
     def _task_vector_form(self) -> DAMOptions:
+        if self.basis == "task_vectors" and self.transform != "none":
+            raise ValueError(
+                f"dam.basis: task_vectors takes the coefficients as they are (transform none), not {self.transform!r}"
+            )
         if self.transform != "task_vector":
             return self
         if self.granularity == "row_column":

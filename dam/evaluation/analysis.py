@@ -42,7 +42,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from dam.adaptive.coefficients import read_coefficients
-from dam.adaptive.init import task_vector_base
+from dam.adaptive.init import relative_to, task_vector_base
 from dam.adaptive.layers import merge, row_count, transform_coefficients
 from dam.errors import DamError
 from dam.evaluation.kinship import module_kind
@@ -253,14 +253,18 @@ def merge_shift(run_or_file: str | Path) -> pd.DataFrame:
     ``||W_base||`` (Frobenius): how much of the move rescales the base itself and how much adds the sources'
     differences from it. ``task_arithmetic`` is ``||sum_i tau_i|| / ||W_base||``, the move of task arithmetic at
     lambda 1, for scale. The coefficients of a merge that only reweights the task vectors sum to 1 on every element
-    (``rescale`` 0, as in the task-vector form); a learned ``rescale`` far above ``task_arithmetic`` means the
-    coefficients rescaled the base's weights more than they merged the sources (measured on SmolLM2-135M:
-    docs/real-family.md). ``base_norm`` is ``||W_base||`` (weights of a pooled mean: :func:`total_shift`); a
-    base tensor of zeros has no relative move, and its row holds NaN there and in the three ratios."""
+    (``rescale`` 0, as in the task-vector form). In the task-vector basis (``dam.basis: task_vectors``) the base's
+    own coefficients ``a_base`` are the whole rescaling (``rescale`` is the norm of ``(a_base - 1) * W_base``)
+    and every other source's weight its task vector (``task``). A learned ``rescale`` far above
+    ``task_arithmetic`` means the coefficients rescaled the base's weights more than they merged the sources
+    (measured on SmolLM2-135M: docs/real-family.md). ``base_norm`` is ``||W_base||`` (weights of a pooled mean:
+    :func:`total_shift`); a base tensor of zeros has no relative move, and its row holds NaN there and in the
+    three ratios."""
     tensors, metadata = read_coefficients(run_or_file)
     options = metadata["options"]
     transform = options["transform"]
     base = task_vector_base(metadata)
+    relative = relative_to(metadata)
     order = _ordered(tensors, metadata)
     sources = metadata["sources"]
     models = dict.fromkeys([metadata["base_model"], *sources])  # the base is usually a source too: read it once
@@ -273,7 +277,11 @@ def merge_shift(run_or_file: str | Path) -> pd.DataFrame:
             raw = tensors[name].float()
             count = row_count((len(sources), *w_base.shape), raw.shape)
             coefficients = transform_coefficients(raw, transform, count, base)
-            rescaled = merge((w_base for _ in sources), coefficients, count) - w_base
+            own = coefficients
+            if relative is not None:  # only the base's own coefficients multiply W_base
+                own = torch.zeros_like(coefficients)
+                own[relative] = coefficients[relative]
+            rescaled = merge((w_base for _ in sources), own, count) - w_base
             taus = [weights[m] - w_base for m in sources]
             norm = float(w_base.norm()) or math.nan  # a zero tensor (a bias) has no relative move
             rows.append(

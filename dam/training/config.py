@@ -375,6 +375,15 @@ class DAMConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _frozen_base_without_decay(self) -> DAMConfig:
+        if not self.dam.train_base and self.train.weight_decay > 0:
+            raise ValueError(
+                "dam.train_base: false keeps the base's coefficients at the init, which train.weight_decay "
+                f"{self.train.weight_decay:g} would shrink anyway: set train.weight_decay: 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _entropy_needs_no_teachers(self) -> DAMConfig:
         if self.loss.objective == "entropy" and self.data.teacher_logits == "cached":
             raise ValueError(
