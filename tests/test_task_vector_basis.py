@@ -25,7 +25,7 @@ from dam.adaptive.layers import (
 from dam.adaptive.model import DAMModel
 from dam.adaptive.options import DAMOptions
 from dam.errors import DamError
-from dam.evaluation.analysis import merge_shift
+from dam.evaluation.analysis import load_coefficient_table, merge_shift
 from dam.testing import make_family
 from dam.training.config import load_config
 
@@ -256,3 +256,14 @@ def test_refusals_name_the_key(family, tmp_path) -> None:
     path = _build(family).save_coefficients(tmp_path / "weights.safetensors")
     with pytest.raises(DamError, match="dam.basis is 'weights' there but 'task_vectors' here"):
         vectors.load_coefficients(path)
+
+
+def test_coefficient_table_and_model_card_read_the_basis(family, tmp_path) -> None:
+    model = _build(family, granularity="row_column", init=0.5, basis="task_vectors", train_base=False)
+    table = load_coefficient_table(model.save_coefficients(tmp_path / "c.safetensors"))
+    columns = table[table["part"] == "column"].groupby("source", observed=True)["init"].unique()
+    # in the basis: the base's own scale starts at 1 - 3 * 0.5 + 3 * 0.5 = 1, each task vector's at 0.5
+    assert [list(v) for v in columns] == [[0.5], [1.0], [0.5], [0.5]]
+    assert table["abs_drift"].max() == 0.0
+    card = (model.export(tmp_path / "out") / "README.md").read_text()
+    assert "Task-vector basis" in card and "were not trained" in card

@@ -297,6 +297,12 @@ def model_card(metadata: dict[str, Any], dtype: torch.dtype) -> str:
             "\n- Task-vector form (AdaMerging): `W = W_base + sum_k lambda_k (W_k - W_base)`, each `lambda_k` "
             "clamped to [0, 1]; the base's coefficient is `1 - sum_k lambda_k`, never trained."
         )
+    if options.get("basis", "weights") == "task_vectors":
+        frozen = "" if options.get("train_base", True) else "; the base's coefficients were not trained"
+        task_vector_text = (
+            "\n- Task-vector basis: the base's coefficients scale its own weights and every other source's its task "
+            f"vector `W_k - W_base` (the init coefficients above are in the weights' terms){frozen}."
+        )
     body = f"""# DAM merge of {len(metadata["sources"])} models
 
 Merged with DAM (Differentiable Adaptive Merging, [arXiv:2410.08371](https://arxiv.org/abs/2410.08371)): every

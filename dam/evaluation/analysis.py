@@ -42,7 +42,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from dam.adaptive.coefficients import read_coefficients
-from dam.adaptive.init import relative_to, task_vector_base
+from dam.adaptive.init import basis_weights, relative_to, task_vector_base
 from dam.adaptive.layers import merge, row_count, transform_coefficients
 from dam.errors import DamError
 from dam.evaluation.kinship import module_kind
@@ -164,11 +164,14 @@ def load_coefficient_table(run_or_file: str | Path) -> pd.DataFrame:
     coefficients of that tensor, part (:func:`coefficient_parts`: ``row`` and ``column`` apart for ``row_column``)
     and source (``std`` is the population std). ``init`` is the source's init coefficient (1 for row scales).
     ``derived`` marks the base's coefficient in the task-vector form (``dam.transform: task_vector``): ``1 -
-    sum_k lambda_k``, not trained; the other sources' rows of such a run are the lambdas.
+    sum_k lambda_k``, not trained; the other sources' rows of such a run are the lambdas. In the task-vector basis
+    (``dam.basis: task_vectors``) the base's rows are its own scale (init: the sum of the init weights) and every
+    other source's the weights of its task vector.
     """
     coefficients, metadata = coefficient_parts(run_or_file)
     sources = source_names(metadata)
-    init = metadata["init_weights"]
+    relative = relative_to(metadata)
+    init = basis_weights(metadata["init_weights"], "weights" if relative is None else "task_vectors", relative)
     base = task_vector_base(metadata)
     rows = []
     for name, parts in coefficients.items():
