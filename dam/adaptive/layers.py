@@ -13,6 +13,10 @@ Every merged tensor is ``merge(sources, coefficients)``; its granularity is read
   AdaMerging's parameterisation);
 - bias ``b`` (out,), coefficients (N, out) (per output) or (N, 1) (one scalar per source).
 
+In the task-vector basis (``dam.basis: task_vectors``, :func:`basis_sources`) every source but the base enters
+these sums as its task vector ``W_i - W_base``, taken in the coefficients' dtype one row chunk at a time inside
+the same fold and gradient reductions; the base's own coefficients scale ``W_base``.
+
 A tied ``lm_head`` is a :class:`DAMLinear` sharing the embedding's sources *and* coefficients, so it stays tied
 (for ``row_column`` the embedding's rows are the vocabulary, the ``lm_head``'s outputs: the same layout).
 
