@@ -393,7 +393,9 @@ def _basis_chunk(
         return sources[i, start:end]
     assert difference is not None
     out = difference[: end - start]
-    out.copy_(sources[i, start:end])
+    if sources.dtype == out.dtype:  # one pass; the same correctly rounded difference as below
+        return torch.sub(sources[i, start:end], sources[relative_to, start:end], out=out)
+    out.copy_(sources[i, start:end])  # exact in the wider dtype, then one rounding: as basis_sources does
     return out.sub_(sources[relative_to, start:end])
 
 
