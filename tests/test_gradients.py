@@ -101,7 +101,12 @@ def test_sharded_gradients_equal_one_process(tmp_path: Path) -> None:
     for s, (got, want) in enumerate(zip(sharded, reference, strict=True)):
         for g, w in zip(got, want, strict=True):
             # the gathered source tensors are the whole ones bit for bit; what differs is the order of float32 sums
-            # (micro-batches, the all-reduce, GEMMs over 1 row instead of 4): at most 4.3e-8 measured, on entries up
-            # to 4.5e-2. The DDP test's bounds, rtol 1e-4 and atol 1e-7, hold that and are far below a factor 2 (a
-            # sum over the 2 processes) or a padded row counted (~30% on the last step, measured for DDP)
-            assert torch.allclose(g, w, rtol=1e-4, atol=1e-7), (s, float((g - w).abs().max()))
+            # (micro-batches, the all-reduce, GEMMs over 1 row instead of 4), ~1e-7 of a tensor's norm at step 0,
+            # and from step 1 on the coefficients AdamW moved from those gradients: measured on 2026-12-07 (torch
+            # 2.13, transformers 5.25, accelerate 1.16) up to 2.3e-7 absolute and 2.7e-5 of a tensor's norm (an
+            # earlier environment: 4.3e-8). The bounds, 1e-3 of the tensor's largest entry per entry and 1e-3 of
+            # its norm, sit 16x and 37x above that and far below a factor 2 (a sum over the 2 processes) or a padded
+            # row counted (~30% on the last step, measured for DDP)
+            scale = float(w.abs().max())
+            assert torch.allclose(g, w, rtol=1e-4, atol=1e-3 * scale), (s, float((g - w).abs().max()), scale)
+            assert float((g - w).norm()) <= 1e-3 * float(w.norm()), (s, float((g - w).norm() / w.norm()))
