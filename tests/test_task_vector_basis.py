@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from test_dam_layers import IN, OUT, WIDTHS, N, _explicit_weight  # the layer tests' shapes and reference fold
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -29,9 +30,7 @@ from dam.evaluation.analysis import load_coefficient_table, merge_shift
 from dam.testing import make_family
 from dam.training.config import load_config
 
-N, OUT, IN = 3, 6, 5
 BASE = 1  # the base's place among the sources: not first, so that no code may assume index 0
-WIDTHS = {"column": IN, "row_column": OUT + IN, "tensor": 1}
 IDS = torch.tensor([[5, 17, 30, 2, 44, 9, 61, 8], [70, 3, 12, 99, 21, 1, 0, 0]])
 MASK = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
 
@@ -43,14 +42,6 @@ def _basis(ws: torch.Tensor, base: int = BASE) -> torch.Tensor:
         if i != base:
             out[i] = ws[i] - ws[base]
     return out
-
-
-def _explicit_weight(ws: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``sum_i diag(r_i) S_i diag(c_i)`` written out with broadcasting, for basis sources (N, out, in)."""
-    out = ws.shape[1]
-    if c.shape[1] == out + ws.shape[2]:
-        return (c[:, :out, None] * ws * c[:, None, out:]).sum(0)
-    return (ws * c[:, None, :]).sum(0)
 
 
 @pytest.mark.parametrize("granularity", list(WIDTHS))
