@@ -184,6 +184,7 @@ def test_alignment_alone_refuses_a_trained_tied_head(tmp_path: Path, capsys: pyt
     assert main(["train", str(path)]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "tied to its embedding" in errors[0] and "dam.targets: [linear, norm]" in errors[0]
+    assert "dam.targets [linear, embedding, norm]:" in errors[0]  # in the config's own notation, not a Python list
     assert not run.exists()
     assert check_config(path).verdict == "refuse"
     with pytest.raises(DamError, match="lm_head of base .* is tied to its embedding"):

@@ -306,6 +306,7 @@ def _edit_config(folder: Path, **changes) -> None:
             r"rope_(parameters \{.*|theta )1000000.0.* but base .* has .*10000.0",
         ),
         ("llama", {"rms_norm_eps": 1e-5}, "rms_norm_eps 1e-05 but base .* has 1e-06"),
+        ("llama", {"rms_norm_eps": 1.0001e-6}, "rms_norm_eps 1.0001e-06 but base .* has 1e-06"),  # apart in float32
         ("llama", {"hidden_act": "gelu"}, "hidden_act 'gelu' but base .* has 'silu'"),
         ("llama", {"attention_bias": True}, "attention_bias True but base .* has False"),
         ("llama", {"head_dim": 16}, "head_dim 16 but base .* has 8"),

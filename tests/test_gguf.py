@@ -119,6 +119,8 @@ def test_config_tokenizer_and_generation_config_from_the_metadata(single):
     found = AutoConfig.from_pretrained(folder).to_dict()
     for key in ("_name_or_path", "transformers_version"):
         expected.pop(key, None), found.pop(key, None)
+    assert expected["architectures"] is None and found.pop("architectures") == ["Qwen2ForCausalLM"]  # named here
+    expected.pop("architectures")
     assert found == expected
     assert found["tie_word_embeddings"] is True and found["vocab_size"] == 128
 
@@ -273,6 +275,36 @@ def test_dam_over_ggufs_equals_dam_over_the_folders_and_exports_the_same(familie
     assert all(f"`{portable_reference(s, out_gguf)}`" in card for s in sources)
     assert str(cache_root()) not in card and str(cache_root()) not in (out_gguf / "dam_coefficients.json").read_text()
     AutoTokenizer.from_pretrained(out_gguf)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_gguf_base_mixes_with_folder_sources(family, tmp_path):
+    """A GGUF stores float hyper-parameters as float32 (``rms_norm_eps`` 1e-6 reads back as 9.99999997e-07): the
+    source check compares floats in float32, so a GGUF base merges with the folders it was converted beside, and
+    the result is exactly the all-folder one (an F32 GGUF holds the folder's weights bit for bit)."""
+    arch, tied = FAMILIES[family]
+    base, sources = make_family(tmp_path / "family", 3, arch=arch, tied=tied, seed=7, scale=0.05)
+    gguf = write_gguf(base, tmp_path / "base.gguf", "F32")
+    gguf_eps = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name).rms_norm_eps
+    assert gguf_eps != AutoConfig.from_pretrained(base).rms_norm_eps  # the case at stake: not equal as Python floats
+    models = []
+    for first in (gguf, base):
+        model = DAMModel.from_pretrained(str(first), [str(first), *map(str, sources)])
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(3)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        models.append(model)
+    assert torch.equal(_logits(models[0]), _logits(models[1]))
+    outputs = []
+    for label, first in (("gguf", gguf), ("folder", base)):
+        config = tmp_path / f"{label}.yaml"
+        config.write_text(_merge_config("ties", first, sources))
+        assert main(["merge", str(config), str(tmp_path / label)]) == 0
+        outputs.append(load_file(tmp_path / label / "model.safetensors"))
+    assert outputs[0].keys() == outputs[1].keys()
+    assert all(torch.equal(outputs[0][n], outputs[1][n]) for n in outputs[0])
 
 
 # -- bad files ----------------------------------------------------------------------------------------------------

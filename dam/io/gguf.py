@@ -49,7 +49,7 @@ SOURCE_FILE = "dam_gguf_source.json"
 """In a cache folder: the GGUF file it was made from (absolute path, size, mtime), its architecture, its tensor table
 and the config dict transformers' tensor processor gets, so that a cache hit parses no metadata (``GGUFReader``
 parses every key, a 49k-entry vocabulary included, in Python: seconds)."""
-_CACHE_FORMAT = 1  # bump when what the cache folder holds changes
+_CACHE_FORMAT = 2  # bump when what the cache folder holds changes
 STACKING_ARCHITECTURES = ("qwen2moe", "qwen3moe", "gpt-oss", "gpt_oss", "minimax-m2")
 """GGUF architectures whose transformers processor stacks several GGUF tensors into one (MoE experts)."""
 
@@ -204,6 +204,11 @@ def _materialise(file: Path, out: Path, has_tokenizer: bool) -> Any:
         config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
     except Exception as e:  # transformers raises ValueError, KeyError... for metadata it cannot map
         raise _transformers_error(file, "config", e) from e
+    if not config.architectures:  # transformers' GGUF reading names none; source checks, exports and servers read it
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
+        config.architectures = [causal_lm] if causal_lm else None
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     if not has_tokenizer:

@@ -414,9 +414,10 @@ class DAMConfig(BaseModel):
         a validator: ``dam train`` calls it before the run folder, :func:`dam.training.loop.train` on its model."""
         if tied and not self.loss.reads_output and "embedding" in self.dam.targets:
             raise DamError(
-                f"loss.kl: 0 with dam.targets {self.dam.targets}: the lm_head of base {self.base_model!r} is tied to "
-                "its embedding, which would train with no term on the output (loss.align stops at the final norm); "
-                "leave the embedding out (dam.targets: [linear, norm]) or set loss.kl > 0"
+                f"loss.kl: 0 with dam.targets [{', '.join(self.dam.targets)}]: the lm_head of base "
+                f"{self.base_model!r} is tied to its embedding, which would train with no term on the output "
+                "(loss.align stops at the final norm); leave the embedding out (dam.targets: [linear, norm]) or set "
+                "loss.kl > 0"
             )
 
     @model_validator(mode="after")
