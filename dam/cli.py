@@ -615,6 +615,74 @@ def _add_evolve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evolve)
 
 
+PLOTS = ("drift.png", "distributions.png", "losses.png", "alignment.png")
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from dam.evaluation import analysis
+    from dam.training.run_dir import ALIGN_LAYER_PREFIX, METRICS_FILE
+
+    run = Path(args.run)
+    plots = Path(args.plots) if args.plots else None
+    if plots is not None and not args.force:  # refused before any reading: nothing is overwritten silently
+        taken = [name for name in PLOTS if (plots / name).exists()]
+        if taken:
+            raise DamError(f"--plots {plots}: {', '.join(taken)} exist (use --force to replace them)")
+    table = analysis.load_coefficient_table(run)
+    summary = analysis.summarise_coefficients(table)
+    shift = analysis.total_shift(analysis.merge_shift(run)) if args.shift else None
+    if args.json:
+        record = {"coefficients": summary.to_dict(orient="records")}
+        if shift is not None:
+            record["shift"] = shift.to_dict()
+        print(json.dumps(record, default=str))
+    else:
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if shift is not None:
+            print(
+                f"merge shift, fractions of the base's norm: base rescaled {shift['rescale']:.4f}, task vectors "
+                f"weighted {shift['task']:.4f} (task arithmetic at lambda 1: {shift['task_arithmetic']:.4f})"
+            )
+    if plots is None:
+        return 0
+    figures = {
+        "drift.png": lambda path: analysis.plot_coefficient_heatmap(table, "drift", center=0.0, path=path),
+        "distributions.png": lambda path: analysis.plot_coefficient_distributions(run, path=path),
+    }
+    if (run / METRICS_FILE).is_file():  # a run folder, not a bare coefficients file
+        metrics = analysis.load_metrics(run)
+        figures["losses.png"] = lambda path: analysis.plot_loss_curves(metrics, path=path)
+        if any(str(c).startswith(ALIGN_LAYER_PREFIX) for c in metrics.columns):
+            figures["alignment.png"] = lambda path: analysis.plot_alignment(metrics, path=path)
+    for name, draw in figures.items():
+        plt.close(draw(plots / name))
+    print(f"wrote {', '.join(figures)} to {plots}")
+    return 0
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="what a DAM run learned: its coefficients per kind, part and source, the merge's shift, plots",
+        description="Print the coefficients of a finished DAM run (or a dam_coefficients.safetensors file) pooled "
+        "per module kind, part (row scales and column coefficients apart under row_column) and source: count, "
+        "init, mean, std, min, max, drift from the init. --shift also reads the base and every source, tensor by "
+        "tensor, and splits the merge's move away from the base into the base rescaled and the task vectors "
+        "weighted (dam.evaluation.analysis.merge_shift). --plots writes the drift heat map, the coefficients' "
+        "distributions and, for a run folder, the loss curves and the per-layer alignment.",
+    )
+    p.add_argument("run", help="DAM run folder, exported model folder or coefficients file")
+    p.add_argument("--shift", action="store_true", help="also the merge's shift (reads every source's weights)")
+    p.add_argument("--plots", metavar="DIR", help="write the plots as PNG files into DIR")
+    p.add_argument("--force", action="store_true", help="replace plots already in DIR")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=_analyze)
+
+
 _COMMANDS: list = [
     _add_merge,
     _add_train,
@@ -625,6 +693,7 @@ _COMMANDS: list = [
     _add_demo,
     _add_eval,
     _add_kinship,
+    _add_analyze,
     _add_soup,
     _add_evolve,
 ]

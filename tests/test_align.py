@@ -158,6 +158,8 @@ def test_training_with_alignment_lowers_it(family: tuple[Path, list[Path]], tmp_
     png = tmp_path / "align.png"
     plot_alignment(load_metrics(tmp_path / "run"), path=png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["analyze", str(tmp_path / "run"), "--plots", str(tmp_path / "plots")]) == 0  # and its plot
+    assert (tmp_path / "plots" / "alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_alignment_config_refusals(family: tuple[Path, list[Path]], tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from tiny_run import ROOT, tiny_config
 
 from dam.adaptive.model import DAMModel
 from dam.adaptive.options import DAMOptions
+from dam.cli import main
 from dam.errors import DamError
 from dam.evaluation.analysis import (
     COLUMNS,
@@ -210,6 +211,37 @@ def test_loss_curves_plot_every_logged_loss_term(run: Path, tmp_path: Path) -> N
     assert_png(tmp_path / "loss.png")
     with pytest.raises(DamError, match="no loss columns"):
         plot_loss_curves(metrics[["step", "lr"]].rename(columns={"lr": "other"}))
+
+
+def test_dam_analyze_prints_the_summary_and_shift_and_writes_the_plots(
+    run: Path, table: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dam analyze``: the library's summary and shift, as JSON or a table; the plots, never overwritten without
+    ``--force``; a path without coefficients is one error line."""
+    assert main(["analyze", str(run), "--shift", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    expected = summarise_coefficients(table)
+    assert pd.DataFrame(record["coefficients"])[list(expected.columns)].astype(str).equals(expected.astype(str))
+    assert record["shift"] == pytest.approx(total_shift(merge_shift(run)).to_dict(), rel=1e-12)
+    assert main(["analyze", str(run)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 + len(expected) and printed[0].split()[:4] == ["kind", "part", "source", "numel"]
+
+    plots = tmp_path / "plots"
+    assert main(["analyze", str(run), "--plots", str(plots)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"wrote drift.png, distributions.png, losses.png to {plots}")
+    for name in ("drift.png", "distributions.png", "losses.png"):
+        assert_png(plots / name)
+    assert not (plots / "alignment.png").exists()  # the run had loss.align: 0
+    before = (plots / "drift.png").stat().st_mtime_ns
+    assert main(["analyze", str(run), "--plots", str(plots)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --plots") and "--force" in err and "\n" not in err
+    assert (plots / "drift.png").stat().st_mtime_ns == before
+    assert main(["analyze", str(run), "--plots", str(plots), "--force"]) == 0
+    assert main(["analyze", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "nothing" in err and "\n" not in err and "Traceback" not in err
 
 
 def test_notebook_is_saved_without_outputs() -> None:
