@@ -68,6 +68,9 @@ COVERED: dict[str, list[str]] = {
     ],
     r"dam eval \S+ \S+ --tasks reverse sort shift": ["tests/test_evaluate.py::test_cli_eval_table_and_json"],
     r"dam kinship \S+ \S+ --base \S+": ["tests/test_kinship.py::test_cli"],
+    r"dam analyze \S+ --shift --plots \S+": [
+        "tests/test_analysis.py::test_dam_analyze_prints_the_summary_and_shift_and_writes_the_plots"
+    ],
     r"dam eval \S+ --lm-eval my_task --lm-eval-include my_tasks/ --json": [
         "tests/test_lm_eval.py::test_cli_eval_lm_eval_json",
     ],
