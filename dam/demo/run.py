@@ -56,9 +56,11 @@ LEARNED_BASELINES: dict[str, tuple[str, ...]] = {
     # at 0.3, task arithmetic's tuned scale on its benchmark; on the toy family's validation split (seed 0, the
     # demo's budget) 0.3 and 0.5 (this one at 1500 steps) kept no skill (0.8, 0.7), 0.7 kept `reverse` (32.3, also
     # on seed 1), 1.0 less (31.3 at 1500 steps, 16.0 on seed 1): docs/quickstart.md. Not tried on the real family.
-    # Its learning rate stays the 1e-2 it was tried at on both families, whatever the DAM config's.
+    # Its learning rate stays the 1e-2 it was tried at on both families, whatever the DAM config's; its
+    # clamped task-vector form is its own basis, so the weights basis whatever the DAM config's.
     "adamerging": (
         "train.lr=1e-2",
+        "dam.basis=weights",
         "dam.granularity=tensor",
         "dam.transform=task_vector",
         "dam.init=0.7",
