@@ -615,7 +615,7 @@ def _add_evolve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_evolve)
 
 
-PLOTS = ("drift.png", "distributions.png", "losses.png", "alignment.png")
+ANALYZE_PLOTS = ("drift.png", "distributions.png", "losses.png", "alignment.png")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -629,17 +629,17 @@ def _analyze(args: argparse.Namespace) -> int:
     run = Path(args.run)
     plots = Path(args.plots) if args.plots else None
     if plots is not None and not args.force:  # refused before any reading: nothing is overwritten silently
-        taken = [name for name in PLOTS if (plots / name).exists()]
+        taken = [name for name in ANALYZE_PLOTS if (plots / name).exists()]
         if taken:
             raise DamError(f"--plots {plots}: {', '.join(taken)} exist (use --force to replace them)")
     table = analysis.load_coefficient_table(run)
     summary = analysis.summarise_coefficients(table)
     shift = analysis.total_shift(analysis.merge_shift(run)) if args.shift else None
     if args.json:
-        record = {"coefficients": summary.to_dict(orient="records")}
+        record = {"coefficients": json.loads(summary.to_json(orient="records"))}
         if shift is not None:
-            record["shift"] = shift.to_dict()
-        print(json.dumps(record, default=str))
+            record["shift"] = {k: float(v) for k, v in shift.items()}
+        print(json.dumps(record))
     else:
         print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if shift is not None:
