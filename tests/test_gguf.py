@@ -249,17 +249,22 @@ def _coefficient_grads(model: DAMModel) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+def _moved(model: DAMModel) -> DAMModel:
+    """``model`` with its coefficients moved away from the uniform start by a fixed draw (the same on any model of
+    the same shapes), so that a comparison sees every source's weights."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dam_over_ggufs_equals_dam_over_the_folders_and_exports_the_same(families, family, tmp_path):
     models = []
     for base, *sources in families[family]:
-        model = DAMModel.from_pretrained(str(base), [str(s) for s in sources])
-        with torch.no_grad():  # coefficients away from the uniform start, identically on both sides
-            g = torch.Generator().manual_seed(3)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        models.append(model)
+        models.append(_moved(DAMModel.from_pretrained(str(base), [str(s) for s in sources])))
     gguf_model, folder_model = models
     assert torch.equal(_logits(gguf_model), _logits(folder_model))
     grads = _coefficient_grads(gguf_model), _coefficient_grads(folder_model)
@@ -289,13 +294,7 @@ def test_a_gguf_base_mixes_with_folder_sources(family, tmp_path):
     assert gguf_eps != AutoConfig.from_pretrained(base).rms_norm_eps  # the case at stake: not equal as Python floats
     models = []
     for first in (gguf, base):
-        model = DAMModel.from_pretrained(str(first), [str(first), *map(str, sources)])
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(3)
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        models.append(model)
+        models.append(_moved(DAMModel.from_pretrained(str(first), [str(first), *map(str, sources)])))
     assert torch.equal(_logits(models[0]), _logits(models[1]))
     outputs = []
     for label, first in (("gguf", gguf), ("folder", base)):
