@@ -193,6 +193,39 @@ def test_write_model_files_updates_dtype_and_copies_tokenizer(family, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "written_as,expected", [("TokenizersBackend", "PreTrainedTokenizerFast"), ("GPT2Tokenizer", None)]
+)
+def test_copied_and_saved_tokenizers_name_a_class_transformers_4_resolves(family, tmp_path, written_as, expected):
+    """transformers 5 writes ``tokenizer_class: TokenizersBackend``, which transformers 4 refuses; a tokenizer that
+    dam copies or saves names ``PreTrainedTokenizerFast`` instead (both resolve it), every other name and key kept."""
+    from transformers import AutoTokenizer
+
+    from dam.io.model_folder import save_tokenizer
+
+    base, _ = family
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).write_bytes((base / name).read_bytes())
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class=written_as, chat_template="{{ messages[0]['content'] }}")
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    copied, saved = tmp_path / "copied", tmp_path / "saved"
+    copied.mkdir()
+    write_model_files(copied, CheckpointReader(base).config, tokenizer_source=source)
+    found = json.loads((copied / "tokenizer_config.json").read_text())
+    assert found == {**config, "tokenizer_class": expected or written_as}
+    if expected is None:
+        return
+    reference = AutoTokenizer.from_pretrained(base)
+    save_tokenizer(reference, saved)
+    assert json.loads((saved / "tokenizer_config.json").read_text()).get("tokenizer_class") != "TokenizersBackend"
+    for folder in (copied, saved):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer("abc de").input_ids == reference("abc de").input_ids
+
+
+@pytest.mark.parametrize(
     "text,expected",
     [
         ("2GB", 2 * 10**9),

@@ -38,6 +38,7 @@ from dam.demo.tasks import GENERIC, SKILLS, write_datasets
 from dam.errors import DamError
 from dam.evaluation.evaluate import encode_example, evaluate_model, format_table, load_tasks
 from dam.evaluation.kinship import model_kinship
+from dam.io.model_folder import save_tokenizer
 from dam.io.writer import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -95,17 +96,6 @@ def demo_tokenizer() -> Any:
     bos = (tokenizer.bos_token, tokenizer.bos_token_id)
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[bos])
     return tokenizer
-
-
-def save_portable_tokenizer(tokenizer: Any, path: Path) -> None:
-    """Save ``tokenizer`` so that every supported transformers reads it: transformers 5 names the class of a
-    ``tokenizers``-backed tokenizer ``TokenizersBackend``, which transformers 4 cannot resolve; both read the name
-    ``PreTrainedTokenizerFast`` (an alias of that class in 5). The shipped family is read under both."""
-    tokenizer.save_pretrained(path)
-    config_file = Path(path) / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def demo_config(tokenizer: Any, settings: DemoSettings) -> Any:
@@ -310,13 +300,13 @@ def build_demo(
 
         fit(GENERIC, settings.base_steps, settings.base_lr, seed)
         model.save_pretrained(tmp / "base")
-        save_portable_tokenizer(tokenizer, tmp / "base")
+        save_tokenizer(tokenizer, tmp / "base")
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
         for i, skill in enumerate(skills):
             model.load_state_dict(base_state)
             fit(skill, settings.expert_steps, settings.expert_lr, seed * 1000 + i + 1)
             model.save_pretrained(tmp / skill)
-            save_portable_tokenizer(tokenizer, tmp / skill)
+            save_tokenizer(tokenizer, tmp / skill)
 
         t0 = time.perf_counter()
         tasks = load_tasks([data[t]["test"] for t in data])

@@ -39,6 +39,7 @@ import torch
 from dam.demo.tasks import write_jsonl
 from dam.demo.words import GENERAL, SKILLS, general_prompts, skill_splits
 from dam.errors import DamError
+from dam.io.model_folder import save_tokenizer
 from dam.io.writer import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _write_base(reference: str, folder: Path) -> None:
 
     model, tokenizer = load_model(reference)
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
 
 
 def _chat_tokenizer(folder: Path) -> Any:
@@ -259,7 +260,7 @@ def train_expert(base: Path, skill: str, root: Path, seed: int, settings: RealSe
     )
     with atomic_output_dir(root / "models" / skill, force=True) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / EXPERT_RECORD).write_text(json.dumps(settings.expert_record(skill)) + "\n")
     seconds = time.perf_counter() - t0
     final = sum(losses[-10:]) / max(1, len(losses[-10:]))

@@ -49,7 +49,7 @@ SOURCE_FILE = "dam_gguf_source.json"
 """In a cache folder: the GGUF file it was made from (absolute path, size, mtime), its architecture, its tensor table
 and the config dict transformers' tensor processor gets, so that a cache hit parses no metadata (``GGUFReader``
 parses every key, a 49k-entry vocabulary included, in Python: seconds)."""
-_CACHE_FORMAT = 2  # bump when what the cache folder holds changes
+_CACHE_FORMAT = 3  # bump when what the cache folder holds changes
 STACKING_ARCHITECTURES = ("qwen2moe", "qwen3moe", "gpt-oss", "gpt_oss", "minimax-m2")
 """GGUF architectures whose transformers processor stacks several GGUF tensors into one (MoE experts)."""
 
@@ -200,6 +200,8 @@ def _materialise(file: Path, out: Path, has_tokenizer: bool) -> Any:
     the config."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from dam.io.model_folder import save_tokenizer  # model_folder imports checkpoint, which imports this module
+
     try:
         config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
     except Exception as e:  # transformers raises ValueError, KeyError... for metadata it cannot map
@@ -218,7 +220,7 @@ def _materialise(file: Path, out: Path, has_tokenizer: bool) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     except Exception as e:  # an unknown tokenizer.ggml.model, missing merges...
         raise _transformers_error(file, "tokenizer", e) from e
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return config
 
 

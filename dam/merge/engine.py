@@ -50,7 +50,7 @@ from torch import Tensor
 from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, CheckpointReader, dtype_name, parse_dtype, resolve_model_path
 from dam.io.forward_config import forward_differences
-from dam.io.model_folder import render_model_card, write_model_files
+from dam.io.model_folder import render_model_card, save_tokenizer, write_model_files
 from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, assign_shards, atomic_output_dir
 from dam.merge.chat_template import resolve_chat_template, write_chat_template
@@ -716,7 +716,7 @@ def run_merge(
                 generation_config_source=plan.donor,
             )
             if plan.vocabulary is not None:
-                plan.vocabulary.tokenizer.save_pretrained(tmp)
+                save_tokenizer(plan.vocabulary.tokenizer, tmp)
             if plan.chat_template is not None:
                 write_chat_template(tmp, plan.chat_template)
             config_text = config.portable_text(out)
