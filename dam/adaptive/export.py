@@ -22,7 +22,6 @@ copies of one tensor. The output folder (written atomically) holds:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,9 @@ from dam.io.checkpoint import (
     resolve_model_path,
 )
 from dam.io.model_folder import (
+    check_model_files,
     eos_token_ids,
+    read_json,
     render_model_card,
     set_chat_template,
     set_generation_eos,
@@ -156,8 +157,8 @@ def write_merged_model(
     coefficient_dtype = parse_dtype(options["coefficient_dtype"])
     models = _named_models(metadata)
     for name, folder in models.items():  # before any read or write: a damaged file is named, never copied
-        _check_model_files(folder, "base" if name == "base" else f"source {name!r}")
-    config = _read_json(config_file, f"base {metadata['base_model']!r}")
+        check_model_files(folder, "base" if name == "base" else f"source {name!r}")
+    config = read_json(config_file, f"base {metadata['base_model']!r}")
     tokenizer_path, template, eos_ids = _tokenizer_choice(models, tokenizer_source, chat_template)
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(CheckpointReader(s)) for s in sources]
@@ -190,25 +191,6 @@ def write_merged_model(
             (tmp / "README.md").write_text(model_card(card_metadata, out_dtype))
     logger.info("exported %d tensors (%s) in %s to %s", len(order), dtype_name(out_dtype), ", ".join(files), out)
     return Path(out)
-
-
-def _read_json(file: Path, owner: str) -> dict[str, Any]:
-    """A JSON file of a model folder, which must hold a mapping; truncated or garbage: DamError naming it."""
-    try:
-        data = json.loads(file.read_bytes())
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise DamError(f"{owner}: {file} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DamError(f"{owner}: {file} holds a {type(data).__name__}, not a mapping")
-    return data
-
-
-def _check_model_files(folder: Path, owner: str) -> None:
-    """The JSON files the export reads or copies from a model folder (config, generation config, tokenizer and
-    chat-template files) each hold a mapping; a damaged one is a DamError naming it, before anything is written."""
-    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
-        if name.endswith(".json") and (folder / name).is_file():
-            _read_json(folder / name, owner)
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -261,7 +243,7 @@ def _chat_template_of(folder: Path) -> str | None:
             raise DamError(f"chat_template: {folder / 'chat_template.jinja'} is not UTF-8 text ({e})") from None
     for name in ("chat_template.json", "tokenizer_config.json"):
         file = folder / name
-        template = _read_json(file, "chat_template").get("chat_template") if file.is_file() else None
+        template = read_json(file, "chat_template").get("chat_template") if file.is_file() else None
         if isinstance(template, list):  # named templates: the default one renders conversations
             named = [t for t in template if isinstance(t, dict)]
             template = next((t.get("template") for t in named if t.get("name") == "default"), None)

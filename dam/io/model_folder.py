@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def make_tokenizer_portable(folder: str | Path) -> None:
     file = Path(folder) / "tokenizer_config.json"
     if not file.is_file():
         return
-    config = json.loads(file.read_text(encoding="utf-8"))
+    config = read_json(file, "tokenizer")
     if config.get("tokenizer_class") != "TokenizersBackend":
         return
     config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
@@ -68,6 +69,26 @@ def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
     """``tokenizer.save_pretrained(folder)``, with the class name made portable (:func:`make_tokenizer_portable`)."""
     tokenizer.save_pretrained(folder)
     make_tokenizer_portable(folder)
+
+
+def read_json(file: Path, owner: str) -> dict[str, Any]:
+    """A JSON file of a model folder, which must hold a mapping; truncated or garbage: DamError naming it."""
+    try:
+        data = json.loads(file.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise DamError(f"{owner}: {file} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DamError(f"{owner}: {file} holds a {type(data).__name__}, not a mapping")
+    return data
+
+
+def check_model_files(folder: Path, owner: str) -> None:
+    """The JSON files an export or a merge reads or copies from a model folder (config, generation config,
+    tokenizer and chat-template files) each hold a mapping; a damaged one is a DamError naming it, before anything
+    is written."""
+    for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+        if name.endswith(".json") and (folder / name).is_file():
+            read_json(folder / name, owner)
 
 
 def render_model_card(*, base_models: list[str], tags: list[str], body: str) -> str:

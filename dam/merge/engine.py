@@ -50,7 +50,7 @@ from torch import Tensor
 from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, CheckpointReader, dtype_name, parse_dtype, resolve_model_path
 from dam.io.forward_config import forward_differences
-from dam.io.model_folder import render_model_card, save_tokenizer, write_model_files
+from dam.io.model_folder import check_model_files, render_model_card, save_tokenizer, write_model_files
 from dam.io.paths import portable_reference
 from dam.io.writer import ShardedWriter, assign_shards, atomic_output_dir
 from dam.merge.chat_template import resolve_chat_template, write_chat_template
@@ -504,6 +504,11 @@ def plan_merge(config: MergeConfig) -> MergePlan:
             raise DamError(
                 f"chat_template: the tokenizer source {str(tokenizer_source)!r} has no tokenizer to set it on"
             )
+        # the files copied into the output (the donor's generation config, the tokenizer source's tokenizer) are
+        # read once here, so that a damaged one is named before any tensor is merged, not copied as it is
+        check_model_files(readers[donor].path, f"model {donor!r}")
+        if tokenizer_source is not None and tokenizer_source != readers[donor].path:
+            check_model_files(tokenizer_source, "tokenizer_source")
     except BaseException:
         for reader in readers.values():
             reader.close()
