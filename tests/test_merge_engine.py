@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,7 +141,7 @@ def test_output_folder_contents_and_tokenizer_source(tmp_path):
         ["README.md", "config.json", "generation_config.json", "mergekit_config.yml", "model.safetensors"]
         + tokenizer_files
     )
-    assert (out / "tokenizer_config.json").read_bytes() == (base / "tokenizer_config.json").read_bytes()
+    _assert_tokenizer_copied(out, base)
     card = (out / "README.md").read_text()
     assert "linear" in card and "`../fam/source0`" in card and str(tmp_path) not in card  # relative to out
     assert yaml.safe_load((out / "mergekit_config.yml").read_text())["merge_method"] == "linear"
@@ -149,12 +150,23 @@ def test_output_folder_contents_and_tokenizer_source(tmp_path):
         tmp_path / "chat_out",
         progress=False,
     )
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        assert (tmp_path / "chat_out" / name).read_bytes() == (chatty / name).read_bytes()
+    _assert_tokenizer_copied(tmp_path / "chat_out", chatty)
+    assert (tmp_path / "chat_out" / "chat_template.jinja").read_bytes() == (
+        chatty / "chat_template.jinja"
+    ).read_bytes()
     with pytest.raises(DamError, match="tokenizer_source: model .*not found"):
         run_merge(
             _config(text + "tokenizer_source: {gone}\n", base=base, s0=s0, gone=tmp_path / "gone"), tmp_path / "x"
         )
+
+
+def _assert_tokenizer_copied(out: Path, source: Path) -> None:
+    """OUT's tokenizer is SOURCE's as it is, but for transformers 5's class name ``TokenizersBackend`` (unknown to
+    transformers 4), which is written as ``PreTrainedTokenizerFast``."""
+    written, copied = (json.loads((f / "tokenizer_config.json").read_text()) for f in (out, source))
+    if copied.get("tokenizer_class") == "TokenizersBackend":
+        copied["tokenizer_class"] = "PreTrainedTokenizerFast"
+    assert written == copied and (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
 
 
 def test_tied_models_keep_lm_head_tied(tmp_path):
