@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dam.errors import DamError
+from dam.io.tokenizer_files import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +200,6 @@ def _materialise(file: Path, out: Path, has_tokenizer: bool) -> Any:
     """Write the config, generation config and tokenizer of ``file`` into ``out`` through transformers; returns
     the config."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from dam.io.model_folder import save_tokenizer  # model_folder imports checkpoint, which imports this module
 
     try:
         config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)

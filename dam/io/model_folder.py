@@ -12,6 +12,7 @@ import torch
 
 from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, dtype_name
+from dam.io.tokenizer_files import make_tokenizer_portable
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +44,6 @@ def write_model_files(
         if not copied:
             logger.warning("no tokenizer files found in %s; the output has no tokenizer", tokenizer_source)
         make_tokenizer_portable(folder)
-
-
-PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
-"""The class name of a ``tokenizers``-backed tokenizer that every supported transformers resolves: transformers 5
-writes ``TokenizersBackend``, which transformers 4 cannot resolve (``ValueError: Tokenizer class TokenizersBackend
-does not exist``); ``PreTrainedTokenizerFast`` is that class in 4 and an alias of ``TokenizersBackend`` in 5."""
-
-
-def make_tokenizer_portable(folder: str | Path) -> None:
-    """Rename a ``TokenizersBackend`` tokenizer class in the folder's ``tokenizer_config.json`` to
-    :data:`PORTABLE_TOKENIZER_CLASS`, so that an output written under transformers 5 loads under 4 too; every other
-    class name (``GPT2Tokenizer``, ``LlamaTokenizerFast``...) and every other key is kept as it is."""
-    file = Path(folder) / "tokenizer_config.json"
-    if not file.is_file():
-        return
-    config = read_json(file, "tokenizer")
-    if config.get("tokenizer_class") != "TokenizersBackend":
-        return
-    config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-    file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def save_tokenizer(tokenizer: Any, folder: str | Path) -> None:
-    """``tokenizer.save_pretrained(folder)``, with the class name made portable (:func:`make_tokenizer_portable`)."""
-    tokenizer.save_pretrained(folder)
-    make_tokenizer_portable(folder)
 
 
 def read_json(file: Path, owner: str) -> dict[str, Any]:
