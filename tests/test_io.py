@@ -200,7 +200,7 @@ def test_copied_and_saved_tokenizers_name_a_class_transformers_4_resolves(family
     dam copies or saves names ``PreTrainedTokenizerFast`` instead (both resolve it), every other name and key kept."""
     from transformers import AutoTokenizer
 
-    from dam.io.tokenizer_files import save_tokenizer
+    from dam.io.json_files import save_tokenizer
 
     base, _ = family
     source = tmp_path / "source"

@@ -48,10 +48,10 @@ from dam.io.checkpoint import (
     parse_size,
     resolve_model_path,
 )
+from dam.io.json_files import read_json
 from dam.io.model_folder import (
     check_model_files,
     eos_token_ids,
-    read_json,
     render_model_card,
     set_chat_template,
     set_generation_eos,

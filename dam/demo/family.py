@@ -38,7 +38,7 @@ from dam.demo.tasks import GENERIC, SKILLS, write_datasets
 from dam.errors import DamError
 from dam.evaluation.evaluate import encode_example, evaluate_model, format_table, load_tasks
 from dam.evaluation.kinship import model_kinship
-from dam.io.tokenizer_files import save_tokenizer
+from dam.io.json_files import save_tokenizer
 from dam.io.writer import atomic_output_dir
 
 logger = logging.getLogger(__name__)

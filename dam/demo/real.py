@@ -39,7 +39,7 @@ import torch
 from dam.demo.tasks import write_jsonl
 from dam.demo.words import GENERAL, SKILLS, general_prompts, skill_splits
 from dam.errors import DamError
-from dam.io.tokenizer_files import save_tokenizer
+from dam.io.json_files import save_tokenizer
 from dam.io.writer import atomic_output_dir
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dam.errors import DamError
-from dam.io.tokenizer_files import save_tokenizer
+from dam.io.json_files import save_tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, dtype_name
-from dam.io.tokenizer_files import make_tokenizer_portable
+from dam.io.json_files import make_tokenizer_portable, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +43,6 @@ def write_model_files(
         if not copied:
             logger.warning("no tokenizer files found in %s; the output has no tokenizer", tokenizer_source)
         make_tokenizer_portable(folder)
-
-
-def read_json(file: Path, owner: str) -> dict[str, Any]:
-    """A JSON file of a model folder, which must hold a mapping; truncated or garbage: DamError naming it."""
-    try:
-        data = json.loads(file.read_bytes())
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise DamError(f"{owner}: {file} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DamError(f"{owner}: {file} holds a {type(data).__name__}, not a mapping")
-    return data
 
 
 def check_model_files(folder: Path, owner: str) -> None:

@@ -50,9 +50,9 @@ from torch import Tensor
 from dam.errors import DamError
 from dam.io.checkpoint import TOKENIZER_FILES, CheckpointReader, dtype_name, parse_dtype, resolve_model_path
 from dam.io.forward_config import forward_differences
+from dam.io.json_files import save_tokenizer
 from dam.io.model_folder import check_model_files, render_model_card, write_model_files
 from dam.io.paths import portable_reference
-from dam.io.tokenizer_files import save_tokenizer
 from dam.io.writer import ShardedWriter, assign_shards, atomic_output_dir
 from dam.merge.chat_template import resolve_chat_template, write_chat_template
 from dam.merge.config import MergeConfig, OutputSlice, load_merge_config, resolve_parameters

@@ -1,4 +1,5 @@
-"""The class name a saved or copied tokenizer declares: one that every supported transformers version resolves."""
+"""JSON files of a model folder: read with a named error for a damaged one, and the class name a saved or copied
+tokenizer declares made one that every supported transformers version resolves."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from dam.errors import DamError
+
+
+def read_json(file: Path, owner: str) -> dict[str, Any]:
+    """A JSON file of a model folder, which must hold a mapping; truncated or garbage: DamError naming it."""
+    try:
+        data = json.loads(file.read_bytes())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise DamError(f"{owner}: {file} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DamError(f"{owner}: {file} holds a {type(data).__name__}, not a mapping")
+    return data
+
 
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 """The class name of a ``tokenizers``-backed tokenizer that every supported transformers resolves: transformers 5
@@ -21,12 +34,7 @@ def make_tokenizer_portable(folder: str | Path) -> None:
     file = Path(folder) / "tokenizer_config.json"
     if not file.is_file():
         return
-    try:
-        config = json.loads(file.read_bytes())
-    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise DamError(f"tokenizer: {file} is not readable JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise DamError(f"tokenizer: {file} holds a {type(config).__name__}, not a mapping")
+    config = read_json(file, "tokenizer")
     if config.get("tokenizer_class") != "TokenizersBackend":
         return
     config["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
