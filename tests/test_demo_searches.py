@@ -29,7 +29,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_run_searches_keeps_one_model_per_search_with_its_compute(root: Path, tmp_path: Path) -> None:
+def test_run_searches_keeps_one_model_per_search_with_its_compute(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kept = run_searches(root, tmp_path, quick=True, limit=2)
     assert list(kept) == ["greedy_soup", "kinship_greedy", "evolve_2", "evolve_3"]
     for name, k in kept.items():
@@ -43,9 +45,11 @@ def test_run_searches_keeps_one_model_per_search_with_its_compute(root: Path, tm
     assert kept["evolve_2"]["validation_score"] == best_of_two
     soup = json.loads((tmp_path / "searches" / "soup" / "soup.json").read_text())
     assert soup["config"]["fitness"]["split"] == "validation"
-    # a rerun reuses the finished searches
-    again = run_searches(root, tmp_path, quick=True, limit=2)
+    # a rerun reuses the finished searches, with the family's folder spelled another way (relative here)
+    monkeypatch.chdir(root.parent)
+    again = run_searches(Path(root.name), tmp_path, quick=True, limit=2)
     assert again["greedy_soup"] == kept["greedy_soup"] and again["kinship_greedy"] == kept["kinship_greedy"]
+    assert again["evolve_3"] == kept["evolve_3"]
 
 
 def test_compute_table_marks_dams_estimate() -> None:

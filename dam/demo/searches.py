@@ -46,7 +46,10 @@ QUICK_BUDGETS = (2, 3)  # --quick: the machinery only
 def _config(
     name: str, root: Path, quick: bool, limit: int | None, family: Family = TOY, **changes: Any
 ) -> dict[str, Any]:
-    """A demo search config with its family paths under ``root`` (and the quick run's small settings)."""
+    """A demo search config with its family paths under ``root`` (and the quick run's small settings). ``root`` is
+    made absolute, so that the saved config (paths relative to the search folder) is the same however ``--root``
+    was spelled and a rerun reuses the finished search."""
+    root = root.resolve()
     data = yaml.safe_load((family.config_dir / "search" / f"{name}.yaml").read_text())
     if "base_model" in data:
         data["base_model"] = family.rebase(data["base_model"], root)
