@@ -4,6 +4,7 @@ NaN handling, cached teacher logits, and `accelerate launch train_dam.py configs
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from test_losses import reference_distribution_kl, reference_topk_kl
 from tiny_run import ROOT, TINY, tiny_config, tiny_overrides
+from transformers import AutoConfig
 
 import dam.adaptive.losses as losses
 from dam.adaptive.model import DAMModel
@@ -459,3 +461,26 @@ def test_a_log_gets_one_line_per_logging_window(
         patch.setenv("DAM_QUIET", "1")
         train(quiet)
     assert not [r for r in caplog.records if "step 1/2" in r.getMessage()]
+
+
+@pytest.mark.parametrize("similarity", [0.0, 0.21])
+def test_row_column_embedding_rows_no_data_reaches_are_named(
+    family: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture, similarity: float
+) -> None:
+    """Under ``row_column`` an embedding row of a token no training sequence contains moves only under a data-free
+    regulariser (on the toy demo the similarity term flipped every such row): training says so in one warning
+    naming the tensor and the count, and says nothing when no such regulariser is on."""
+    config = tiny_config(
+        *family, tmp_path / "run", "dam.granularity=row_column", f"loss.similarity={similarity}", "train.max_steps=1"
+    )
+    with caplog.at_level(logging.WARNING, logger="dam.training.loop"):
+        train(config)
+    warned = [r.getMessage() for r in caplog.records if "appear in no training sequence" in r.getMessage()]
+    if not similarity:
+        assert warned == []
+        return
+    (message,) = warned
+    vocab = AutoConfig.from_pretrained(config.base_model).vocab_size
+    assert message.startswith("model.embed_tokens.weight: ") and f"of its {vocab} vocabulary rows" in message
+    unseen = int(message.split(": ")[1].split(" of ")[0])
+    assert 0 < unseen < vocab

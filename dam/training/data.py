@@ -347,6 +347,13 @@ def _list_column(dataset: datasets.Dataset, column: str) -> tuple[np.ndarray, np
     return array.flatten().to_numpy(), offsets - offsets[0]
 
 
+def distinct_token_ids(dataset: datasets.Dataset) -> np.ndarray:
+    """The sorted distinct token ids of the ``input_ids`` column (read through Arrow, not as Python lists; the
+    other columns, e.g. cached teacher logits, are not copied)."""
+    ids, _ = _list_column(dataset.select_columns("input_ids"), "input_ids")
+    return np.unique(ids)
+
+
 def pack_dataset(dataset: datasets.Dataset, block_size: int, eos_token_id: int) -> datasets.Dataset:
     """Concatenate examples, separated by EOS, and cut the stream into blocks of ``block_size`` tokens.
 

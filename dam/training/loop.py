@@ -66,7 +66,7 @@ from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
 from dam.progress import bars_shown, progress_bar, quiet
 from dam.training.config import DAMConfig, config_to_dict, portable_config, resolve_config_paths, save_config
-from dam.training.data import IGNORE_INDEX, DataCollator, load_tokenizer
+from dam.training.data import IGNORE_INDEX, DataCollator, distinct_token_ids, load_tokenizer
 from dam.training.run_dir import (
     ALIGN_LAYER_PREFIX,
     CONFIG_FILE,
@@ -127,6 +127,8 @@ def train(config: DAMConfig) -> Path:
     model = _setup_model(config, accelerator)
     tokenizer = load_tokenizer(config.base_model)
     dataset = load_training_dataset(config, tokenizer)  # with teacher_logits: cached, the checked cache
+    if accelerator.is_main_process:
+        _warn_unseen_embedding_rows(config, model, dataset)
     dataloader = _setup_dataloader(config, dataset, tokenizer)
     optimizer = torch.optim.AdamW(
         model.trainable_coefficients(),
@@ -240,6 +242,37 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
     # eval mode (no dropout: teachers must be the sources exactly) unless checkpointing needs train mode
     model.train(config.train.gradient_checkpointing)
     return model
+
+
+def _warn_unseen_embedding_rows(config: DAMConfig, model: DAMModel, dataset: Any) -> None:
+    """Under ``row_column`` the embedding has a trained scale per vocabulary row; a token no training sequence
+    contains gives its row no gradient but a data-free regulariser's (``loss.similarity``, ``loss.l1``/``l2``
+    toward zero, weight decay), and Adam steps it at the learning rate however small that gradient is: on the toy
+    demo the similarity term drove every unseen row's base scale to -3.5. Said in one line before training."""
+    loss = config.loss
+    toward_zero = loss.regularize_toward == "zero" and (loss.l1 or loss.l2)
+    if config.dam.granularity != "row_column" or not (loss.similarity or toward_zero or config.train.weight_decay):
+        return
+    embedding = model.model.get_input_embeddings()
+    trained = [
+        name
+        for name, (module, attr, _) in model.merged_tensors.items()
+        if module is embedding and getattr(module, f"{attr}_coefficients").requires_grad
+    ]
+    if not trained:
+        return
+    vocab = int(model.model.config.get_text_config().vocab_size)
+    unseen = vocab - int((distinct_token_ids(dataset) < vocab).sum())
+    if unseen:
+        logger.warning(
+            "%s: %d of its %d vocabulary rows appear in no training sequence; under row_column their row scales "
+            "move only under the data-free regularisers (loss.similarity, loss.l1/l2 toward zero, weight decay), "
+            "so those tokens' embeddings change with nothing to hold them: leave embedding out of dam.targets or "
+            "set those terms to 0 if the merge must keep them",
+            trained[0],
+            unseen,
+            vocab,
+        )
 
 
 def _setup_dataloader(config: DAMConfig, dataset: Any, tokenizer: Any) -> torch.utils.data.DataLoader:
