@@ -484,3 +484,16 @@ def test_row_column_embedding_rows_no_data_reaches_are_named(
     assert message.startswith("model.embed_tokens.weight: ") and f"of its {vocab} vocabulary rows" in message
     unseen = int(message.split(": ")[1].split(" of ")[0])
     assert 0 < unseen < vocab
+
+
+def test_a_tied_head_read_by_the_objective_reaches_every_embedding_row(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the head tied to the embedding and the KL on, every vocabulary row gets a gradient through the
+    softmax, so the unseen-rows warning stays silent."""
+    base, sources = make_family(tmp_path / "tied", 3, tied=True)
+    config = tiny_config(base, sources, tmp_path / "run", "dam.granularity=row_column", "train.max_steps=1")
+    assert config.loss.similarity > 0 and config.loss.kl > 0
+    with caplog.at_level(logging.WARNING, logger="dam.training.loop"):
+        train(config)
+    assert not [r for r in caplog.records if "appear in no training sequence" in r.getMessage()]

@@ -248,10 +248,13 @@ def _warn_unseen_embedding_rows(config: DAMConfig, model: DAMModel, dataset: Any
     """Under ``row_column`` the embedding has a trained scale per vocabulary row; a token no training sequence
     contains gives its row no gradient but a data-free regulariser's (``loss.similarity``, ``loss.l1``/``l2``
     toward zero, weight decay), and Adam steps it at the learning rate however small that gradient is: on the toy
-    demo the similarity term drove every unseen row's base scale to -3.5. Said in one line before training."""
+    demo the similarity term drove every unseen row's base scale to -3.5. Said in one line before training. A head
+    tied to the embedding, read by the objective, gives every row a gradient through the softmax: no warning."""
     loss = config.loss
     toward_zero = loss.regularize_toward == "zero" and (loss.l1 or loss.l2)
     if config.dam.granularity != "row_column" or not (loss.similarity or toward_zero or config.train.weight_decay):
+        return
+    if model.tied and loss.reads_output:
         return
     embedding = model.model.get_input_embeddings()
     trained = [
