@@ -421,6 +421,10 @@ class DAMModel(nn.Module):
             if not trainable_only or getattr(module, f"{attr}_coefficients").requires_grad:
                 yield name, module, attr
 
+    def trained_tensor_names(self, module: nn.Module) -> list[str]:
+        """The merged tensors of ``module`` (e.g. the input embedding) whose coefficients are trained."""
+        return [name for name, m, _ in self._coefficient_items(True) if m is module]
+
     def trainable_coefficients(self) -> list[nn.Parameter]:
         """The parameters to optimise: every coefficient tensor with ``requires_grad`` (no duplicates)."""
         return [p for p in self.parameters() if p.requires_grad]

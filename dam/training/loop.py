@@ -256,12 +256,7 @@ def _warn_unseen_embedding_rows(config: DAMConfig, model: DAMModel, dataset: Any
         return
     if model.tied and loss.reads_output:
         return
-    embedding = model.model.get_input_embeddings()
-    trained = [
-        name
-        for name, (module, attr, _) in model.merged_tensors.items()
-        if module is embedding and getattr(module, f"{attr}_coefficients").requires_grad
-    ]
+    trained = model.trained_tensor_names(model.model.get_input_embeddings())
     if not trained:
         return
     vocab = int(model.model.config.get_text_config().vocab_size)
