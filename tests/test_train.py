@@ -463,37 +463,91 @@ def test_a_log_gets_one_line_per_logging_window(
     assert not [r for r in caplog.records if "step 1/2" in r.getMessage()]
 
 
-@pytest.mark.parametrize("similarity", [0.0, 0.21])
-def test_row_column_embedding_rows_no_data_reaches_are_named(
-    family: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture, similarity: float
+def test_hold_row_scales_zeroes_the_gradient_of_uninformed_rows_only(family: tuple[Path, list[Path]]) -> None:
+    """The hook zeroes the row scales' gradient at the rows not informed, for every source, and leaves every other
+    entry's gradient as it was (checked on the similarity term's gradient, which reaches every row)."""
+    from dam.adaptive.options import DAMOptions
+
+    base, sources = family
+    opts = DAMOptions(granularity="row_column", targets=["linear", "embedding", "norm"], init=[0.2, 0.5, 0.9])
+
+    def embedding_gradient(informed: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        model = DAMModel.from_pretrained(str(base), [str(s) for s in sources], opts)
+        embedding = model.model.get_input_embeddings()
+        if informed is not None:
+            assert [(n, v) for n, _, v in model.hold_row_scales(embedding, informed)] == [
+                ("model.embed_tokens.weight", embedding.rows())
+            ]
+        torch.manual_seed(0)  # apart from the init, so that the similarity has a gradient
+        with torch.no_grad():
+            for p in model.trainable_coefficients():
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+        losses.coefficient_similarity(model.coefficients().values()).backward()
+        return embedding.weight_coefficients.grad, embedding.rows()
+
+    free, rows = embedding_gradient(None)
+    informed = torch.tensor([3, 5, 64, 5, 10_000])  # repeats and ids past the vocabulary are ignored
+    held, _ = embedding_gradient(informed)
+    keep = torch.zeros(free.shape[1], dtype=torch.bool)
+    keep[[3, 5, 64]] = True
+    keep[rows:] = True  # the column coefficients
+    assert (free[:, ~keep] != 0).all()  # without the hook every row scale has a gradient
+    assert (held[:, ~keep] == 0).all()
+    torch.testing.assert_close(held[:, keep], free[:, keep], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra", [("loss.similarity=0.21",), ("loss.similarity=0", "loss.l1=0.1")])
+def test_row_column_embedding_rows_no_data_reaches_stay_at_the_init(
+    family: tuple[Path, list[Path]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    extra: tuple[str, ...],
 ) -> None:
-    """Under ``row_column`` an embedding row of a token no training sequence contains moves only under a data-free
-    regulariser (on the toy demo the similarity term flipped every such row): training says so in one warning
-    naming the tensor and the count, and says nothing when no such regulariser is on."""
-    config = tiny_config(
-        *family, tmp_path / "run", "dam.granularity=row_column", f"loss.similarity={similarity}", "train.max_steps=1"
-    )
-    with caplog.at_level(logging.WARNING, logger="dam.training.loop"):
+    """Under ``row_column`` an embedding row of a token no training sequence contains gets a gradient from the
+    data-free regularisers alone (on the toy demo the similarity term turned every such row around): training
+    holds those rows' scales at the init, exactly, and says so in one line naming the tensor and the count, while
+    the rows the data contains train. Without the hold the same run moves them (the check can fail)."""
+    config = tiny_config(*family, tmp_path / "run", "dam.granularity=row_column", *extra, "train.max_steps=3")
+    with caplog.at_level(logging.INFO, logger="dam.training.loop"):
         train(config)
-    warned = [r.getMessage() for r in caplog.records if "appear in no training sequence" in r.getMessage()]
-    if not similarity:
-        assert warned == []
-        return
-    (message,) = warned
+    (message,) = [r.getMessage() for r in caplog.records if "appear in no training sequence" in r.getMessage()]
     vocab = AutoConfig.from_pretrained(config.base_model).vocab_size
     assert message.startswith("model.embed_tokens.weight: ") and f"of its {vocab} vocabulary rows" in message
     unseen = int(message.split(": ")[1].split(" of ")[0])
     assert 0 < unseen < vocab
+    rows = coefficients(Path(config.output_dir))["model.embed_tokens.weight"][:, :vocab]  # (N, V) row scales, init 1
+    stayed = (rows == 1).all(0)
+    assert int(stayed.sum()) == unseen  # exactly the unseen rows stayed: every seen one trained
+    monkeypatch.setattr(DAMModel, "hold_row_scales", lambda self, module, informed: [])
+    free = tiny_config(*family, tmp_path / "free", "dam.granularity=row_column", *extra, "train.max_steps=3")
+    train(free)
+    assert (coefficients(Path(free.output_dir))["model.embed_tokens.weight"][:, :vocab][:, stayed] != 1).all()
+
+
+def test_weight_decay_beside_held_embedding_rows_is_named(
+    family: tuple[Path, list[Path]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decoupled weight decay shrinks the held rows anyway: one warning says so, naming the tensor."""
+    config = tiny_config(
+        *family, tmp_path / "run", "dam.granularity=row_column", "train.weight_decay=0.01", "train.max_steps=1"
+    )
+    with caplog.at_level(logging.WARNING, logger="dam.training.loop"):
+        train(config)
+    (message,) = [r.getMessage() for r in caplog.records if "weight_decay" in r.getMessage()]
+    assert message.startswith("model.embed_tokens.weight: train.weight_decay 0.01 shrinks the row scales")
 
 
 def test_a_tied_head_read_by_the_objective_reaches_every_embedding_row(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With the head tied to the embedding and the KL on, every vocabulary row gets a gradient through the
-    softmax, so the unseen-rows warning stays silent."""
+    softmax, so no row is held (and nothing is said)."""
     base, sources = make_family(tmp_path / "tied", 3, tied=True)
     config = tiny_config(base, sources, tmp_path / "run", "dam.granularity=row_column", "train.max_steps=1")
     assert config.loss.similarity > 0 and config.loss.kl > 0
-    with caplog.at_level(logging.WARNING, logger="dam.training.loop"):
+    with caplog.at_level(logging.INFO, logger="dam.training.loop"):
         train(config)
     assert not [r for r in caplog.records if "appear in no training sequence" in r.getMessage()]
+    vocab = AutoConfig.from_pretrained(config.base_model).vocab_size
+    assert (coefficients(Path(config.output_dir))["model.embed_tokens.weight"][:, :vocab] != 1).all()

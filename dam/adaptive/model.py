@@ -421,9 +421,28 @@ class DAMModel(nn.Module):
             if not trainable_only or getattr(module, f"{attr}_coefficients").requires_grad:
                 yield name, module, attr
 
-    def trained_tensor_names(self, module: nn.Module) -> list[str]:
-        """The merged tensors of ``module`` (e.g. the input embedding) whose coefficients are trained."""
-        return [name for name, m, _ in self._coefficient_items(True) if m is module]
+    def hold_row_scales(self, module: nn.Module, informed_rows: Tensor) -> list[tuple[str, int, int]]:
+        """Keep the row scales of ``module``'s trained coefficients at their init on every row not in
+        ``informed_rows`` (row indices; for the input embedding, the token ids the data contains): a gradient hook
+        zeroes those entries for every source, so neither a data-free regulariser nor Adam (whose step is zero
+        while a gradient has always been zero) moves them. Decoupled weight decay still would. Returns
+        ``(tensor name, rows held, rows)`` per tensor held (none when ``module``'s coefficients are not trained,
+        have no row scales, or every row is informed)."""
+        held = []
+        for name, m, attr in self._coefficient_items(True):
+            rows = m.rows(attr) if m is module else 0
+            if not rows:
+                continue
+            informed = torch.zeros(rows, dtype=torch.bool)
+            informed[informed_rows[informed_rows < rows]] = True
+            if informed.all():
+                continue
+            raw = getattr(m, f"{attr}_coefficients")
+            mask = torch.ones(raw.shape[1:], dtype=raw.dtype)
+            mask[:rows] = informed.to(raw.dtype)
+            raw.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+            held.append((name, rows - int(informed.sum()), rows))
+        return held
 
     def trainable_coefficients(self) -> list[nn.Parameter]:
         """The parameters to optimise: every coefficient tensor with ``requires_grad`` (no duplicates)."""

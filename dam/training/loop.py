@@ -127,8 +127,7 @@ def train(config: DAMConfig) -> Path:
     model = _setup_model(config, accelerator)
     tokenizer = load_tokenizer(config.base_model)
     dataset = load_training_dataset(config, tokenizer)  # with teacher_logits: cached, the checked cache
-    if accelerator.is_main_process:
-        _warn_unseen_embedding_rows(config, model, dataset)
+    _hold_unseen_embedding_rows(config, model, dataset, accelerator.is_main_process)
     dataloader = _setup_dataloader(config, dataset, tokenizer)
     optimizer = torch.optim.AdamW(
         model.trainable_coefficients(),
@@ -244,33 +243,36 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
     return model
 
 
-def _warn_unseen_embedding_rows(config: DAMConfig, model: DAMModel, dataset: Any) -> None:
-    """Under ``row_column`` the embedding has a trained scale per vocabulary row; a token no training sequence
-    contains gives its row no gradient but a data-free regulariser's (``loss.similarity``, ``loss.l1``/``l2``
-    toward zero, weight decay), and Adam steps it at the learning rate however small that gradient is: on the toy
-    demo the similarity term drove every unseen row's base scale to -3.5. Said in one line before training. A head
-    tied to the embedding, read by the objective, gives every row a gradient through the softmax: no warning."""
-    loss = config.loss
-    toward_zero = loss.regularize_toward == "zero" and (loss.l1 or loss.l2)
-    if config.dam.granularity != "row_column" or not (loss.similarity or toward_zero or config.train.weight_decay):
+def _hold_unseen_embedding_rows(config: DAMConfig, model: DAMModel, dataset: Any, main: bool) -> None:
+    """Under ``row_column`` the embedding has a trained scale per vocabulary row, and a token that no training
+    sequence contains gives its row no gradient but a data-free regulariser's (``loss.similarity``, ``loss.l1``/
+    ``l2`` toward zero), which Adam steps at the learning rate however small it is: on the toy demo the similarity
+    term drove every such row's base scale to -3.5 and turned 47 of the 48 unseen tokens' embeddings around. Those
+    rows are held at the init (:meth:`DAMModel.hold_row_scales`), said in one line; weight decay, which moves them
+    anyway, in a warning. A head tied to the embedding and read by the objective informs every row through the
+    softmax: nothing is held."""
+    if config.dam.granularity != "row_column" or (model.tied and config.loss.reads_output):
         return
-    if model.tied and loss.reads_output:
+    embedding = model.model.get_input_embeddings()
+    held = model.hold_row_scales(embedding, torch.from_numpy(distinct_token_ids(dataset)))
+    if not main:
         return
-    trained = model.trained_tensor_names(model.model.get_input_embeddings())
-    if not trained:
-        return
-    vocab = int(model.model.config.get_text_config().vocab_size)
-    unseen = vocab - int((distinct_token_ids(dataset) < vocab).sum())
-    if unseen:
-        logger.warning(
-            "%s: %d of its %d vocabulary rows appear in no training sequence; under row_column their row scales "
-            "move only under the data-free regularisers (loss.similarity, loss.l1/l2 toward zero, weight decay), "
-            "so those tokens' embeddings change with nothing to hold them: leave embedding out of dam.targets or "
-            "set those terms to 0 if the merge must keep them",
-            trained[0],
+    for name, unseen, rows in held:
+        logger.info(
+            "%s: %d of its %d vocabulary rows appear in no training sequence; their row scales are held at the init",
+            name,
             unseen,
-            vocab,
+            rows,
         )
+        if config.train.weight_decay:
+            logger.warning(
+                "%s: train.weight_decay %g shrinks the row scales of the %d vocabulary rows no training sequence "
+                "contains, with nothing to hold them: set train.weight_decay: 0 or leave embedding out of "
+                "dam.targets if the merge must keep those tokens",
+                name,
+                config.train.weight_decay,
+                unseen,
+            )
 
 
 def _setup_dataloader(config: DAMConfig, dataset: Any, tokenizer: Any) -> torch.utils.data.DataLoader:
