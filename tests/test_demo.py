@@ -238,7 +238,26 @@ def test_results_plot_tells_dam_from_the_searches_and_fits_a_deep_model(monkeypa
     monkeypatch.setattr(demo_run, "layer_coefficients", lambda run: table)
     accuracy = {m: {"general": 50.0, "reverse": 50.0} for m in models}
     fig = demo_run.plot_results(accuracy, ["general", "reverse"], ["reverse"], tmp_path, tmp_path / "r.png")
-    heat = fig.axes[1]
-    labels = [t.get_text() for t in heat.get_yticklabels()]
-    assert labels[0] == "embed_tokens" and len(labels) <= demo_run.HEAT_MAP_LABELS and not heat.texts
+    columns, row_scales = (ax for ax in fig.axes[1:] if ax.get_title().startswith("DAM"))
+    labels = [t.get_text() for t in columns.get_yticklabels()]
+    assert labels[0] == "embed_tokens" and len(labels) <= demo_run.HEAT_MAP_LABELS and not columns.texts
+    assert "row scales" in row_scales.get_title() and "column" in columns.get_title()
+    # the row scales on a map and colour scale of their own: 30 layers, labelled by layer
+    assert row_scales.images[0].get_array().shape == (30, 2) and columns.images[0].get_array().shape == (32, 2)
+    assert [t.get_text() for t in row_scales.get_yticklabels()][:2] == ["layer 0", "layer 2"]
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_plot_of_a_column_run_has_one_coefficient_map(monkeypatch, tmp_path: Path) -> None:
+    """Without row scales the coefficients are one annotated map (a short model: every value written)."""
+    import pandas as pd
+
+    import dam.demo.run as demo_run
+
+    table = pd.DataFrame({"base": [-2.0, -1.5], "reverse": [1.0, 0.5]}, index=["layer 0", "layer 1"])
+    monkeypatch.setattr(demo_run, "layer_coefficients", lambda run: table)
+    accuracy = {m: {"general": 50.0, "reverse": 50.0} for m in ("base", "dam")}
+    fig = demo_run.plot_results(accuracy, ["general", "reverse"], ["reverse"], tmp_path, tmp_path / "r.png")
+    (heat,) = (ax for ax in fig.axes[1:] if ax.get_title().startswith("DAM"))
+    assert heat.get_title() == "DAM coefficients: mean per layer and source"
+    assert sorted(t.get_text() for t in heat.texts) == ["-1.50", "-2.00", "0.50", "1.00"]

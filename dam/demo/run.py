@@ -623,6 +623,25 @@ def layer_coefficients(run: str | Path) -> Any:
 HEAT_MAP_LABELS = 24  # the most row labels (and rows annotated with their values) the coefficient map shows
 
 
+def _coefficient_map(fig: Any, ax: Any, coefficients: Any, title: str) -> None:
+    """One annotated heat map of ``coefficients`` (rows: layers, columns: sources) with a colour bar of its own."""
+    import numpy as np
+
+    data = coefficients.to_numpy(dtype=float)
+    image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(data.shape[1]), list(coefficients.columns))
+    # a deep model's rows (30 layers) are too many to label and annotate each: every k-th label, and the values
+    # only on a short map
+    every = -(-data.shape[0] // HEAT_MAP_LABELS)
+    ax.set_yticks(range(0, data.shape[0], every), list(coefficients.index)[::every])
+    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
+    for (r, c), v in np.ndenumerate(data) if every == 1 else ():
+        dark = (v - lo) / ((hi - lo) or 1.0) < 0.5
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.85)
+
+
 def plot_results(
     accuracy: dict[str, dict[str, float]],
     tasks: Sequence[str],
@@ -630,17 +649,27 @@ def plot_results(
     run: str | Path,
     path: str | Path,
 ) -> Any:
-    """Two panels: grouped accuracy bars (tasks and the skills mean x models) and the DAM coefficients per layer
-    and source (:func:`layer_coefficients`) as an annotated heat map. Writes a PNG at ``path``; returns the
-    matplotlib Figure."""
+    """Grouped accuracy bars (tasks and the skills mean x models) and the DAM coefficients per layer and source
+    (:func:`layer_coefficients`) as annotated heat maps: one, or for a ``row_column`` run two, the column
+    coefficients and the row scales apart, each on a colour scale of its own (on one scale the contrast between
+    row scales near 1 and columns near the init's lambdas would hide how either moved). Writes a PNG at ``path``;
+    returns the matplotlib Figure."""
     import numpy as np
     from matplotlib.figure import Figure
 
     models = list(accuracy)
     groups = [*tasks, "skills mean"]
     coefficients = layer_coefficients(run)
-    fig = Figure(figsize=(15, 5.2), layout="constrained")
-    bars_ax, heat_ax = fig.subplots(1, 2, width_ratios=[2.6, 1])
+    is_rows = coefficients.index.str.endswith(" rows")
+    maps = [("DAM coefficients: mean per layer and source", coefficients)]
+    if is_rows.any():
+        row_scales = coefficients[is_rows].rename(index=lambda label: label.removesuffix(" rows"))
+        maps = [
+            ("DAM column coefficients: mean per layer and source", coefficients[~is_rows]),
+            ("DAM row scales: mean per layer and source", row_scales),
+        ]
+    fig = Figure(figsize=(15 + 5 * (len(maps) - 1), 5.2), layout="constrained")
+    bars_ax, *heat_axes = fig.subplots(1, 1 + len(maps), width_ratios=[2.6] + [1] * len(maps))
     width = 0.85 / len(models)
     x = np.arange(len(groups))
     for i, (model, colour) in enumerate(zip(models, _model_colours(models, list(skills)), strict=True)):
@@ -653,20 +682,8 @@ def plot_results(
     bars_ax.axvline(len(tasks) - 0.5, color="0.7", lw=0.8, ls="--")
     bars_ax.legend(ncol=1, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     bars_ax.grid(axis="y", alpha=0.3)
-
-    data = coefficients.to_numpy(dtype=float)
-    image = heat_ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
-    heat_ax.set_xticks(range(data.shape[1]), list(coefficients.columns))
-    # a deep model's rows (30 layers, twice that with row_column's row scales) are too many to label and annotate
-    # each: every k-th label, and the values only on a short map
-    every = -(-data.shape[0] // HEAT_MAP_LABELS)
-    heat_ax.set_yticks(range(0, data.shape[0], every), list(coefficients.index)[::every])
-    lo, hi = float(np.nanmin(data)), float(np.nanmax(data))
-    for (r, c), v in np.ndenumerate(data) if every == 1 else ():
-        dark = (v - lo) / ((hi - lo) or 1.0) < 0.5
-        heat_ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color="w" if dark else "k")
-    heat_ax.set_title("DAM coefficients: mean per layer and source", fontsize=10)
-    fig.colorbar(image, ax=heat_ax, shrink=0.85)
+    for ax, (title, frame) in zip(heat_axes, maps, strict=True):
+        _coefficient_map(fig, ax, frame, title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return fig
