@@ -14,6 +14,7 @@ from dam.training.data import (
     IGNORE_INDEX,
     DataCollator,
     build_train_dataset,
+    informing_token_ids,
     load_raw_dataset,
     pack_dataset,
     sample_dataset,
@@ -313,3 +314,18 @@ def test_failing_chat_template_is_a_clear_error():
     with pytest.raises(DamError, match="chat template of .* fails.*system message is required.*render to plain"):
         tokenize_dataset(_pairs(1), tok, DataConfig(), "math")
     assert len(tokenize_dataset(_pairs(1), tok, DataConfig(use_chat_template=False), "math")) == 1
+
+
+def test_informing_token_ids_are_the_tokens_before_each_sequences_last_label() -> None:
+    """A label at index j is predicted from the tokens at 0..j-1: a sequence's tokens from its last labelled index
+    on (its EOS, a tail after the response) and a sequence without labels inform no loss."""
+    x = IGNORE_INDEX
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": [[5, 6, 7, 2], [8, 9, 10, 11], [12, 13], [14, 6]],
+            "labels": [[x, x, 7, 2], [x, 9, x, x], [x, x], [x, 6]],
+            "teacher": [[0.5], [0.5], [0.5], [0.5]],  # another column is not read
+        }
+    )
+    assert informing_token_ids(data).tolist() == [5, 6, 7, 8, 14]
+    assert informing_token_ids(data.select([2])).tolist() == []

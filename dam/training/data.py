@@ -347,11 +347,20 @@ def _list_column(dataset: datasets.Dataset, column: str) -> tuple[np.ndarray, np
     return array.flatten().to_numpy(), offsets - offsets[0]
 
 
-def distinct_token_ids(dataset: datasets.Dataset) -> np.ndarray:
-    """The sorted distinct token ids of the ``input_ids`` column (read through Arrow, not as Python lists; the
-    other columns, e.g. cached teacher logits, are not copied)."""
-    ids, _ = _list_column(dataset.select_columns("input_ids"), "input_ids")
-    return np.unique(ids)
+def informing_token_ids(dataset: datasets.Dataset) -> np.ndarray:
+    """The sorted distinct token ids that some loss token reads: in each sequence, the tokens before its last
+    labelled position (a label at index j is predicted from the tokens at 0..j-1, so a token at the end of a
+    sequence, e.g. its EOS, or after its last label informs no loss). Read through Arrow, not as Python lists; the
+    other columns, e.g. cached teacher logits, are not copied."""
+    ids, offsets = _list_column(dataset.select_columns("input_ids"), "input_ids")
+    labels, _ = _list_column(dataset.select_columns("labels"), "labels")
+    lengths = np.diff(offsets)
+    sequence = np.repeat(np.arange(len(lengths)), lengths)
+    position = np.arange(len(ids)) - offsets[:-1][sequence]
+    labelled = np.where(labels != IGNORE_INDEX, position, -1)
+    last = np.full(len(lengths), -1)
+    np.maximum.at(last, sequence, labelled)
+    return np.unique(ids[position < last[sequence]])
 
 
 def pack_dataset(dataset: datasets.Dataset, block_size: int, eos_token_id: int) -> datasets.Dataset:

@@ -66,7 +66,7 @@ from dam.errors import DamError
 from dam.io.checkpoint import parse_dtype
 from dam.progress import bars_shown, progress_bar, quiet
 from dam.training.config import DAMConfig, config_to_dict, portable_config, resolve_config_paths, save_config
-from dam.training.data import IGNORE_INDEX, DataCollator, distinct_token_ids, load_tokenizer
+from dam.training.data import IGNORE_INDEX, DataCollator, informing_token_ids, load_tokenizer
 from dam.training.run_dir import (
     ALIGN_LAYER_PREFIX,
     CONFIG_FILE,
@@ -127,7 +127,7 @@ def train(config: DAMConfig) -> Path:
     model = _setup_model(config, accelerator)
     tokenizer = load_tokenizer(config.base_model)
     dataset = load_training_dataset(config, tokenizer)  # with teacher_logits: cached, the checked cache
-    _hold_unseen_embedding_rows(config, model, dataset, accelerator.is_main_process)
+    _hold_uninformed_embedding_rows(config, model, dataset, accelerator.is_main_process)
     dataloader = _setup_dataloader(config, dataset, tokenizer)
     optimizer = torch.optim.AdamW(
         model.trainable_coefficients(),
@@ -243,32 +243,34 @@ def _setup_model(config: DAMConfig, accelerator: Any) -> DAMModel:
     return model
 
 
-def _hold_unseen_embedding_rows(config: DAMConfig, model: DAMModel, dataset: Any, main: bool) -> None:
-    """Under ``row_column`` the embedding has a trained scale per vocabulary row, and a token that no training
-    sequence contains gives its row no gradient but a data-free regulariser's (``loss.similarity``, ``loss.l1``/
-    ``l2`` toward zero), which Adam steps at the learning rate however small it is: on the toy demo the similarity
-    term drove every such row's base scale to -3.5 and turned 47 of the 48 unseen tokens' embeddings around. Those
-    rows are held at the init (:meth:`DAMModel.hold_row_scales`), said in one line; weight decay, which moves them
-    anyway, in a warning. A head tied to the embedding and read by the objective informs every row through the
-    softmax: nothing is held."""
+def _hold_uninformed_embedding_rows(config: DAMConfig, model: DAMModel, dataset: Any, main: bool) -> None:
+    """Under ``row_column`` the embedding has a trained scale per vocabulary row, and a token that no loss token
+    reads (absent from the data, or only at the end of a sequence, as an EOS: :func:`informing_token_ids`) gives
+    its row no gradient but a data-free regulariser's (``loss.similarity``, ``loss.l1``/``l2`` toward zero), which
+    Adam steps at the learning rate however small it is: on the toy demo the similarity term drove every such row's
+    base scale to -3.5 and turned the embeddings of the 47 tokens absent from the data around. Those rows are held
+    at the init (:meth:`DAMModel.hold_row_scales`), said in one line; weight decay, which moves them anyway, in a
+    warning. A head tied to the embedding and read by the objective informs every row through the softmax:
+    nothing is held."""
     if config.dam.granularity != "row_column" or (model.tied and config.loss.reads_output):
         return
     embedding = model.model.get_input_embeddings()
-    held = model.hold_row_scales(embedding, torch.from_numpy(distinct_token_ids(dataset)))
+    held = model.hold_row_scales(embedding, torch.from_numpy(informing_token_ids(dataset)))
     if not main:
         return
     for name, unseen, rows in held:
         logger.info(
-            "%s: %d of its %d vocabulary rows appear in no training sequence; their row scales are held at the init",
+            "%s: %d of its %d vocabulary rows are read by no loss token of the training data (absent from it, or "
+            "only at a sequence's end); their row scales are held at the init",
             name,
             unseen,
             rows,
         )
         if config.train.weight_decay:
             logger.warning(
-                "%s: train.weight_decay %g shrinks the row scales of the %d vocabulary rows no training sequence "
-                "contains, with nothing to hold them: set train.weight_decay: 0 or leave embedding out of "
-                "dam.targets if the merge must keep those tokens",
+                "%s: train.weight_decay %g shrinks the row scales of the %d vocabulary rows no loss token reads, "
+                "with nothing to hold them: set train.weight_decay: 0 or leave embedding out of dam.targets if the "
+                "merge must keep those tokens",
                 name,
                 config.train.weight_decay,
                 unseen,
