@@ -15,7 +15,8 @@ save and export. One optimizer step:
    last micro-batch (``accelerator.no_sync`` before it);
    With ``loss.objective: entropy`` (AdaMerging) no teacher runs: the term is the student's prediction entropy,
    token-summed and scaled the same way;
-4. the coefficient regularisers (``loss.similarity``, ``loss.l1``, ``loss.l2``) once per step;
+4. the coefficient regularisers (``loss.similarity``, ``loss.l1``, ``loss.l2``) once per step (under ``row_column``
+   the embedding's row scales of tokens no loss token reads get no gradient from them: held at the init);
 5. a NaN/Inf loss or gradient norm stops the run before the optimizer step (DamError naming the last good
    checkpoint); else clip, AdamW step on the coefficients (the only trainable parameters), scheduler step.
 
