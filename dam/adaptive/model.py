@@ -421,6 +421,10 @@ class DAMModel(nn.Module):
             if not trainable_only or getattr(module, f"{attr}_coefficients").requires_grad:
                 yield name, module, attr
 
+    def _trained_items_of(self, module: nn.Module | None) -> list[tuple[str, str]]:
+        """``(tensor name, attribute)`` of ``module``'s merged tensors whose coefficients are trained."""
+        return [(name, attr) for name, m, attr in self._coefficient_items(True) if m is module]
+
     def hold_row_scales(self, module: nn.Module, informed_rows: Tensor) -> list[tuple[str, int, int]]:
         """Keep the row scales of ``module``'s trained coefficients at their init on every row not in
         ``informed_rows`` (row indices; for the input embedding, the token ids the data contains): a gradient hook
@@ -429,15 +433,15 @@ class DAMModel(nn.Module):
         ``(tensor name, rows held, rows)`` per tensor held (none when ``module``'s coefficients are not trained,
         have no row scales, or every row is informed)."""
         held = []
-        for name, m, attr in self._coefficient_items(True):
-            rows = m.rows(attr) if m is module else 0
+        for name, attr in self._trained_items_of(module):
+            rows = module.rows(attr)
             if not rows:
                 continue
             informed = torch.zeros(rows, dtype=torch.bool)
             informed[informed_rows[informed_rows < rows]] = True
             if informed.all():
                 continue
-            raw = getattr(m, f"{attr}_coefficients")
+            raw = getattr(module, f"{attr}_coefficients")
             mask = torch.ones(raw.shape[1:], dtype=raw.dtype)
             mask[:rows] = informed.to(raw.dtype)
             raw.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
@@ -455,7 +459,7 @@ class DAMModel(nn.Module):
         (:meth:`dam.training.config.DAMConfig.refuse_blind_tied_head`). Returns the names frozen (none when tied,
         when the model has no DAM head, or when it was not trained)."""
         head = self.model.get_output_embeddings()
-        items = [(name, attr) for name, module, attr in self._coefficient_items(True) if module is head]
+        items = self._trained_items_of(head)
         for _, attr in items:
             getattr(head, f"{attr}_coefficients").requires_grad_(False)
         return [name for name, _ in items]
