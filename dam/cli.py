@@ -272,6 +272,20 @@ def _add_cache_logits(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cache_logits)
 
 
+def _step_scales(given: list[str] | None) -> dict[str, float] | None:
+    """``--step-scale SKILL=FACTOR`` options as a dict (None when none is given)."""
+    if given is None:
+        return None
+    scales = {}
+    for item in given:
+        skill, _, factor = item.partition("=")
+        try:
+            scales[skill] = float(factor)
+        except ValueError:
+            raise DamError(f"--step-scale {item!r}: expected SKILL=FACTOR, e.g. reverse=3") from None
+    return scales
+
+
 def _demo_build(args: argparse.Namespace) -> int:
     from dam.demo.paths import FAMILIES
 
@@ -279,7 +293,12 @@ def _demo_build(args: argparse.Namespace) -> int:
     if args.family == "smollm2":
         from dam.demo.real import RealSettings, build_real
 
-        chosen = {"expert_steps": args.expert_steps, "general_replay": args.general_replay}
+        chosen = {
+            "expert_steps": args.expert_steps,
+            "expert_lr": args.expert_lr,
+            "general_replay": args.general_replay,
+            "step_scale": _step_scales(args.step_scale),
+        }
         settings = RealSettings(**{k: v for k, v in chosen.items() if v is not None})
         report = build_real(
             out, base=args.base, seed=args.seed, settings=settings, force=args.force, progress=not args.quiet
@@ -290,14 +309,15 @@ def _demo_build(args: argparse.Namespace) -> int:
             f"{out}/models/build_report.json"
         )
         return 0
-    for given, option in ((args.base, "--base"), (args.general_replay, "--general-replay")):
+    real_only = ((args.base, "--base"), (args.general_replay, "--general-replay"), (args.step_scale, "--step-scale"))
+    for given, option in real_only:
         if given is not None:
             raise DamError(f"{option} is a setting of the real family: use it with --family smollm2")
     from dam.demo.family import DemoSettings, build_demo
 
     args.out = out
-    steps = {"base_steps": args.base_steps, "expert_steps": args.expert_steps}
-    settings = DemoSettings(**{k: v for k, v in steps.items() if v is not None})
+    chosen = {"base_steps": args.base_steps, "expert_steps": args.expert_steps, "expert_lr": args.expert_lr}
+    settings = DemoSettings(**{k: v for k, v in chosen.items() if v is not None})
     report = build_demo(args.out, args.seed, settings=settings, force=args.force, progress=not args.quiet)
     print(
         f"demo family built in {report['seconds']['total']:.0f} s: models {', '.join(report['models'])} under "
@@ -406,6 +426,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="fine-tuning steps of each expert (default 500; smollm2 90, its reverse expert twice as many)",
+    )
+    b.add_argument(
+        "--expert-lr",
+        type=float,
+        default=None,
+        help="peak learning rate of each expert's fine-tune (default 3e-4 for both families)",
+    )
+    b.add_argument(
+        "--step-scale",
+        action="append",
+        default=None,
+        metavar="SKILL=FACTOR",
+        help="smollm2 only: train SKILL's expert FACTOR times --expert-steps; repeatable; replaces the default "
+        "reverse=2",
     )
     b.add_argument(
         "--general-replay",

