@@ -475,7 +475,7 @@ def test_hold_row_scales_zeroes_the_gradient_of_uninformed_rows_only(family: tup
         model = DAMModel.from_pretrained(str(base), [str(s) for s in sources], opts)
         embedding = model.model.get_input_embeddings()
         if informed is not None:
-            assert [(n, v) for n, _, v in model.hold_row_scales(embedding, informed)] == [
+            assert [(n, v) for n, _, v in model.hold_row_scales(embedding, lambda: informed)] == [
                 ("model.embed_tokens.weight", embedding.rows())
             ]
         torch.manual_seed(0)  # apart from the init, so that the similarity has a gradient
@@ -494,6 +494,24 @@ def test_hold_row_scales_zeroes_the_gradient_of_uninformed_rows_only(family: tup
     assert (free[:, ~keep] != 0).all()  # without the hook every row scale has a gradient
     assert (held[:, ~keep] == 0).all()
     torch.testing.assert_close(held[:, keep], free[:, keep], rtol=0, atol=0)
+
+
+def test_hold_row_scales_reads_the_data_only_for_trained_row_scales(family: tuple[Path, list[Path]]) -> None:
+    """The informed rows (a pass over the whole dataset in training) are asked for only when the module has trained
+    row scales: not for an embedding left out of ``dam.targets``, nor under ``column``."""
+    from dam.adaptive.options import DAMOptions
+
+    base, sources = family
+
+    def unread() -> torch.Tensor:
+        raise AssertionError("the informed rows were read")
+
+    for opts in (
+        DAMOptions(granularity="row_column", targets=["linear", "norm"]),
+        DAMOptions(granularity="column", targets=["linear", "embedding", "norm"]),
+    ):
+        model = DAMModel.from_pretrained(str(base), [str(s) for s in sources], opts)
+        assert model.hold_row_scales(model.model.get_input_embeddings(), unread) == []
 
 
 @pytest.mark.parametrize("extra", [("loss.similarity=0.21",), ("loss.similarity=0", "loss.l1=0.1")])

@@ -425,20 +425,21 @@ class DAMModel(nn.Module):
         """``(tensor name, attribute)`` of ``module``'s merged tensors whose coefficients are trained."""
         return [(name, attr) for name, m, attr in self._coefficient_items(True) if m is module]
 
-    def hold_row_scales(self, module: nn.Module, informed_rows: Tensor) -> list[tuple[str, int, int]]:
+    def hold_row_scales(self, module: nn.Module, informed_rows: Callable[[], Tensor]) -> list[tuple[str, int, int]]:
         """Keep the row scales of ``module``'s trained coefficients at their init on every row not in
-        ``informed_rows`` (row indices; for the input embedding, the token ids the data contains): a gradient hook
+        ``informed_rows()`` (row indices; for the input embedding, the token ids the data's loss reads; called only
+        when ``module`` has trained row scales, since reading a dataset for them can be costly): a gradient hook
         zeroes those entries for every source, so neither a data-free regulariser nor Adam (whose step is zero
         while a gradient has always been zero) moves them. Decoupled weight decay still would. Returns
         ``(tensor name, rows held, rows)`` per tensor held (none when ``module``'s coefficients are not trained,
         have no row scales, or every row is informed)."""
         held = []
-        for name, attr in self._trained_items_of(module):
-            rows = module.rows(attr)
-            if not rows:
-                continue
+        items = [(name, attr, module.rows(attr)) for name, attr in self._trained_items_of(module)]
+        items = [item for item in items if item[2]]
+        ids = informed_rows() if items else None
+        for name, attr, rows in items:
             informed = torch.zeros(rows, dtype=torch.bool)
-            informed[informed_rows[informed_rows < rows]] = True
+            informed[ids[ids < rows]] = True
             if informed.all():
                 continue
             raw = getattr(module, f"{attr}_coefficients")

@@ -256,7 +256,7 @@ def _hold_uninformed_embedding_rows(config: DAMConfig, model: DAMModel, dataset:
     if config.dam.granularity != "row_column" or (model.tied and config.loss.reads_output):
         return
     embedding = model.model.get_input_embeddings()
-    held = model.hold_row_scales(embedding, torch.from_numpy(informing_token_ids(dataset)))
+    held = model.hold_row_scales(embedding, lambda: torch.from_numpy(informing_token_ids(dataset)))
     if not main:
         return
     for name, unseen, rows in held:
