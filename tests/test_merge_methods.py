@@ -17,6 +17,7 @@ from dam.merge.methods.sparsify import (
     apply_mask,
     breadcrumbs_mask,
     della_mask,
+    keep_ranks,
     kth_largest,
     magnitude_mask,
     random_mask,
@@ -264,6 +265,39 @@ def test_kth_largest_is_exactly_kthvalue() -> None:
     assert kth_largest(small, 7).item() == torch.kthvalue(small, 94).values.item()
 
 
+def test_keep_ranks_keeps_the_true_entries_of_those_ranks_across_chunks(monkeypatch) -> None:
+    import dam.merge.methods.sparsify as sparsify_module
+
+    monkeypatch.setattr(sparsify_module, "RANK_CHUNK", 64)  # a bound in the middle of a chunk, and at its edges
+    g = torch.Generator().manual_seed(3)
+    for share in (0.02, 0.5, 1.0):
+        flags = torch.rand(1000, generator=g) < share
+        true_at = flags.nonzero().view(-1)
+        total = len(true_at)
+        for start, stop in [(0, 0), (0, 1), (0, 64), (5, 70), (63, 129), (0, total), (7, None), (total, None)]:
+            expected = torch.zeros_like(flags)
+            expected[true_at[start:stop]] = True
+            assert torch.equal(keep_ranks(flags.clone(), start, stop), expected), (share, start, stop)
+
+
+def test_masks_with_ties_across_rank_chunks(monkeypatch) -> None:
+    """The tie rules of TIES and breadcrumbs when the tied entries span several of keep_ranks' chunks."""
+    import dam.merge.methods.sparsify as sparsify_module
+
+    monkeypatch.setattr(sparsify_module, "RANK_CHUNK", 1000)
+    g = torch.Generator().manual_seed(4)
+    x = (0.01 * torch.randn(300, 257, generator=g)).bfloat16().float()
+    x[torch.rand(x.shape, generator=g) < 0.6] = 0.0  # most entries zero: the threshold is 0, tied in every chunk
+    for density in (0.3, 0.5):
+        assert torch.equal(magnitude_mask(x, density), _sorted_top_k(x, density, stable=True))
+        n, keep = x.numel(), int(density * x.numel())
+        start = max(0, n - keep - int(0.01 * n))
+        order = torch.sort(x.abs().flatten(), stable=True).indices
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[start : start + keep]] = True
+        assert torch.equal(breadcrumbs_mask(x, density, 0.01), expected.view(x.shape))
+
+
 @pytest.mark.parametrize("shape", [(7,), (300, 257)])  # the second above RADIX_MIN: the radix path
 @pytest.mark.parametrize(("density", "gamma"), [(0.3, 0.0), (0.5, 0.01), (0.2, 0.3), (0.9, 0.2), (0.001, 0.0)])
 def test_breadcrumbs_mask_is_a_stable_sorts_window(shape, density, gamma) -> None:
@@ -378,6 +412,26 @@ def test_dare_keeps_density_fraction_and_l1_norm() -> None:
     tiny = vec(1.0, 1e-9, 0.0)
     assert torch.equal(apply_mask(tiny, torch.tensor([False, True, True]), rescale=True), vec(0.0, 1e-9, 0.0))
     close(apply_mask(tiny, torch.tensor([False, True, False]) | (tiny == 1.0), rescale=True), tiny)
+
+
+def test_sparsify_in_place_writes_the_same_bits_into_its_input() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(40, 30, generator=g)
+    x[0, :4] = torch.tensor([float("nan"), -0.0, 0.0, float("inf")])  # where's values, not a product's
+    for method, options in [
+        ("magnitude", {}),
+        ("breadcrumbs", {"gamma": 0.05}),
+        ("random", {}),
+        ("della", {"epsilon": 0.1}),
+    ]:
+        for rescale in (False, True):
+            expected = sparsify(x, method, 0.4, rescale=rescale, generator=torch.Generator().manual_seed(1), **options)
+            y = x.clone()
+            out = sparsify(
+                y, method, 0.4, rescale=rescale, generator=torch.Generator().manual_seed(1), in_place=True, **options
+            )
+            assert out.data_ptr() == y.data_ptr()
+            assert torch.equal(y.view(torch.int32), expected.view(torch.int32)), (method, rescale)
 
 
 def test_dare_draws_are_torch_bernoullis() -> None:

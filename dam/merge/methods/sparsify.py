@@ -71,18 +71,54 @@ def kth_largest(magnitudes: Tensor, k: int) -> Tensor:
         return torch.kthvalue(magnitudes, n - k + 1).values
     bits = magnitudes.view(torch.int32)
     high = bits >> 16  # in [0, 2^15): the sign bit is 0
-    top, k = _bucket_of_kth_largest(high, k, 1 << 15)
-    bottom, _ = _bucket_of_kth_largest(bits[high == top] & 0xFFFF, k, 1 << 16)
+    high_counts = torch.bincount(high, minlength=1 << 15)
+    top, k = _bucket_of_kth_largest(high_counts, k)
+    in_top = high == top
+    if int(high_counts[top]) * BUCKET_GATHER_SHARE < n:
+        low_counts = torch.bincount(bits[in_top] & 0xFFFF, minlength=1 << 16)
+    else:
+        # A bucket holding much of the tensor (bf16 deltas: runs of equal values, zeros above all): every other
+        # entry goes to an extra bin instead of gathering the bucket, which builds an int64 index per entry.
+        low = torch.bitwise_and(bits, 0xFFFF).masked_fill_(in_top.logical_not_(), 1 << 16)
+        low_counts = torch.bincount(low, minlength=(1 << 16) + 1)[: 1 << 16]
+    bottom, _ = _bucket_of_kth_largest(low_counts, k)
     return torch.tensor((top << 16) | bottom, dtype=torch.int32, device=magnitudes.device).view(torch.float32)
 
 
-def _bucket_of_kth_largest(keys: Tensor, k: int, size: int) -> tuple[int, int]:
-    """``(b, r)``: the key ``b`` in ``[0, size)`` of the ``k``-th largest of ``keys`` (1-D, integer), and that
-    entry's rank ``r`` (1-based, from the largest) among the entries whose key is ``b``."""
-    counts = torch.bincount(keys, minlength=size)  # (size,)
+BUCKET_GATHER_SHARE = 8  # kth_largest gathers the bucket's entries when it holds under 1/8 of them
+
+
+def _bucket_of_kth_largest(counts: Tensor, k: int) -> tuple[int, int]:
+    """``(b, r)``: the bin ``b`` of the ``k``-th largest key, given ``counts`` (a histogram of integer keys by
+    value), and that entry's rank ``r`` (1-based, from the largest) among the keys in bin ``b``."""
     at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[b]: how many keys are >= b
     b = int((at_least >= k).nonzero()[-1])
     return b, k - int(at_least[b] - counts[b])
+
+
+RANK_CHUNK = 1 << 20  # keep_ranks lists the True entries of one chunk of this many at a time
+
+
+def keep_ranks(flags: Tensor, start: int, stop: int | None = None) -> Tensor:
+    """``flags`` (1-D bool) with only its True entries of rank ``start`` to ``stop - 1`` (0-based, in index order;
+    ``stop=None``: to the end) left True, in place; returns ``flags``.
+
+    Chunk by chunk: only a chunk that a bound falls in lists its True entries' indices, so no int64 index of every
+    True entry is built (bf16 deltas tie at the threshold by the million: zeros above all).
+    """
+    seen = 0  # True entries before the chunk
+    for begin in range(0, flags.numel(), RANK_CHUNK):
+        chunk = flags[begin : begin + RANK_CHUNK]
+        if stop is not None and seen >= stop:
+            chunk.zero_()
+            continue
+        here = int(chunk.sum())
+        if seen < start or (stop is not None and seen + here > stop):
+            true_at = chunk.nonzero().view(-1)
+            chunk.zero_()
+            chunk[true_at[max(start - seen, 0) : None if stop is None else max(stop - seen, 0)]] = True
+        seen += here
+    return flags
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
@@ -106,9 +142,8 @@ def top_k_mask(magnitudes: Tensor, k: int) -> Tensor:
     ``k``-th largest, every entry above ``v``, then the entries equal to ``v`` of lowest index until ``k``."""
     threshold = kth_largest(magnitudes, k)
     mask = magnitudes > threshold
-    tied = (magnitudes == threshold).nonzero().view(-1)  # flat indices, ascending
-    mask[tied[: k - int(mask.sum())]] = True  # the first `missing` of the tied entries in index order
-    return mask
+    tied = keep_ranks(magnitudes == threshold, 0, k - int(mask.sum()))  # the first `missing` in index order
+    return mask.logical_or_(tied)
 
 
 def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
@@ -136,14 +171,13 @@ def breadcrumbs_mask(x: Tensor, density: float, gamma: float) -> Tensor:
     low = kth_largest(magnitudes, n - start)  # ascending position `start`
     high = kth_largest(magnitudes, n - start - keep + 1)  # ascending position `start + keep - 1`
     mask = (magnitudes > low) & (magnitudes < high)
-    at_low = (magnitudes == low).nonzero().view(-1)  # ascending positions below_low, below_low + 1, ...
+    at_low = magnitudes == low  # in index order, ascending positions below_low, below_low + 1, ...
     first = start - int((magnitudes < low).sum())
     if bool(low == high):
-        mask[at_low[first : first + keep]] = True
+        mask |= keep_ranks(at_low, first, first + keep)
     else:
-        mask[at_low[first:]] = True
-        at_high = (magnitudes == high).nonzero().view(-1)
-        mask[at_high[: start + keep - int((magnitudes < high).sum())]] = True
+        mask |= keep_ranks(at_low, first)
+        mask |= keep_ranks(magnitudes == high, 0, start + keep - int((magnitudes < high).sum()))
     return mask.view(x.shape)
 
 
@@ -180,17 +214,18 @@ def della_mask(x: Tensor, density: float, epsilon: float, generator: torch.Gener
     return torch.bernoulli(probs, generator=generator).bool().view(x.shape)
 
 
-def apply_mask(x: Tensor, mask: Tensor, rescale: bool) -> Tensor:
+def apply_mask(x: Tensor, mask: Tensor, rescale: bool, *, in_place: bool = False) -> Tensor:
     """Zero the entries of ``x`` outside ``mask``; with ``rescale``, restore the L1 norm:
 
         out = (x * mask) * sum|x| / sum|x * mask|
 
-    The rescale is skipped when either sum is below ``RESCALE_EPS`` (nothing meaningful to match).
+    The rescale is skipped when either sum is below ``RESCALE_EPS`` (nothing meaningful to match). ``in_place``
+    writes ``out`` into ``x`` (the same values) instead of a new tensor.
     """
-    masked = torch.where(mask, x, 0.0)
-    if not rescale:
+    before = x.abs().sum() if rescale else None
+    masked = torch.where(mask, x, x.new_zeros(()), out=x) if in_place else torch.where(mask, x, 0.0)
+    if before is None:
         return masked
-    before = x.abs().sum()
     after = masked.abs().sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return masked
@@ -206,8 +241,10 @@ def sparsify(
     epsilon: float = 0.0,
     rescale: bool = False,
     generator: torch.Generator | None = None,
+    in_place: bool = False,
 ) -> Tensor:
-    """Sparsify a delta with ``method``; ``density >= 1`` returns ``x`` itself (no mask, no rescale)."""
+    """Sparsify a delta with ``method``; ``density >= 1`` returns ``x`` itself (no mask, no rescale).
+    ``in_place`` overwrites ``x`` with the result (:func:`apply_mask`)."""
     if density >= 1:
         return x
     if method == "magnitude":
@@ -220,4 +257,4 @@ def sparsify(
         mask = della_mask(x, density, epsilon, generator)
     else:
         raise ValueError(f"unknown sparsification method {method!r}")
-    return apply_mask(x, mask, rescale)
+    return apply_mask(x, mask, rescale, in_place=in_place)

@@ -99,8 +99,7 @@ def combine_task_vectors(
                 divisor.add_(agreeing.sign(), alpha=float(w[i]))  # sum_i w_i m_i (sign: 1 where m_i, else 0)
         mixed.mul_(elected)
         if divisor is not None:
-            divisor[divisor == 0] = 1
-            mixed = mixed / divisor
+            mixed.div_(divisor.masked_fill_(divisor == 0, 1))
     else:
         mixed = weighted.sum(dim=0)
         if normalize:
@@ -108,7 +107,7 @@ def combine_task_vectors(
             divisor[divisor.abs() < 1e-8] = 1
             mixed = mixed / divisor
     if lambda_ != 1:
-        mixed = mixed * lambda_
+        mixed.mul_(lambda_)
     return base + mixed
 
 
@@ -139,7 +138,7 @@ def merge_task_arithmetic(
     deltas = stacked_task_vectors([x for _, x, _ in entries], base)  # (N, *shape)
     if method is not None:
         for row, (_, _, p) in enumerate(entries):
-            deltas[row] = sparsify(
+            sparsify(
                 deltas[row],
                 method,
                 p["density"],
@@ -147,6 +146,7 @@ def merge_task_arithmetic(
                 epsilon=p.get("epsilon", 0.0),
                 rescale=params["rescale"],
                 generator=generator,
+                in_place=True,
             )
     return combine_task_vectors(
         base,
