@@ -19,6 +19,7 @@ from dam.evaluation.evaluate import (
     encode_example,
     evaluate_loaded,
     evaluate_model,
+    exact_verdict,
     format_table,
     greedy_generate,
     load_model,
@@ -124,6 +125,62 @@ def test_exact_match_and_loss_on_a_model_with_known_answers(chain: Path, tmp_pat
     assert result.task("mixed").n == 3
     assert result.task("right").perplexity == pytest.approx(math.exp(ok))
     assert result.mean_accuracy == pytest.approx((100 + 0 + 0 + 100 / 3) / 4)
+
+
+def test_exact_match_generates_only_what_the_teacher_forced_pass_cannot_settle(tmp_path: Path, monkeypatch) -> None:
+    """Exact match is greedy generation's; the teacher-forced pass settles every example it can, and the rest are
+    generated. After '=' this model writes ' xy' (a leading space, which the exact match strips)."""
+    import dam.evaluation.evaluate as evaluate_module
+
+    folder = chain_model(tmp_path / "spaced", {"=": " ", " ": "x", "x": "y", "q": "q"})
+    rows = [
+        {"prompt": "go=", "response": "xy"},  # the first greedy token is ' ', not 'x': only generating tells (right)
+        {"prompt": "go=", "response": " xy"},  # every greedy token agrees: right, no generation
+        {"prompt": "g=", "response": "xz"},  # ' ' against 'x' again: generated, and wrong
+        {"prompt": "aq", "response": "q"},  # 'q' where the end token is due: 'qq' is not a start of 'q', wrong
+        {"prompt": "go=", "response": " xyz"},  # the end token comes first, after ' xy': wrong, no generation
+    ]
+    task = load_task(_write_jsonl(tmp_path / "spaced.jsonl", rows))
+    model, tok = load_model(folder)
+    generated: list[int] = []
+    real_generate = evaluate_module.greedy_generate
+
+    def counting(model, prompts, *args, **kwargs):
+        generated.append(len(prompts))
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "greedy_generate", counting)
+    result = evaluate_loaded(model, tok, [task], batch_size=5)
+    assert result.tasks[0].accuracy == pytest.approx(100 * 2 / 5)
+    assert generated == [2]
+    # the same score as generating every example (the metric's definition)
+    outputs = real_generate(
+        model,
+        [encode_example(tok, r["prompt"], r["response"])[0] for r in rows],
+        5,
+        [tok.eos_token_id],
+        tok.pad_token_id,
+    )
+    by_generation = [
+        ended and tok.decode(t).strip() == r["response"].strip() for (t, ended), r in zip(outputs, rows, strict=True)
+    ]
+    assert by_generation == [True, True, False, False, False]
+
+
+def test_exact_verdict_cases() -> None:
+    tok = demo_tokenizer()
+    ids = lambda text: tok.convert_tokens_to_ids(list(text))  # noqa: E731
+    eos, end = tok.eos_token_id, [tok.eos_token_id]
+    response = [*ids("ab"), eos]
+    assert exact_verdict(tok, response, None, end, "ab") is True  # every greedy token agrees
+    assert exact_verdict(tok, response, None, end, "a b") is False  # the reference does not spell the answer
+    assert exact_verdict(tok, response, (1, eos), end, "ab") is False  # stops after 'a'
+    assert exact_verdict(tok, [*ids("a "), eos], (1, eos), end, "a") is True  # stops after 'a': the space is stripped
+    assert exact_verdict(tok, response, (1, ids("c")[0]), end, "ab") is False  # 'ac' starts no answer 'ab'
+    assert exact_verdict(tok, response, (0, ids(" ")[0]), end, "ab") is None  # ' ' may lead to ' ab': generate
+    assert exact_verdict(tok, response, (0, tok.bos_token_id), end, "ab") is None  # decodes to nothing
+    assert exact_verdict(tok, [*ids("ac"), eos], (1, ids("b")[0]), [eos, ids("b")[0]], "a") is True  # 'b' ends too
+    assert exact_verdict(tok, [*ids("ab"), eos, *ids("c")], (3, eos), end, "ab") is True  # the first end decides
 
 
 def test_loss_matches_an_unpadded_forward_and_batching_changes_nothing(tmp_path: Path) -> None:

@@ -9,7 +9,14 @@ test.jsonl``). Every example is encoded the same way for both metrics, and the s
 
 - **accuracy**: greedy generation from ``prompt_ids`` (left-padded batches) for at most as many new tokens as the
   longest ``response_ids`` in the batch. An example is correct when the model emits an end token and the text
-  before it equals the response (both stripped of surrounding whitespace).
+  before it equals the response (both stripped of surrounding whitespace). Most examples are settled without
+  generating, from the loss's teacher-forced pass, which has the model's greedy token at every response position
+  given the reference tokens before it: greedy decoding follows the reference up to the first position where
+  they differ, so an example whose greedy tokens all agree emits the response (correct), one whose first
+  differing token is an end token stops there, and one whose first differing token turns the decoded text away
+  from the response is wrong (:func:`exact_verdict`). Only the rest, whose text could still come out right by
+  another tokenization, are generated. The two passes compute the same greedy tokens up to float rounding
+  (a full forward against a cached one).
 - **loss**: mean negative log-likelihood (nats) per response token, EOS included, given the prompt; pooled over
   all tokens of a task. **perplexity** is ``exp(loss)``.
 
@@ -235,14 +242,29 @@ def _end_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return ids
 
 
-@torch.no_grad()
-def response_nll(
-    model: PreTrainedModel, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
-) -> tuple[float, int, int]:
-    """Summed NLL (nats) of the response tokens of right-padded ``(prompt_ids, response_ids)`` pairs, their count,
-    and how many of them are the model's greedy choice (argmax) given the tokens before them.
+@dataclass(frozen=True)
+class TeacherForced:
+    """One teacher-forced pass over a batch of ``(prompt_ids, response_ids)`` pairs (:func:`teacher_forced`)."""
 
-    Position ``t - 1`` of the logits predicts token ``t``; only response positions count.
+    nll: float  # summed over the response tokens, nats
+    count: int  # response tokens
+    agreed: int  # response tokens that are the model's greedy choice given the tokens before them
+    first_miss: list[tuple[int, int] | None]  # per pair: (response position, greedy token) of the first disagreement
+
+
+def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def teacher_forced(model: PreTrainedModel, batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> TeacherForced:
+    """The response tokens' NLL and the model's greedy token at each of them, for right-padded pairs.
+
+    Position ``t - 1`` of the logits predicts token ``t``; only response positions count. The logits are made only
+    from the first response position of the batch on (``logits_to_keep``, where the model's forward takes it): the
+    prompts' ``[T, V]`` logits are most of the head's work and memory, and no score reads them.
     """
     lengths = [len(p) + len(r) for p, r in batch]
     device = model.device
@@ -252,11 +274,61 @@ def response_nll(
         ids[i, : lengths[i]] = torch.tensor(p + r)
         labels[i, len(p) : lengths[i]] = torch.tensor(r)
     mask = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]).long()
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
-    targets = labels[:, 1:].to(device)
-    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-    agreed = (logits[:, :-1].argmax(-1) == targets) & (targets != -100)
-    return nll.item(), int((targets != -100).sum()), int(agreed.sum())
+    first = min(len(p) for p, _ in batch) if _accepts_logits_to_keep(model) else 1  # the first target position
+    extra = {"logits_to_keep": ids.shape[1] - first + 1} if first > 1 else {}
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits  # (B, T - first + 1, V)
+    logits = logits[:, :-1].float()  # position first - 1 + j predicts token first + j
+    targets = labels[:, first:].to(device)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    greedy = logits.argmax(-1)
+    missed = (greedy != targets) & (targets != -100)
+    first_miss: list[tuple[int, int] | None] = []
+    for i, (p, _) in enumerate(batch):
+        at = missed[i].nonzero()
+        j = int(at[0]) if len(at) else None
+        first_miss.append(None if j is None else (j + first - len(p), int(greedy[i, j])))
+    count = int((targets != -100).sum())
+    return TeacherForced(nll.item(), count, count - int(missed.sum()), first_miss)
+
+
+def response_nll(
+    model: PreTrainedModel, batch: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[float, int, int]:
+    """Summed NLL (nats) of the response tokens of right-padded ``(prompt_ids, response_ids)`` pairs, their count,
+    and how many of them are the model's greedy choice (argmax) given the tokens before them."""
+    out = teacher_forced(model, batch, pad_id)
+    return out.nll, out.count, out.agreed
+
+
+def exact_verdict(
+    tokenizer: PreTrainedTokenizerBase,
+    response_ids: list[int],
+    first_miss: tuple[int, int] | None,
+    end_ids: list[int],
+    expected: str,
+) -> bool | None:
+    """Whether greedy generation answers ``expected`` exactly (the module docstring's accuracy), decided from the
+    teacher-forced pass: ``first_miss`` is ``(j, token)``, the first response position at which the greedy token
+    is not ``response_ids[j]``, or None where all agree. ``None`` when only generating can tell.
+
+    Greedy decoding emits ``response_ids[:j]`` and then ``token``, and stops at the first end token, so the output is
+    known whenever an end token comes first: its text decides. Otherwise the output's text starts with the decoded
+    ``response_ids[:j] + [token]``; when that text (stripped) is not a start of the expected answer, no continuation
+    can make it one. A decoded text holding a partial character (U+FFFD), or a tokenizer that cleans spaces up
+    across tokens, leaves it undecided.
+    """
+    j, token = first_miss if first_miss is not None else (len(response_ids), None)
+    for i, t in enumerate(response_ids[:j]):
+        if t in end_ids:  # the reference itself ends here (its EOS): the output is response_ids[:i]
+            return tokenizer.decode(response_ids[:i], skip_special_tokens=True).strip() == expected.strip()
+    if token is None:  # every reference token is the greedy one and none ends it: no budget stops short of it
+        return None
+    if token in end_ids:
+        return tokenizer.decode(response_ids[:j], skip_special_tokens=True).strip() == expected.strip()
+    start = tokenizer.decode([*response_ids[:j], token], skip_special_tokens=True).strip()
+    if not start or "\ufffd" in start or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return None if expected.strip().startswith(start) else False
 
 
 @torch.no_grad()
@@ -313,19 +385,40 @@ def evaluate_loaded(
         batches = range(0, len(encoded), batch_size)
         for start in progress_bar(batches, desc=f"eval {name} {task.name}", enabled=progress):
             batch = encoded[start : start + batch_size]
-            batch_nll, batch_count, batch_agreed = response_nll(model, batch, pad_id)
-            nll, count, agreed = nll + batch_nll, count + batch_count, agreed + batch_agreed
+            examples = task.examples[start : start + batch_size]
+            forced = teacher_forced(model, batch, pad_id)
+            nll, count, agreed = nll + forced.nll, count + forced.count, agreed + forced.agreed
             if task.metric == "agreement":
                 continue
+            verdicts = [
+                exact_verdict(tokenizer, r, miss, end_ids, ex["response"])
+                for (_, r), miss, ex in zip(batch, forced.first_miss, examples, strict=True)
+            ]
+            correct += sum(v is True for v in verdicts)
+            for (_, r), miss, ex, v in zip(batch, forced.first_miss, examples, verdicts, strict=True):
+                if v is False and miss is not None:
+                    start_text = tokenizer.decode([*r[: miss[0]], miss[1]], skip_special_tokens=True)
+                    logger.debug(
+                        "%s %s: %r -> %r... (expected %r)", name, task.name, ex["prompt"], start_text, ex["response"]
+                    )
+            open_rows = [i for i, v in enumerate(verdicts) if v is None]
+            if not open_rows:
+                continue
+            # the budget is the whole batch's, as if every row were generated
             max_new = max(len(r) for _, r in batch)
-            generated = greedy_generate(model, [p for p, _ in batch], max_new, end_ids, pad_id)
-            for (tokens, ended), example in zip(generated, task.examples[start : start + batch_size], strict=True):
+            generated = greedy_generate(model, [batch[i][0] for i in open_rows], max_new, end_ids, pad_id)
+            for i, (tokens, ended) in zip(open_rows, generated, strict=True):
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
-                ok = ended and text.strip() == example["response"].strip()
+                ok = ended and text.strip() == examples[i]["response"].strip()
                 correct += ok
                 if not ok:
                     logger.debug(
-                        "%s %s: %r -> %r (expected %r)", name, task.name, example["prompt"], text, example["response"]
+                        "%s %s: %r -> %r (expected %r)",
+                        name,
+                        task.name,
+                        examples[i]["prompt"],
+                        text,
+                        examples[i]["response"],
                     )
         accuracy = 100.0 * (agreed / count if task.metric == "agreement" else correct / len(encoded))
         result.tasks.append(TaskResult(task.name, len(encoded), accuracy, nll / count))
