@@ -27,6 +27,7 @@ from dam.evaluation.evaluate import (
     load_tasks,
     response_nll,
     results_to_json,
+    teacher_forced,
 )
 from dam.testing import random_model
 
@@ -165,6 +166,37 @@ def test_exact_match_generates_only_what_the_teacher_forced_pass_cannot_settle(t
         ended and tok.decode(t).strip() == r["response"].strip() for (t, ended), r in zip(outputs, rows, strict=True)
     ]
     assert by_generation == [True, True, False, False, False]
+
+
+def test_teacher_forced_pass_with_and_without_logits_to_keep() -> None:
+    """The logits made from the first response position on give what the whole sequence's logits give, and a
+    forward that has no ``logits_to_keep``, or takes it and keeps every position, is read right too."""
+    from dam.testing import tiny_config
+
+    tok = demo_tokenizer()
+    model = random_model(tiny_config(vocab_size=len(tok), hidden_size=32, num_layers=2), seed=4).eval()
+    pairs = [("reverse abc=", "cba"), ("a=", "b"), ("copy hello there=", "hello")]
+    encoded = [encode_example(tok, p, r) for p, r in pairs]
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.device = inner, inner.device
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    class KeepsAll(NoKeep):
+        def forward(self, input_ids, attention_mask, logits_to_keep=0):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    kept = teacher_forced(model, encoded, tok.pad_token_id)
+    for other in (NoKeep(model), KeepsAll(model)):
+        whole = teacher_forced(other, encoded, tok.pad_token_id)
+        assert whole.count == kept.count and whole.agreed == kept.agreed
+        assert whole.first_miss == kept.first_miss
+        assert whole.nll == pytest.approx(kept.nll, rel=1e-6)
+    assert kept.count == sum(len(r) for _, r in encoded)
 
 
 def test_exact_verdict_cases() -> None:

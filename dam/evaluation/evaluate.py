@@ -277,6 +277,8 @@ def teacher_forced(model: PreTrainedModel, batch: Sequence[tuple[list[int], list
     first = min(len(p) for p, _ in batch) if _accepts_logits_to_keep(model) else 1  # the first target position
     extra = {"logits_to_keep": ids.shape[1] - first + 1} if first > 1 else {}
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits  # (B, T - first + 1, V)
+    if logits.shape[1] != ids.shape[1] - first + 1:  # a forward that took logits_to_keep and kept every position
+        logits = logits[:, first - 1 :]
     logits = logits[:, :-1].float()  # position first - 1 + j predicts token first + j
     targets = labels[:, first:].to(device)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
