@@ -323,7 +323,7 @@ def exact_verdict(
     for i, t in enumerate(response_ids[:j]):
         if t in end_ids:  # the reference itself ends here (its EOS): the output is response_ids[:i]
             return tokenizer.decode(response_ids[:i], skip_special_tokens=True).strip() == expected.strip()
-    if token is None:  # every reference token is the greedy one and none ends it: no budget stops short of it
+    if token is None:  # all agree, but the reference has no end token (encode_example always adds one)
         return None
     if token in end_ids:
         return tokenizer.decode(response_ids[:j], skip_special_tokens=True).strip() == expected.strip()
