@@ -397,7 +397,12 @@ def evaluate_loaded(
                 for (_, r), miss, ex in zip(batch, forced.first_miss, examples, strict=True)
             ]
             correct += sum(v is True for v in verdicts)
-            for (_, r), miss, ex, v in zip(batch, forced.first_miss, examples, verdicts, strict=True):
+            wrong = (
+                zip(batch, forced.first_miss, examples, verdicts, strict=True)
+                if logger.isEnabledFor(logging.DEBUG)
+                else ()
+            )
+            for (_, r), miss, ex, v in wrong:  # the start of each wrong answer, decoded again only for the debug log
                 if v is False and miss is not None:
                     start_text = tokenizer.decode([*r[: miss[0]], miss[1]], skip_special_tokens=True)
                     logger.debug(
