@@ -425,21 +425,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "--expert-steps",
         type=int,
         default=None,
-        help="fine-tuning steps of each expert (default 500; smollm2 90, its reverse expert twice as many)",
+        help="fine-tuning steps of each expert (default 500; smollm2 90, its reverse expert 3x, initials 2x)",
     )
     b.add_argument(
         "--expert-lr",
         type=float,
         default=None,
-        help="peak learning rate of each expert's fine-tune (default 3e-4 for both families)",
+        help="peak learning rate of each expert's fine-tune (default 3e-4; smollm2 1e-4)",
     )
     b.add_argument(
         "--step-scale",
         action="append",
         default=None,
         metavar="SKILL=FACTOR",
-        help="smollm2 only: train SKILL's expert FACTOR times --expert-steps; repeatable; replaces the default "
-        "reverse=2",
+        help="smollm2 only: train SKILL's expert FACTOR times --expert-steps; repeatable; replaces the defaults "
+        "reverse=3 initials=2",
     )
     b.add_argument(
         "--general-replay",

@@ -88,16 +88,16 @@ def test_expert_batches_mix_in_the_general_replay() -> None:
     assert list(itertools.islice(_mixed_batches(12, 0, 4, 0, seed=3), 6)) == list(itertools.islice(unmixed, 6))
 
 
-def test_reverse_trains_twice_as_long_and_only_its_record_says_so() -> None:
+def test_step_scales_lengthen_only_their_skills_and_their_records_say_so() -> None:
     settings = RealSettings(expert_steps=7)
-    assert [settings.steps(s) for s in SKILLS] == [14, 7, 7]
-    assert settings.expert_record("reverse")["expert_steps"] == 14
+    assert [settings.steps(s) for s in SKILLS] == [21, 14, 7]
+    assert settings.expert_record("reverse")["expert_steps"] == 21
     assert RealSettings().expert_record("initials") == {
         "skill": "initials",
-        "expert_steps": 90,
+        "expert_steps": 180,
         "batch_size": 16,
         "general_replay": 4,
-        "expert_lr": 3e-4,
+        "expert_lr": 1e-4,
         "warmup_steps": 10,
         "n_train": 1440,
     }
@@ -194,8 +194,9 @@ def test_cli_general_replay_reaches_the_build_and_bad_values_stop_first(
 def test_cli_expert_lr_and_step_scales_reach_the_build_and_bad_values_stop_first(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``--expert-lr`` reaches either family's settings, ``--step-scale`` the real family's (replacing the default
-    ``reverse=2``); a malformed scale, an unknown skill or a non-positive value stops before anything is written."""
+    """``--expert-lr`` reaches either family's settings, ``--step-scale`` the real family's (replacing the defaults
+    ``reverse=3 initials=2``); a malformed scale, an unknown skill or a non-positive value stops before anything is
+    written."""
     from dam.cli import main
 
     seen = []
@@ -204,8 +205,8 @@ def test_cli_expert_lr_and_step_scales_reach_the_build_and_bad_values_stop_first
     monkeypatch.setattr("dam.demo.family.build_demo", lambda out, seed, settings, **_: seen.append(settings) or report)
     out = str(tmp_path / "real")
     real = ["demo", "build", "--family", "smollm2", "--out", out, "--quiet"]
-    assert main([*real, "--expert-lr", "1e-4", "--step-scale", "reverse=3", "--step-scale", "double=0.5"]) == 0
-    assert seen[-1].expert_lr == 1e-4 and seen[-1].step_scale == {"reverse": 3.0, "double": 0.5}
+    assert main([*real, "--expert-lr", "2e-4", "--step-scale", "reverse=3", "--step-scale", "double=0.5"]) == 0
+    assert seen[-1].expert_lr == 2e-4 and seen[-1].step_scale == {"reverse": 3.0, "double": 0.5}
     assert (seen[-1].steps("reverse"), seen[-1].steps("initials")) == (270, 90)
     assert main(["demo", "build", "--out", str(tmp_path / "toy"), "--expert-lr", "2e-4", "--quiet"]) == 0
     assert seen[-1].expert_lr == 2e-4
