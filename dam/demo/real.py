@@ -70,7 +70,7 @@ class RealSettings:
     none (0) the experts kept 40-58% of the base's general agreement and no merge of them kept more than 62%
     (docs/real-family.md)."""
     expert_lr: float = 1e-4
-    """Peak learning rate of the experts' fine-tunes. At 3e-4 (the build until 2026-12-08, ``reverse`` 180 steps, the
+    """Peak learning rate of the experts' fine-tunes. At 3e-4 (the default until 2026-12-07, ``reverse`` 180 steps, the
     others 90) the experts kept 73.5-76.3% of the base's general agreement on test and DAM over them 78.5%; at 1e-4
     they keep 81-84% and DAM about 87% (docs/real-family.md, "Gentler experts")."""
     warmup_steps: int = 10
