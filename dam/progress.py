@@ -64,10 +64,12 @@ def progress_bar(
     unit: str = "it",
     enabled: bool = True,
     leave: bool = False,
+    position: int | None = None,
 ) -> Any:
     """A ``tqdm`` bar named ``desc`` (e.g. ``"DAM adamerging"``), drawn only when :func:`bars_shown` and
     ``enabled`` (e.g. ``enabled=accelerator.is_local_main_process``); otherwise a disabled bar that writes nothing
-    but still iterates, ``update``s and ``close``s."""
+    but still iterates, ``update``s and ``close``s. ``position``: the terminal line of the bar, for processes that
+    draw bars side by side (tqdm's own default otherwise)."""
     from tqdm import tqdm
 
     return tqdm(
@@ -77,6 +79,7 @@ def progress_bar(
         initial=initial,
         unit=unit,
         leave=leave,
+        position=position,
         dynamic_ncols=True,
         disable=not (enabled and bars_shown()),
     )

@@ -182,3 +182,26 @@ def test_measured_child_failures_reach_the_parent(tmp_path: Path, monkeypatch: p
     t0 = time.perf_counter()
     child.stop()
     assert time.perf_counter() - t0 < 60 and not child._process.is_alive()
+
+
+def test_wait_all_raises_the_first_failure_at_once_and_stops_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The children's outcomes come back in their order; a child that fails is raised as soon as it fails, even when
+    a child before it in the list is still running, and that one is stopped (the real family's expert workers)."""
+    import time
+
+    from dam.demo.run import wait_all
+
+    (tmp_path / "measured_child.py").write_text(CHILD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import measured_child
+
+    outcomes = wait_all([MeasuredChild(measured_child.threads, threads=2), MeasuredChild(measured_child.allocate, 0)])
+    assert [result for result, _, _ in outcomes] == [2, 0]
+    sleeper = MeasuredChild(measured_child.sleep, 600)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="bad input 7"):
+        wait_all([sleeper, MeasuredChild(measured_child.fail)])
+    # a spawned child starts in seconds; waiting in list order would have taken the sleeper's 600 s
+    assert time.perf_counter() - t0 < 120 and not sleeper._process.is_alive()

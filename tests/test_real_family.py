@@ -8,13 +8,15 @@ agreement metric, the goals on general) are exercised in seconds. Figures mean n
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from dam.demo.family import _batches, _mixed_batches
 from dam.demo.paths import SMOLLM2
-from dam.demo.real import EXPERT_RECORD, REPORT, RealSettings, build_real
+from dam.demo.real import EXPERT_RECORD, REPORT, RealSettings, build_real, expert_workers
 from dam.demo.words import GENERAL, SKILLS, WORDS, general_prompts, skill_splits
 from dam.errors import DamError
 from dam.testing import SIMPLE_CHAT_TEMPLATE, build_char_tokenizer, make_family
@@ -103,6 +105,15 @@ def test_step_scales_lengthen_only_their_skills_and_their_records_say_so() -> No
     }
 
 
+def test_experts_are_queued_longest_first_onto_the_least_loaded_worker() -> None:
+    steps = {s: RealSettings().steps(s) for s in SKILLS}  # 270 / 180 / 90
+    assert expert_workers(steps, 2) == [["reverse"], ["initials", "double"]]
+    assert expert_workers(steps, 1) == [["reverse", "initials", "double"]]
+    assert expert_workers(steps, 4) == [["reverse"], ["initials"], ["double"]]
+    assert expert_workers({"a": 5, "b": 5, "c": 5}, 2) == [["a", "c"], ["b"]]  # ties: the skills' order
+    assert expert_workers({}, 2) == []
+
+
 @pytest.fixture(scope="module")
 def tiny_real(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("real")
@@ -130,6 +141,29 @@ def test_build_writes_the_family_and_its_chat_tasks(tiny_real: tuple[Path, dict]
     assert set(report["accuracy"]) == {"base", *SKILLS} and set(report["validation_accuracy"]) == set(
         report["accuracy"]
     )
+
+
+@pytest.mark.slow
+def test_expert_workers_train_the_experts_one_process_trains(tiny_real: tuple[Path, dict], tmp_path: Path) -> None:
+    """The fixture's build (2 threads) trained its experts in two one-thread worker processes; a build at one thread
+    trains them one after the other in this process. At one thread each, the same seed and data, their weights
+    are the same bit for bit: the workers change where the experts train, not what they learn."""
+    from safetensors.torch import load_file
+
+    root, report = tiny_real
+    assert TINY.threads == 2 and report["seconds"]["experts"] > 0
+    base = root.parent / "family" / "base"
+    one = build_real(tmp_path / "one", base=str(base), settings=replace(TINY, threads=1), progress=False)
+    for task in [GENERAL, *SKILLS]:
+        for split in ("train", "validation", "test"):
+            assert (tmp_path / "one" / task / f"{split}.jsonl").read_text() == (
+                root / task / f"{split}.jsonl"
+            ).read_text()
+    for skill in SKILLS:
+        a = load_file(root / "models" / skill / "model.safetensors")
+        b = load_file(tmp_path / "one" / "models" / skill / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), skill
+    assert one["seconds"]["experts"] > 0
 
 
 @pytest.mark.slow

@@ -170,6 +170,7 @@ def train_lm(
     seed: int,
     desc: str = "train",
     progress: bool = True,
+    bar_position: int | None = None,
     chat: bool = False,
     freeze_embeddings: bool = False,
     replay: Sequence[dict[str, str]] = (),
@@ -180,7 +181,8 @@ def train_lm(
     ``chat``: examples in the tokenizer's chat format (:func:`dam.evaluation.evaluate.encode_example`).
     ``freeze_embeddings``: the input embedding (and so a ``lm_head`` tied to it) is not trained.
     ``replay``, ``replay_per_batch``: each batch holds ``replay_per_batch`` of these examples (shuffled epochs of
-    their own) and ``batch_size - replay_per_batch`` of ``examples``."""
+    their own) and ``batch_size - replay_per_batch`` of ``examples``. ``bar_position``: the progress bar's terminal
+    line (:func:`dam.progress.progress_bar`)."""
     from dam.progress import progress_bar
 
     if replay_per_batch and not 0 < replay_per_batch < batch_size:
@@ -198,7 +200,7 @@ def train_lm(
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
-    bar = progress_bar(range(steps), desc=desc, enabled=progress)
+    bar = progress_bar(range(steps), desc=desc, enabled=progress, position=bar_position)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup_steps)

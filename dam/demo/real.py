@@ -232,7 +232,15 @@ def _expert_done(folder: Path, record: dict[str, Any]) -> bool:
     return (folder / "config.json").is_file() and _recorded(folder / EXPERT_RECORD, record)
 
 
-def train_expert(base: Path, skill: str, root: Path, seed: int, settings: RealSettings, progress: bool) -> float:
+def train_expert(
+    base: Path,
+    skill: str,
+    root: Path,
+    seed: int,
+    settings: RealSettings,
+    progress: bool,
+    bar_position: int | None = None,
+) -> float:
     """Fine-tune a full copy of the base on ``skill`` and write it to ``root/models/<skill>`` (atomically);
     returns the seconds it took."""
     from transformers import AutoModelForCausalLM
@@ -256,6 +264,7 @@ def train_expert(base: Path, skill: str, root: Path, seed: int, settings: RealSe
         seed=seed * 1000 + list(SKILLS).index(skill) + 1,
         desc=skill,
         progress=progress,
+        bar_position=bar_position,
         chat=True,
         freeze_embeddings=True,
         replay=replay,
@@ -269,6 +278,60 @@ def train_expert(base: Path, skill: str, root: Path, seed: int, settings: RealSe
     final = sum(losses[-10:]) / max(1, len(losses[-10:]))
     logger.info("real family: %s expert trained in %.0f s (final loss %.4f)", skill, seconds, final)
     return seconds
+
+
+def expert_workers(steps: dict[str, int], workers: int) -> list[list[str]]:
+    """The experts to train (skill -> optimizer steps) split into at most ``workers`` queues of about equal steps:
+    longest first, each to the queue with the fewest steps so far (ties: the earlier queue). The default build's
+    270 / 180 / 90 steps on 2 workers are ``[["reverse"], ["initials", "double"]]``: 270 steps each."""
+    queues: list[list[str]] = [[] for _ in range(min(workers, len(steps)))]
+    loads = [0] * len(queues)
+    for skill in sorted(steps, key=lambda s: -steps[s]):  # a stable sort: equal steps keep the skills' order
+        i = loads.index(min(loads))
+        queues[i].append(skill)
+        loads[i] += steps[skill]
+    return queues
+
+
+def _train_in_workers(
+    base: Path, queues: list[list[str]], root: Path, seed: int, settings: RealSettings, progress: bool
+) -> dict[str, float]:
+    """Train the experts of each queue in a child process of its own, all at once, ``settings.threads`` split
+    evenly between them: at the small matrices of one 135M model's step two threads are far from twice one, so two
+    one-thread workers finish two experts sooner than one two-thread process does one after the other (docs/
+    real-family.md, "Build time"). A worker that fails stops the others; the experts written by then are kept."""
+    from dam.demo.run import MeasuredChild, wait_all
+
+    threads = max(1, settings.threads // len(queues))
+    logger.info(
+        "real family: training the experts in %d processes at %d thread(s) each: %s",
+        len(queues),
+        threads,
+        " | ".join(", ".join(q) for q in queues),
+    )
+    children = [
+        MeasuredChild(_train_experts, base, queue, root, seed, settings, progress, i, threads=threads)
+        for i, queue in enumerate(queues)
+    ]
+    seconds: dict[str, float] = {}
+    for queue, (trained, _, peak) in zip(queues, wait_all(children), strict=True):
+        for skill in queue:
+            logger.info(
+                "real family: %s expert trained in %.0f s (its worker peaked at %.0f MiB)", skill, trained[skill], peak
+            )
+        seconds.update(trained)
+    return seconds
+
+
+def _train_experts(
+    base: Path, skills: list[str], root: Path, seed: int, settings: RealSettings, progress: bool, position: int
+) -> dict[str, float]:
+    """One worker of :func:`build_real`: train ``skills``' experts one after the other (their bars on terminal line
+    ``position``); the seconds of each."""
+    from dam.demo.family import _build_environment
+
+    with _build_environment(torch.get_num_threads()):  # no transformers bars in this process either
+        return {s: train_expert(base, s, root, seed, settings, progress, bar_position=position) for s in skills}
 
 
 def build_real(
@@ -324,11 +387,21 @@ def build_real(
             seconds["datasets"] = time.perf_counter() - t0
         del model
 
+        todo = {}
         for skill in SKILLS:
             if _expert_done(models / skill, settings.expert_record(skill)):
                 logger.info("real family: reusing the %s expert in %s", skill, models / skill)
-                continue
-            seconds[skill] = train_expert(models / "base", skill, root, seed, settings, progress)
+            else:
+                todo[skill] = settings.steps(skill)
+        t0 = time.perf_counter()
+        queues = expert_workers(todo, settings.threads)
+        if len(queues) == 1:
+            for skill in queues[0]:
+                seconds[skill] = train_expert(models / "base", skill, root, seed, settings, progress)
+        elif queues:
+            seconds.update(_train_in_workers(models / "base", queues, root, seed, settings, progress))
+        if queues:
+            seconds["experts"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         names = ["base", *SKILLS]

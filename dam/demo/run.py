@@ -242,6 +242,24 @@ class MeasuredChild:
             self._process.join()
 
 
+def wait_all(children: list[MeasuredChild]) -> list[tuple[Any, float, float]]:
+    """Every child's :meth:`MeasuredChild.wait` outcome, in the children's order, taken as each finishes: the first
+    child to fail has its exception raised here at once (not after the children before it in the list) and the
+    others are stopped."""
+    from multiprocessing.connection import wait
+
+    outcomes: dict[int, tuple[Any, float, float]] = {}
+    try:
+        while len(outcomes) < len(children):
+            pending = {child._conn: i for i, child in enumerate(children) if i not in outcomes}
+            for conn in wait(list(pending)):
+                outcomes[pending[conn]] = children[pending[conn]].wait()
+    finally:
+        for child in children:
+            child.stop()
+    return [outcomes[i] for i in range(len(children))]
+
+
 def record_cost(folder: Path, outcome: tuple[Any, float, float]) -> tuple[Any, dict[str, float]]:
     """``(result, {"seconds", "peak_rss_mib"})`` of a :meth:`MeasuredChild.wait` outcome, the cost also written to
     ``folder/cost.json``."""
