@@ -298,8 +298,9 @@ def _train_in_workers(
 ) -> dict[str, float]:
     """Train the experts of each queue in a child process of its own, all at once, ``settings.threads`` split
     evenly between them: at the small matrices of one 135M model's step two threads are far from twice one, so two
-    one-thread workers finish two experts sooner than one two-thread process does one after the other (docs/
-    real-family.md, "Build time"). A worker that fails stops the others; the experts written by then are kept."""
+    one-thread workers finish the experts sooner than one two-thread process does one after the other (1.2x on the
+    2-core machine: 4964 s against 5960 s for the default build's experts; docs/real-family.md, "The headline
+    run"). A worker that fails stops the others; the experts written by then are kept."""
     from dam.demo.run import MeasuredChild, wait_all
 
     threads = max(1, settings.threads // len(queues))
