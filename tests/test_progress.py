@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dam.demo.run import ChildError, MeasuredChild, measured, peak_rss_mib
+from dam.demo.children import ChildError, MeasuredChild, peak_rss_mib
+from dam.demo.run import measured
 from dam.errors import DamError
 from dam.progress import QUIET_ENV, bars_shown, phase, progress_bar, quiet, set_quiet
 
@@ -191,7 +192,7 @@ def test_wait_all_raises_the_first_failure_at_once_and_stops_the_rest(
     a child before it in the list is still running, and that one is stopped (the real family's expert workers)."""
     import time
 
-    from dam.demo.run import wait_all
+    from dam.demo.children import wait_all
 
     (tmp_path / "measured_child.py").write_text(CHILD_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))

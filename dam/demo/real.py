@@ -301,7 +301,7 @@ def _train_in_workers(
     one-thread workers finish the experts sooner than one two-thread process does one after the other (1.2x on the
     2-core machine: 4964 s against 5960 s for the default build's experts; docs/real-family.md, "The headline
     run"). A worker that fails stops the others; the experts written by then are kept."""
-    from dam.demo.run import MeasuredChild, wait_all
+    from dam.demo.children import MeasuredChild, wait_all
 
     threads = max(1, settings.threads // len(queues))
     logger.info(
